@@ -1,0 +1,33 @@
+"""The model card (README.md) written beside the checkpoint."""
+
+from __future__ import annotations
+
+from frankenmoe import __version__
+from frankenmoe.plan import SAFETENSORS_TO_CONFIG_DTYPE, MergePlan
+
+RECIPE_HEADING = "## Merge recipe"
+
+
+def model_card(plan: MergePlan, config_text: str, extra_sections: tuple[str, ...] = ()) -> str:
+    config = plan.config
+    expert_lines = "\n".join(
+        f"| {index} | `{expert.reference}` | {', '.join(config.experts[index].positive_prompts) or '-'} |"
+        for index, expert in enumerate(plan.experts)
+    )
+    sections = [
+        "---\nlibrary_name: transformers\ntags:\n- moe\n- frankenmoe\n- mixtral\n---\n",
+        f"# {len(plan.experts)}-expert frankenMoE of `{plan.base.reference}`\n",
+        f"Built with frankenmoe {__version__}: attention, embeddings and norms come from the base model "
+        "`" + plan.base.reference + "`; each expert's MLP comes from its source model; routers were "
+        f"initialised with gate mode `{config.gate_mode}`. No training was done.\n",
+        "| | |\n|---|---|\n"
+        f"| architecture | MixtralForCausalLM ({plan.layout.name} tensor layout) |\n"
+        f"| experts | {len(plan.experts)}, {config.experts_per_token} per token |\n"
+        f"| parameters | {plan.total_parameters:,} total, {plan.active_parameters:,} active per token |\n"
+        f"| dtype | {SAFETENSORS_TO_CONFIG_DTYPE[plan.dtype]} |\n"
+        f"| gate mode | {config.gate_mode} |\n",
+        "## Experts\n\n| # | source | positive prompts |\n|---|---|---|\n" + expert_lines + "\n",
+        *extra_sections,
+        f"{RECIPE_HEADING}\n\n```yaml\n{config_text.rstrip()}\n```\n",
+    ]
+    return "\n".join(sections)

@@ -1,0 +1,17 @@
+"""Gates from the base model's token embeddings of each expert's prompts; one row set for all layers."""
+
+from __future__ import annotations
+
+import torch
+
+from frankenmoe.routers.prompts import collect_expert_prompts, pool, rows_from_prompt_vectors
+from frankenmoe.routers.request import GateRequest
+from frankenmoe.tensor_io import read_tensor
+
+
+def cheap_embed_gates(request: GateRequest) -> torch.Tensor:
+    prompts = collect_expert_prompts(request.base, request.experts)
+    table = read_tensor(request.base.tensor("model.embed_tokens.weight"))
+    vectors = [pool(table[prompt.token_ids], prompt, request.router.pooling) for prompt in prompts.prompts]
+    rows = rows_from_prompt_vectors(vectors, prompts, request.router)
+    return rows.unsqueeze(0).expand(request.num_layers, -1, -1).clone()

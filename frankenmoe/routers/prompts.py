@@ -1,0 +1,106 @@
+"""Prompts to token ids, token states to one vector per prompt, prompt vectors to gate rows."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from frankenmoe.config import ExpertConfig, RouterConfig
+from frankenmoe.errors import ModelError
+from frankenmoe.sources import SourceModel
+
+logger = logging.getLogger("frankenmoe")
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    text: str
+    token_ids: torch.Tensor
+    content_mask: torch.Tensor
+    """True for the prompt's own tokens, False for special tokens such as BOS."""
+
+
+@dataclass(frozen=True)
+class ExpertPrompts:
+    """All prompts of all experts in one flat list, with each expert's positive/negative indices."""
+
+    prompts: tuple[EncodedPrompt, ...]
+    positive: tuple[tuple[int, ...], ...]
+    negative: tuple[tuple[int, ...], ...]
+
+
+def load_tokenizer(model: SourceModel):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(model.path))
+    except Exception as error:  # transformers raises many unrelated types for a missing or broken tokenizer
+        raise ModelError(
+            f"Model {model.reference} ({model.path}) has no usable tokenizer ({type(error).__name__}: {error}). "
+            "The base model folder needs its tokenizer files (tokenizer.json or tokenizer.model)."
+        ) from None
+
+
+def encode_prompts(model: SourceModel, texts: Sequence[str]) -> list[EncodedPrompt]:
+    """Tokenise prompts as the model sees them; prompts past the context window are truncated."""
+    tokenizer = load_tokenizer(model)
+    limit = int(model.config.get("max_position_embeddings") or 0)
+    encoded: list[EncodedPrompt] = []
+    for text in texts:
+        result = tokenizer(text, add_special_tokens=True, return_special_tokens_mask=True)
+        ids = list(result["input_ids"])
+        special = list(result["special_tokens_mask"])
+        if limit and len(ids) > limit:
+            logger.warning(
+                "Prompt %r is %d tokens long, more than the model's context of %d; it was truncated to the first %d tokens.",
+                text[:40] + ("..." if len(text) > 40 else ""),
+                len(ids),
+                limit,
+                limit,
+            )
+            ids, special = ids[:limit], special[:limit]
+        content = torch.tensor([not flag for flag in special], dtype=torch.bool)
+        if not content.any():
+            content = torch.ones(len(ids), dtype=torch.bool)
+        encoded.append(EncodedPrompt(text, torch.tensor(ids, dtype=torch.long), content))
+    return encoded
+
+
+def collect_expert_prompts(model: SourceModel, experts: Sequence[ExpertConfig]) -> ExpertPrompts:
+    texts: list[str] = []
+    positive: list[tuple[int, ...]] = []
+    negative: list[tuple[int, ...]] = []
+    for expert in experts:
+        positive.append(tuple(range(len(texts), len(texts) + len(expert.positive_prompts))))
+        texts.extend(expert.positive_prompts)
+        negative.append(tuple(range(len(texts), len(texts) + len(expert.negative_prompts))))
+        texts.extend(expert.negative_prompts)
+    return ExpertPrompts(tuple(encode_prompts(model, texts)), tuple(positive), tuple(negative))
+
+
+def pool(states: torch.Tensor, prompt: EncodedPrompt, pooling: str) -> torch.Tensor:
+    """One float32 vector for a prompt from its per-token states [T, hidden]."""
+    content = states[prompt.content_mask.to(states.device)].float()
+    if pooling == "last":
+        return content[-1]
+    return content.mean(dim=0)
+
+
+def rows_from_prompt_vectors(
+    vectors: Sequence[torch.Tensor], prompts: ExpertPrompts, router: RouterConfig
+) -> torch.Tensor:
+    """Each expert's row: mean of its positive prompt vectors minus mean of its negatives, normalised.
+
+    Rows have unit norm, multiplied by `router.scale` when one is set.
+    """
+    rows = []
+    for positive, negative in zip(prompts.positive, prompts.negative, strict=True):
+        row = torch.stack([vectors[index] for index in positive]).mean(dim=0)
+        if negative:
+            row = row - torch.stack([vectors[index] for index in negative]).mean(dim=0)
+        rows.append(row / row.norm().clamp_min(1e-12))
+    stacked = torch.stack(rows).cpu()
+    return stacked * router.scale if router.scale is not None else stacked

@@ -1,0 +1,292 @@
+"""Safetensors at the byte level: bounded header parsing, reading one tensor, streaming shard writing.
+
+The file format: 8 bytes little-endian header length N, N bytes of JSON mapping each tensor name to
+{dtype, shape, data_offsets: [begin, end]} (offsets relative to the end of the header), then the
+raw little-endian tensor bytes. Working at this level lets a merge copy bytes straight from source
+files to the output without materialising a tensor, and write a shard one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+from frankenmoe.errors import ModelError, OutputError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+COPY_CHUNK_BYTES = 64 * 1024 * 1024
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF})
+ALIGNMENT = 8
+
+DTYPES: dict[str, tuple[torch.dtype, int]] = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+}
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+TORCH_TO_SAFETENSORS = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
+CONFIG_DTYPE_TO_SAFETENSORS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one tensor's bytes live inside a safetensors file."""
+
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def element_size(dtype: str) -> int:
+    return DTYPES[dtype][1]
+
+
+def tensor_nbytes(dtype: str, shape: Sequence[int]) -> int:
+    return math.prod(shape) * element_size(dtype)
+
+
+def read_header(path: Path) -> dict[str, TensorLocation]:
+    """Parse and check a safetensors header without trusting any number in it."""
+    try:
+        file_size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise _corrupt(path, f"it is {file_size} bytes long, too short to hold a header")
+            (header_length,) = struct.unpack("<Q", prefix)
+            if header_length > MAX_HEADER_BYTES:
+                raise _corrupt(path, f"its header claims {header_length} bytes (the limit is {MAX_HEADER_BYTES})")
+            if 8 + header_length > file_size:
+                raise _corrupt(
+                    path,
+                    f"its header claims {header_length} bytes but the file has only {file_size - 8} after the length",
+                )
+            raw_header = handle.read(header_length)
+    except OSError as error:
+        raise ModelError(f"Cannot read {path}: {error.strerror or error}. Check that the file is readable.") from None
+    try:
+        header = json.loads(raw_header)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _corrupt(path, "its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "its header is not a JSON object")
+    data_start = 8 + header_length
+    data_size = file_size - data_start
+    locations: dict[str, TensorLocation] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        locations[name] = _location(path, name, entry, data_start, data_size)
+    return locations
+
+
+def _location(path: Path, name: str, entry: object, data_start: int, data_size: int) -> TensorLocation:
+    if not isinstance(entry, dict):
+        raise _corrupt(path, f"the entry for tensor {name!r} is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPES:
+        raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(dim, int) and dim >= 0 for dim in shape):
+        raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(offset, int) for offset in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise _corrupt(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    begin, end = offsets
+    if end > data_size:
+        raise _corrupt(
+            path, f"tensor {name!r} ends at byte {end} of the data section, but the file holds only {data_size} bytes"
+        )
+    if end - begin != tensor_nbytes(dtype, shape):
+        raise _corrupt(
+            path, f"tensor {name!r} occupies {end - begin} bytes but its dtype and shape need a different size"
+        )
+    return TensorLocation(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _corrupt(path: Path, detail: str) -> ModelError:
+    return ModelError(
+        f"{path} is not a valid safetensors file: {detail}. The file is probably truncated or damaged; "
+        "download or convert it again."
+    )
+
+
+def read_tensor(location: TensorLocation) -> torch.Tensor:
+    """Read one tensor's bytes into a fresh (writable) tensor."""
+    torch_dtype = DTYPES[location.dtype][0]
+    buffer = bytearray(location.nbytes)
+    try:
+        with location.file.open("rb", buffering=0) as handle:
+            handle.seek(location.start)
+            view = memoryview(buffer)
+            filled = 0
+            while filled < location.nbytes:
+                count = handle.readinto(view[filled:])
+                if not count:
+                    raise _corrupt(location.file, f"tensor {location.name!r} is cut short")
+                filled += count
+    except OSError as error:
+        raise ModelError(f"Cannot read tensor {location.name!r} from {location.file}: {error}.") from None
+    if location.nbytes == 0:
+        return torch.empty(location.shape, dtype=torch_dtype)
+    return torch.frombuffer(buffer, dtype=torch_dtype).reshape(location.shape)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of a tensor, without copying when it is already contiguous."""
+    flat = tensor.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.dtype, self.shape)
+
+
+def shard_header(entries: Sequence[ShardEntry], metadata: dict[str, str]) -> bytes:
+    """The length prefix and JSON header of a shard holding `entries` in this order."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for entry in entries:
+        header[entry.name] = {
+            "dtype": entry.dtype,
+            "shape": list(entry.shape),
+            "data_offsets": [offset, offset + entry.nbytes],
+        }
+        offset += entry.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % ALIGNMENT)
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+class ShardWriter:
+    """Writes one shard whose tensor list is known in advance, one tensor at a time, in order."""
+
+    def __init__(self, path: Path, entries: Sequence[ShardEntry], metadata: dict[str, str]) -> None:
+        self.path = path
+        self._entries = list(entries)
+        self._next = 0
+        self._remaining_in_tensor = 0
+        self._handle: BinaryIO = _open_for_writing(path)
+        self._write(shard_header(self._entries, metadata))
+
+    def begin(self, name: str) -> None:
+        if self._remaining_in_tensor:
+            raise RuntimeError(f"tensor {self._entries[self._next - 1].name} was not completely written")
+        expected = self._entries[self._next]
+        if expected.name != name:
+            raise RuntimeError(f"shard {self.path.name} expected tensor {expected.name}, got {name}")
+        self._next += 1
+        self._remaining_in_tensor = expected.nbytes
+
+    def write_bytes(self, data: memoryview | bytes) -> None:
+        if len(data) > self._remaining_in_tensor:
+            raise RuntimeError(f"too many bytes for tensor {self._entries[self._next - 1].name}")
+        self._remaining_in_tensor -= len(data)
+        self._write(data)
+
+    def copy_bytes(self, location: TensorLocation) -> None:
+        """Copy a source tensor's bytes unchanged, in the kernel where the platform allows it."""
+        if location.nbytes > self._remaining_in_tensor:
+            raise RuntimeError(f"too many bytes for tensor {self._entries[self._next - 1].name}")
+        self._remaining_in_tensor -= location.nbytes
+        try:
+            with location.file.open("rb", buffering=0) as source:
+                _copy_range(source.fileno(), self._handle.fileno(), location.start, location.nbytes)
+        except OSError as error:
+            raise _write_error(self.path, error) from None
+
+    def close(self) -> None:
+        if self._next != len(self._entries) or self._remaining_in_tensor:
+            raise RuntimeError(f"shard {self.path.name} closed before all tensors were written")
+        try:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        except OSError as error:
+            raise _write_error(self.path, error) from None
+        finally:
+            self._handle.close()
+
+    def abort(self) -> None:
+        self._handle.close()
+
+    def _write(self, data: memoryview | bytes) -> None:
+        try:
+            _write_all(self._handle.fileno(), memoryview(data).cast("B"))
+        except OSError as error:
+            raise _write_error(self.path, error) from None
+
+
+def _open_for_writing(path: Path) -> BinaryIO:
+    try:
+        return path.open("xb", buffering=0)
+    except OSError as error:
+        raise _write_error(path, error) from None
+
+
+def _write_all(target_fd: int, data: memoryview) -> None:
+    while data:
+        written = os.write(target_fd, data)
+        data = data[written:]
+
+
+def _copy_range(source_fd: int, target_fd: int, start: int, count: int) -> None:
+    offset = start
+    remaining = count
+    kernel_copy = hasattr(os, "copy_file_range")
+    while remaining:
+        chunk = min(remaining, COPY_CHUNK_BYTES)
+        copied = 0
+        if kernel_copy:
+            try:
+                copied = os.copy_file_range(source_fd, target_fd, chunk, offset)
+            except OSError as error:
+                if error.errno not in _NO_KERNEL_COPY:
+                    raise
+                kernel_copy = False
+        if copied == 0:
+            data = os.pread(source_fd, chunk, offset)
+            if not data:
+                raise OSError(errno.EIO, f"source ended {remaining} bytes early")
+            _write_all(target_fd, memoryview(data))
+            copied = len(data)
+        offset += copied
+        remaining -= copied
+
+
+def _write_error(path: Path, error: OSError) -> OutputError:
+    if error.errno == errno.ENOSPC:
+        return OutputError(f"The disk is full: writing {path} failed. Free some space or choose another output folder.")
+    return OutputError(f"Writing {path} failed: {error.strerror or error}.")

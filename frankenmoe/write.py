@@ -1,0 +1,101 @@
+"""Execute a merge plan: stream every tensor into its shard, then the index, config and tokenizer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from frankenmoe.errors import OutputError
+from frankenmoe.plan import MergePlan, TensorJob, TensorPiece
+from frankenmoe.tensor_io import DTYPES, ShardEntry, ShardWriter, read_header, read_tensor, tensor_bytes
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def write_checkpoint(
+    plan: MergePlan, gates: torch.Tensor, folder: Path, card: str, show_progress: bool = False
+) -> None:
+    """Write the whole checkpoint into `folder` (which must exist and be empty)."""
+    with tqdm(total=plan.output_bytes, desc="writing", unit="B", unit_scale=True, disable=not show_progress) as bar:
+        for shard in range(plan.shard_count):
+            _write_shard(plan, shard, gates, folder / plan.shard_name(shard), bar)
+    _write_json(
+        folder / INDEX_NAME,
+        {
+            "metadata": {"total_size": plan.output_bytes},
+            "weight_map": {job.name: plan.shard_name(job.shard) for job in plan.jobs},
+        },
+    )
+    _write_json(folder / "config.json", plan.output_config)
+    for source in plan.tokenizer_files:
+        try:
+            shutil.copyfile(source, folder / source.name)
+        except OSError as error:
+            raise OutputError(f"Copying {source} into the output failed: {error.strerror or error}.") from None
+    _write_text(folder / "README.md", card)
+
+
+def _write_shard(plan: MergePlan, shard: int, gates: torch.Tensor, path: Path, bar: tqdm) -> None:
+    jobs = plan.shard_jobs(shard)
+    writer = ShardWriter(path, [ShardEntry(job.name, job.dtype, job.shape) for job in jobs], {"format": "pt"})
+    try:
+        for job in jobs:
+            writer.begin(job.name)
+            if job.router_layer is not None:
+                writer.write_bytes(tensor_bytes(gates[job.router_layer].to(DTYPES[job.dtype][0])))
+            for piece in job.pieces:
+                if piece.location.dtype == job.dtype and not piece.transformed:
+                    writer.copy_bytes(piece.location)
+                else:
+                    writer.write_bytes(tensor_bytes(produce_piece(piece, job)))
+            bar.update(job.nbytes)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def produce_piece(piece: TensorPiece, job: TensorJob) -> torch.Tensor:
+    """A source tensor with its expert transforms applied, in the job's dtype."""
+    tensor = read_tensor(piece.location)
+    if piece.transformed:
+        tensor = tensor.float()
+        if piece.noise_scale:
+            generator = torch.Generator().manual_seed(piece.noise_seed)
+            tensor += torch.randn(tensor.shape, generator=generator) * piece.noise_scale
+        if piece.multiplier is not None:
+            tensor *= piece.multiplier
+    return tensor.to(DTYPES[job.dtype][0])
+
+
+def verify_checkpoint(plan: MergePlan, folder: Path) -> None:
+    """Re-read every shard header: the tensors, their shapes and sizes must be exactly the plan's."""
+    for shard in range(plan.shard_count):
+        path = folder / plan.shard_name(shard)
+        written = read_header(path)
+        expected = plan.shard_jobs(shard)
+        if len(written) != len(expected) or any(
+            job.name not in written or written[job.name].shape != job.shape or written[job.name].nbytes != job.nbytes
+            for job in expected
+        ):
+            raise OutputError(
+                f"Verification of {path} failed: its tensors do not match the plan. The output was discarded."
+            )
+        data_end = max((location.end for location in written.values()), default=0)
+        if path.stat().st_size != data_end and expected:
+            raise OutputError(f"Verification of {path} failed: the file size does not match its header.")
+
+
+def _write_json(path: Path, data: object) -> None:
+    _write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise OutputError(f"Writing {path} failed: {error.strerror or error}.") from None
