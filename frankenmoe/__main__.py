@@ -1,0 +1,3 @@
+from frankenmoe.cli import app
+
+app(prog_name="frankenmoe")

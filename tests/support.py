@@ -1,0 +1,46 @@
+"""Helpers shared by the test modules: configs on disk and running the CLI in-process."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from typer.testing import CliRunner, Result
+
+from frankenmoe.cli import app
+
+DEFAULT_PROMPTS = (
+    ("write python code", "a function that sorts a list"),
+    ("once upon a time", "tell me a story about a dragon"),
+    ("solve the equation", "what is 12 times 7"),
+    ("hello, how are you?", "let's chat about the weather"),
+)
+
+
+def write_config(
+    path: Path,
+    base: Path | str,
+    experts: Sequence[Path | str],
+    *,
+    prompts: Sequence[Sequence[str]] | None = None,
+    **top_level: Any,
+) -> Path:
+    """A merge config with one expert per entry of `experts`, each with default positive prompts."""
+    chosen = prompts if prompts is not None else DEFAULT_PROMPTS
+    data: dict[str, Any] = {
+        "base_model": str(base),
+        "experts": [
+            {"source_model": str(expert), "positive_prompts": list(chosen[index % len(chosen)])}
+            for index, expert in enumerate(experts)
+        ],
+        **top_level,
+    }
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str | Path) -> Result:
+    """Run the frankenmoe CLI in this process and return its result (exit code, output)."""
+    return CliRunner().invoke(app, [str(arg) for arg in args], catch_exceptions=False)
