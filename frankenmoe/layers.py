@@ -56,6 +56,7 @@ class StreamedDecoder:
         self.model_type = model_type
         self.hf_config: PretrainedConfig = AutoConfig.for_model(**self.config)
         self.hf_config._attn_implementation = "sdpa"
+        self.hf_config._experts_implementation = "eager"
         layer_class, rotary_class = DECODER_MODULES[model_type]
         self._layer_class = layer_class
         self._rotary = rotary_class(config=self.hf_config).to(self.device)

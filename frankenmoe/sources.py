@@ -117,7 +117,7 @@ class SourceModel:
 def load_source(reference: str) -> SourceModel:
     """Resolve a model reference and index its tensors (headers only)."""
     path = resolve_reference(reference)
-    config = _read_config(reference, path)
+    config = read_model_config(reference, path)
     model_type = config.get("model_type")
     family = SOURCE_FAMILIES.get(str(model_type))
     if family is None:
@@ -132,7 +132,7 @@ def load_source(reference: str) -> SourceModel:
                 "cannot be represented. Use a model without biases."
             )
     return SourceModel(
-        reference, path, config, family, _model_shape(reference, path, config), _index_tensors(reference, path)
+        reference, path, config, family, _model_shape(reference, path, config), index_tensors(reference, path)
     )
 
 
@@ -165,7 +165,7 @@ def _from_hf_cache(reference: str) -> Path:
         ) from None
 
 
-def _read_config(reference: str, path: Path) -> dict[str, Any]:
+def read_model_config(reference: str, path: Path) -> dict[str, Any]:
     config_path = path / "config.json"
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -197,7 +197,7 @@ def _model_shape(reference: str, path: Path, config: dict[str, Any]) -> ModelSha
     return ModelShape(**values)
 
 
-def _index_tensors(reference: str, path: Path) -> dict[str, TensorLocation]:
+def index_tensors(reference: str, path: Path) -> dict[str, TensorLocation]:
     index_path = path / INDEX_FILE
     if index_path.is_file():
         shard_files = _shards_from_index(reference, index_path)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from frankenmoe.config import ExpertConfig, RouterConfig
 from frankenmoe.errors import ModelError
@@ -32,22 +35,22 @@ class ExpertPrompts:
     negative: tuple[tuple[int, ...], ...]
 
 
-def load_tokenizer(model: SourceModel):
+def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(model.path))
+        return AutoTokenizer.from_pretrained(str(folder))
     except Exception as error:  # transformers raises many unrelated types for a missing or broken tokenizer
         raise ModelError(
-            f"Model {model.reference} ({model.path}) has no usable tokenizer ({type(error).__name__}: {error}). "
-            "The base model folder needs its tokenizer files (tokenizer.json or tokenizer.model)."
+            f"The model folder {folder} has no usable tokenizer ({type(error).__name__}: {error}). "
+            "It needs its tokenizer files (tokenizer.json or tokenizer.model)."
         ) from None
 
 
-def encode_prompts(model: SourceModel, texts: Sequence[str]) -> list[EncodedPrompt]:
-    """Tokenise prompts as the model sees them; prompts past the context window are truncated."""
-    tokenizer = load_tokenizer(model)
-    limit = int(model.config.get("max_position_embeddings") or 0)
+def encode_prompts(folder: Path, config: dict[str, Any], texts: Sequence[str]) -> list[EncodedPrompt]:
+    """Tokenise prompts as the model in `folder` sees them; prompts past the context window are truncated."""
+    tokenizer = load_tokenizer(folder)
+    limit = int(config.get("max_position_embeddings") or 0)
     encoded: list[EncodedPrompt] = []
     for text in texts:
         result = tokenizer(text, add_special_tokens=True, return_special_tokens_mask=True)
@@ -78,7 +81,7 @@ def collect_expert_prompts(model: SourceModel, experts: Sequence[ExpertConfig]) 
         texts.extend(expert.positive_prompts)
         negative.append(tuple(range(len(texts), len(texts) + len(expert.negative_prompts))))
         texts.extend(expert.negative_prompts)
-    return ExpertPrompts(tuple(encode_prompts(model, texts)), tuple(positive), tuple(negative))
+    return ExpertPrompts(tuple(encode_prompts(model.path, model.config, texts)), tuple(positive), tuple(negative))
 
 
 def pool(states: torch.Tensor, prompt: EncodedPrompt, pooling: str) -> torch.Tensor:
