@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from frankenmoe import __version__
+from frankenmoe.laser import LaserResult
 from frankenmoe.plan import SAFETENSORS_TO_CONFIG_DTYPE, MergePlan
 
 RECIPE_HEADING = "## Merge recipe"
+LASER_HEADING = "## Laser rank reduction"
 
 
 def model_card(plan: MergePlan, config_text: str, extra_sections: tuple[str, ...] = ()) -> str:
@@ -31,3 +33,22 @@ def model_card(plan: MergePlan, config_text: str, extra_sections: tuple[str, ...
         f"{RECIPE_HEADING}\n\n```yaml\n{config_text.rstrip()}\n```\n",
     ]
     return "\n".join(sections)
+
+
+def laser_sections(results: tuple[LaserResult, ...]) -> tuple[str, ...]:
+    """A table of every matrix a `laser` block considered; no section when there was no laser block."""
+    if not results:
+        return ()
+    rows = "\n".join(
+        f"| `{result.group}` | `{result.tensor}` | {result.snr:.4g} | {result.rank_before} | {result.rank_after} "
+        f"| {'yes' if result.reduced else 'no'} | {result.note} |"
+        for result in results
+    )
+    return (
+        f"{LASER_HEADING}\n\nEvery matrix a `laser` block considered. SNR is the sum of the singular values above "
+        "the noise threshold over the sum of those below it; a reduced matrix is replaced by its truncated SVD, "
+        "keeping `rank after` singular values.\n\n"
+        "| block | tensor | SNR | rank before | rank after | reduced | note |\n|---|---|---|---|---|---|---|\n"
+        + rows
+        + "\n",
+    )

@@ -2,21 +2,55 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
+from rich.console import Console
+from rich.text import Text
 
 from frankenmoe import __version__
 from frankenmoe.architectures import OUTPUT_LAYOUTS
 from frankenmoe.config import DTYPES
-from frankenmoe.errors import FrankenMoEError, MergeInterruptedError
-from frankenmoe.merge import MergeOptions, PreparedMerge, execute_merge, prepare_merge
+from frankenmoe.errors import ConfigError, FrankenMoEError, MergeInterruptedError, OutputError
+from frankenmoe.inspection import (
+    DEGENERATE_CONDITION,
+    NEAR_DUPLICATE_COSINE,
+    CheckpointReport,
+    inspect_checkpoint,
+    read_recipe,
+    report_to_dict,
+)
+from frankenmoe.laser import describe_group
+from frankenmoe.merge import MergeOptions, PreparedMerge, execute_merge, prepare_merge, resolve_device
 from frankenmoe.output import format_bytes
 from frankenmoe.plan import SAFETENSORS_TO_CONFIG_DTYPE, parse_size
+from frankenmoe.plot import require_matplotlib, write_routing_heatmap
+from frankenmoe.routing import (
+    PromptRouting,
+    RoutingAccuracy,
+    RoutingSummary,
+    accuracy_to_dict,
+    content_probabilities,
+    content_tokens,
+    expert_names,
+    load_checkpoint,
+    load_labels,
+    preferred_expert,
+    read_prompts_file,
+    route_prompts,
+    routing_accuracy,
+    routing_check_lines,
+    routing_check_skip_reason,
+    routing_to_dict,
+    summarise_routing,
+)
 
 app = typer.Typer(
     help="Build Mixtral-format Mixture-of-Experts checkpoints from dense fine-tunes of one base model.",
@@ -43,23 +77,35 @@ def main(
 
 
 def run_reporting_errors(action: Callable[[], T], verbose: bool) -> T:
-    """Run `action`; turn the tool's errors and Ctrl-C into a message and an exit code."""
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s: %(message)s", stream=sys.stderr
-    )
-    logging.getLogger("frankenmoe").setLevel(logging.INFO if verbose else logging.WARNING)
+    """Run `action`; turn the tool's errors, I/O failures and Ctrl-C into one message and an exit code.
+
+    Without --verbose the user sees only the message; with it, the traceback comes first.
+    """
+    logger = logging.getLogger("frankenmoe")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbose else logging.WARNING)
     try:
         return action()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as caught:
+        failure: BaseException = caught
         error: FrankenMoEError = MergeInterruptedError(
-            "Interrupted by Ctrl-C. Partial output was removed; nothing was changed."
+            "Interrupted by Ctrl-C. Any partial output was removed; the output folder is as it was before."
         )
-        if verbose:
-            raise
     except FrankenMoEError as caught:
-        error = caught
-        if verbose:
-            raise
+        failure = error = caught
+    except OSError as caught:
+        failure = caught
+        # Our own I/O paths raise OutputError/ModelError; a bare OSError is one they did not anticipate.
+        error = OutputError(
+            f"An unexpected file-system error stopped the run: {caught}. Check the paths, permissions and "
+            "free disk space, then run again (with --verbose for the full traceback)."
+        )
+    finally:
+        logger.removeHandler(handler)
+    if verbose:
+        traceback.print_exception(type(failure), failure, failure.__traceback__, file=sys.stderr)
     typer.secho(f"{error.kind}: {error.message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(error.exit_code)
 
@@ -81,6 +127,9 @@ def merge(
     layout: Annotated[
         str, typer.Option(help="Output tensor layout: classic (every Mixtral loader) or fused (transformers 5 only).")
     ] = "classic",
+    no_check: Annotated[
+        bool, typer.Option("--no-check", help="Skip routing the experts' positive prompts through the result.")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More logging; tracebacks on errors.")] = False,
 ) -> None:
     """Merge the models named in CONFIG into a Mixtral-format checkpoint in OUT."""
@@ -94,14 +143,19 @@ def merge(
             device=device,
             force=force,
             show_progress=sys.stderr.isatty() or verbose,
+            check_routing=not no_check,
         )
         prepared = prepare_merge(config, out, options)
         _print_plan(prepared, detailed=dry_run)
         if dry_run:
             typer.echo("Dry run: nothing was written.")
             return
-        execute_merge(prepared, out, options)
+        routing_check = execute_merge(prepared, out, options)
         typer.echo(f"Wrote {format_bytes(prepared.plan.output_bytes)} in {prepared.plan.shard_count} shard(s) to {out}")
+        if routing_check is not None:
+            typer.echo("\n".join(routing_check_lines(routing_check)))
+        elif options.check_routing:
+            typer.echo(routing_check_skip_reason(out, prepared.plan.config.experts))
 
     run_reporting_errors(action, verbose)
 
@@ -128,6 +182,8 @@ def _print_plan(prepared: PreparedMerge, detailed: bool) -> None:
         f"tensors: {len(plan.jobs)} in {plan.shard_count} shard(s); output {format_bytes(plan.output_bytes)}; "
         f"free on disk {format_bytes(prepared.free_bytes)}"
     )
+    for group in plan.laser_groups:
+        typer.echo(describe_group(group, detailed))
     if not detailed:
         return
     typer.echo("\nshard  dtype  shape                 tensor  <-  source")
@@ -138,3 +194,231 @@ def _print_plan(prepared: PreparedMerge, detailed: bool) -> None:
             origin = ", ".join(f"{piece.location.file.parent.name}/{piece.location.name}" for piece in job.pieces)
         shape = "x".join(map(str, job.shape))
         typer.echo(f"{job.shard + 1:>5}  {job.dtype:<5}  {shape:<20}  {job.name}  <-  {origin}")
+
+
+@app.command("inspect")
+def inspect_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A Mixtral-format checkpoint folder.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More logging; tracebacks on errors.")] = False,
+) -> None:
+    """Summarise CHECKPOINT and diagnose its routers (reads headers and router tensors only)."""
+
+    def action() -> None:
+        report = inspect_checkpoint(checkpoint)
+        if as_json:
+            typer.echo(json.dumps(report_to_dict(report), indent=2))
+        else:
+            _print_inspection(report)
+
+    run_reporting_errors(action, verbose)
+
+
+def _print_inspection(report: CheckpointReport) -> None:
+    typer.echo(f"checkpoint: {report.path}")
+    typer.echo(f"architecture: {report.architecture} ({report.layout} tensor layout)")
+    typer.echo(
+        f"layers: {report.num_layers}; experts: {report.num_experts}, {report.experts_per_token} per token; "
+        f"hidden size {report.hidden_size}; intermediate size {report.intermediate_size}; vocabulary {report.vocab_size}"
+    )
+    typer.echo(f"parameters: {report.total_parameters:,} total, {report.active_parameters:,} active per token")
+    stored = ", ".join(f"{dtype} {count:,}" for dtype, count in report.stored_dtypes.items())
+    typer.echo(f"dtype: {report.dtype} (parameters stored as {stored})")
+    shard_total = sum(shard.bytes for shard in report.shards)
+    typer.echo(f"shards: {len(report.shards)} file(s), {format_bytes(shard_total)}")
+    for shard in report.shards:
+        typer.echo(f"  {shard.name}  {format_bytes(shard.bytes)}")
+    tokenizer = ", ".join(report.tokenizer_files) if report.tokenizer_present else "none (`frankenmoe route` needs one)"
+    typer.echo(f"tokenizer: {tokenizer}")
+    if report.recipe is None:
+        typer.echo("merge recipe: none (no frankenmoe model card in README.md)")
+    else:
+        typer.echo("merge recipe (from README.md):")
+        for line in report.recipe.text.splitlines():
+            typer.echo(f"  {line}")
+    typer.echo(
+        f"\nrouters (flagged: cosine > {NEAR_DUPLICATE_COSINE} between two rows; condition number > "
+        f"{DEGENERATE_CONDITION:g} or rank below the expert count):"
+    )
+    typer.echo("layer  row norms (per expert)          max cosine (pair)   rank  condition")
+    for router in report.routers:
+        norms = " ".join(f"{norm:.3g}" for norm in router.row_norms)
+        pairs = [
+            (router.cosine[i][j], i, j) for i in range(report.num_experts) for j in range(i + 1, report.num_experts)
+        ]
+        closest = max(pairs, default=None)
+        cosine = f"{closest[0]:.4f} ({closest[1]},{closest[2]})" if closest else "-"
+        condition = "inf" if router.condition_number == float("inf") else f"{router.condition_number:.3g}"
+        typer.echo(f"{router.layer:>5}  {norms:<30}  {cosine:<18}  {router.rank:>4}  {condition}")
+        for warning in router.warnings:
+            typer.secho(f"       ! {warning}", fg=typer.colors.YELLOW)
+    flagged = report.flagged_layers
+    if flagged:
+        typer.secho(
+            f"{len(flagged)} of {report.num_layers} layer(s) flagged: {', '.join(map(str, flagged))}",
+            fg=typer.colors.YELLOW,
+        )
+    else:
+        typer.echo("no router problems found")
+
+
+@app.command()
+def route(
+    checkpoint: Annotated[Path, typer.Argument(help="A Mixtral-format checkpoint folder.", show_default=False)],
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", "-p", help="A prompt to route (repeatable).", show_default=False)
+    ] = None,
+    prompts_file: Annotated[
+        Path | None, typer.Option(help="A text file with one prompt per line.", show_default=False)
+    ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            help="YAML: expert index or name -> prompts that should reach it; prints accuracy.", show_default=False
+        ),
+    ] = None,
+    png: Annotated[
+        Path | None, typer.Option(help="Also draw a heatmap PNG here (needs frankenmoe[plot]).", show_default=False)
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")] = False,
+    device: Annotated[str, typer.Option(help="Where the model runs: cpu or cuda.")] = "cpu",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More logging; tracebacks on errors.")] = False,
+) -> None:
+    """Run prompts through CHECKPOINT and show which expert each token goes to, layer by layer."""
+
+    def action() -> None:
+        if png is not None:
+            require_matplotlib()
+        loaded = load_checkpoint(checkpoint)
+        recipe = read_recipe(checkpoint)
+        sources = recipe.expert_sources if recipe else ()
+        names = expert_names(loaded.num_experts, sources)
+        texts = list(prompt or [])
+        if prompts_file is not None:
+            texts += read_prompts_file(prompts_file)
+        labelled = [] if labels is None else load_labels(labels, loaded.num_experts, sources)
+        for item in labelled:
+            if item.text not in texts:
+                texts.append(item.text)
+        if not texts:
+            raise ConfigError(
+                "No prompts to route. Pass --prompt TEXT (repeatable), --prompts-file FILE or --labels FILE."
+            )
+        routings = route_prompts(loaded, texts, resolve_device(device))
+        summary = summarise_routing(routings)
+        by_text = {routing.prompt.text: routing for routing in routings}
+        labelled_routings = [by_text[item.text] for item in labelled]
+        label_values = [item.expert for item in labelled]
+        accuracy = routing_accuracy(labelled_routings, label_values) if labelled else None
+        if png is not None:
+            write_routing_heatmap(png, routings, summary, names)
+        if as_json:
+            data = {"checkpoint": str(checkpoint), **routing_to_dict(routings, summary, names)}
+            data["accuracy"] = accuracy and accuracy_to_dict(accuracy, labelled_routings, label_values, names)
+            data["png"] = None if png is None else str(png)
+            typer.echo(json.dumps(data, indent=2))
+            return
+        console = Console(highlight=False, soft_wrap=True)
+        _print_routing(console, routings, summary, names)
+        if accuracy is not None:
+            _print_accuracy(console, accuracy, labelled_routings, label_values, names)
+        if png is not None:
+            console.print(f"heatmap written to {png}")
+
+    run_reporting_errors(action, verbose)
+
+
+EXPERT_STYLES = (
+    "red",
+    "green",
+    "blue",
+    "magenta",
+    "cyan",
+    "yellow",
+    "bright_red",
+    "bright_green",
+    "bright_blue",
+    "bright_magenta",
+)
+GRID_CELL = 4
+TOKEN_LABEL = 16
+
+
+def _expert_style(expert: int) -> str:
+    return EXPERT_STYLES[expert % len(EXPERT_STYLES)]
+
+
+def _print_routing(
+    console: Console, routings: Sequence[PromptRouting], summary: RoutingSummary, names: Sequence[str]
+) -> None:
+    layers, experts = summary.utilisation.shape
+    legend = Text("experts: ")
+    for expert, name in enumerate(names):
+        legend.append(f"{expert} = {name}", style=_expert_style(expert))
+        legend.append("  ")
+    console.print(legend)
+    header = " " * TOKEN_LABEL + "".join(f"{'L' + str(layer):>{GRID_CELL}}" for layer in range(layers))
+    for number, routing in enumerate(routings, start=1):
+        tokens = content_tokens(routing)
+        console.print(f"\nprompt {number}/{len(routings)}: {routing.prompt.text!r} ({len(tokens)} tokens)")
+        console.print("top-1 expert per token and layer:")
+        console.print(header)
+        top = content_probabilities(routing).argmax(dim=-1)
+        for position, token in enumerate(tokens):
+            line = Text(f"{_token_label(token):<{TOKEN_LABEL}}")
+            for layer in range(layers):
+                expert = int(top[layer, position])
+                line.append(f"{expert:>{GRID_CELL}}", style=_expert_style(expert))
+            console.print(line)
+        console.print("share of tokens per expert and layer (%):")
+        shares = summarise_routing([routing]).utilisation
+        for expert in range(experts):
+            line = Text(f"{'expert ' + str(expert):<{TOKEN_LABEL}}")
+            for layer in range(layers):
+                share = float(shares[layer, expert])
+                line.append(f"{share * 100:>{GRID_CELL}.0f}", style=_expert_style(expert) if share else "dim")
+            console.print(line)
+    console.print(
+        f"\nexpert utilisation over all {len(routings)} prompt(s) (share of tokens whose top-1 expert it is):"
+    )
+    console.print(" " * 8 + "".join(f"{'e' + str(expert):>7}" for expert in range(experts)))
+    rows = [(f"L{layer}", summary.utilisation[layer]) for layer in range(layers)]
+    for label, row in [*rows, ("all", summary.overall_utilisation)]:
+        line = Text(f"{label:<8}")
+        for expert in range(experts):
+            line.append(f"{float(row[expert]):>7.1%}", style=_expert_style(expert))
+        console.print(line)
+    console.print(
+        f"mean routing entropy: {summary.mean_entropy:.3f} nats (0 = always one expert, "
+        f"{math.log(experts):.3f} = uniform over all {experts})"
+    )
+
+
+def _print_accuracy(
+    console: Console,
+    accuracy: RoutingAccuracy,
+    routings: Sequence[PromptRouting],
+    labels: Sequence[int],
+    names: Sequence[str],
+) -> None:
+    hits = round(accuracy.prompt_accuracy * len(labels))
+    console.print(f"\nrouting accuracy on {len(labels)} labelled prompt(s):")
+    console.print(f"  prompts reaching their labelled expert: {hits}/{len(labels)} ({accuracy.prompt_accuracy:.0%})")
+    by_layer = "  ".join(f"L{layer} {value:.0%}" for layer, value in enumerate(accuracy.token_accuracy_by_layer))
+    console.print(f"  tokens whose top-1 expert is the label: {accuracy.token_accuracy:.0%} (by layer: {by_layer})")
+    for expert, prompt_share in accuracy.prompt_accuracy_by_expert.items():
+        console.print(
+            f"  expert {expert} ({names[expert]}): prompts {prompt_share:.0%}, "
+            f"tokens {accuracy.token_accuracy_by_expert[expert]:.0%}",
+            style=_expert_style(expert),
+        )
+    for routing, label in zip(routings, labels, strict=True):
+        chosen = preferred_expert(routing)
+        if chosen != label:
+            console.print(f"  miss: {routing.prompt.text!r} is labelled {label} but prefers expert {chosen}")
+
+
+def _token_label(token: str) -> str:
+    # repr escapes newlines and tabs, which would otherwise break the grid.
+    shown = repr(token)[1:-1]
+    return shown if len(shown) < TOKEN_LABEL else shown[: TOKEN_LABEL - 2] + "…"

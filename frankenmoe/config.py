@@ -7,6 +7,7 @@ The schema is mergekit-moe's, so configs written for it run unchanged; frankenmo
 from __future__ import annotations
 
 import difflib
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,29 @@ PROMPT_GATE_MODES = frozenset({"hidden", "cheap_embed", "fit"})
 DTYPES = ("bfloat16", "float16", "float32")
 ARCHITECTURES = ("mixtral",)
 POOLINGS = ("mean", "last")
+ROUTER_INPUTS = ("router", "residual")
+LASER_METHODS = ("snr", "fixed", "optimal")
+LASER_LAYER_WORDS = ("all", "last_half")
+MAX_LASER_RANGE = 10_000
+EXPERT_LASER_MATRICES = {"mlp": ("gate_proj", "up_proj", "down_proj")}
+BASE_LASER_MATRICES = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj")}
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class LaserConfig:
+    """Rank reduction of selected weight matrices (see docs/laser.md); `matrices` are exact names.
+
+    `layers` is "all", "last_half" or explicit layer indices, checked against the model in planning.
+    """
+
+    method: str
+    matrices: tuple[str, ...]
+    layers: str | tuple[int, ...] = "all"
+    top_k: int | None = None
+    keep_fraction: float | None = None
+    calibration: str | None = None
 
 
 @dataclass(frozen=True)
@@ -32,16 +54,21 @@ class ExpertConfig:
     negative_prompts: tuple[str, ...] = ()
     noise_scale: float | None = None
     residual_scale: float | None = None
+    laser: LaserConfig | None = None
 
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """How prompt hidden states become gate rows (frankenmoe's own options)."""
+    """How prompt hidden states become gate rows (frankenmoe's own options; docs/gate-modes.md)."""
 
     pooling: str = "mean"
     scale: float | None = None
+    """None ("auto"): per layer, rows are scaled so the prompts' router logits spread by `logit_std`."""
     sequential: bool = False
     ridge_lambda: float = 1.0
+    input: str = "router"
+    """router: post_attention_layernorm output (what Mixtral routes on); residual: the stream entering the layer."""
+    logit_std: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +80,7 @@ class MergeConfig:
     experts_per_token: int = 2
     architecture: str = "mixtral"
     router: RouterConfig = field(default_factory=RouterConfig)
+    base_laser: LaserConfig | None = None
 
     @property
     def needs_prompts(self) -> bool:
@@ -73,18 +101,65 @@ def load_config(path: Path) -> MergeConfig:
 def parse_config(text: str, source_name: str = "<config>") -> MergeConfig:
     """Parse YAML text into a validated MergeConfig; every failure is a ConfigError."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader: data only, never Python objects
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "an unknown place"
+        problem = getattr(error, "problem", None) or (str(error).splitlines() or ["unreadable text"])[0]
+        if isinstance(error, yaml.constructor.ConstructorError):
+            fix = "Quote the value there if it is meant as text, and remove any `!!` tag."
+        else:
+            fix = "Fix the YAML syntax there (indentation, quotes, a missing ':')."
         raise ConfigError(
-            f"{source_name} is not valid YAML: {problem} at {where}. "
-            "Fix the YAML syntax there (indentation, quotes, a missing ':')."
+            f"{source_name} is not valid YAML: {problem} at {_yaml_error_place(error, text)}. {fix}"
+        ) from None
+    except RecursionError:
+        raise ConfigError(
+            f"{source_name} nests lists or mappings thousands of levels deep, which no merge config does. "
+            "Check that the file is the config you meant."
         ) from None
     if data is None:
         raise ConfigError(f"{source_name} is empty. A config needs at least `base_model` and `experts`.")
-    return _merge_config(_mapping(data, "the config", source_name), source_name)
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"{source_name} must be a mapping of keys to values (`base_model: ...`, `experts: ...`), "
+            f"not a {type(data).__name__}."
+        )
+    return _merge_config(data, source_name)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, except that a value YAML cannot build (a date such as 2024-13-45, `!!int 0x`)
+    becomes a YAML error at that value's line and column instead of a bare ValueError."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except ValueError as error:
+            what = f"the value {_bounded_repr(node.value)}" if isinstance(node, yaml.ScalarNode) else "a value"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {what} ({error})", node.start_mark
+            ) from None
+
+
+def _yaml_error_place(error: yaml.YAMLError, text: str) -> str:
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+    if isinstance(error, yaml.reader.ReaderError):
+        line = text.count("\n", 0, error.position) + 1
+        column = error.position - (text.rfind("\n", 0, error.position) + 1) + 1
+        return f"line {line}, column {column}"
+    return "an unknown place"
+
+
+def _bounded_repr(value: Any) -> str:
+    """repr() cut short: a config value can be huge or nested (YAML aliases), an error message must not be."""
+    return _SHORT_REPR.repr(value)
+
+
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 80
+_SHORT_REPR.maxlevel = 2
+_SHORT_REPR.maxlist = _SHORT_REPR.maxdict = _SHORT_REPR.maxtuple = _SHORT_REPR.maxset = 4
 
 
 def _merge_config(data: Mapping[str, Any], source: str) -> MergeConfig:
@@ -112,6 +187,7 @@ def _merge_config(data: Mapping[str, Any], source: str) -> MergeConfig:
             f"Supported: {', '.join(ARCHITECTURES)}; remove the key or set it to `mixtral`."
         )
     router = _router(data.get("router", {}), "router", source)
+    base_laser = _optional_laser(data.get("base_laser"), BASE_LASER_MATRICES, "base_laser", source)
 
     if gate_mode in PROMPT_GATE_MODES:
         for index, expert in enumerate(experts):
@@ -129,6 +205,7 @@ def _merge_config(data: Mapping[str, Any], source: str) -> MergeConfig:
         experts_per_token=experts_per_token,
         architecture=architecture,
         router=router,
+        base_laser=base_laser,
     )
 
 
@@ -142,6 +219,7 @@ def _expert(item: Any, path: str, source: str) -> ExpertConfig:
         negative_prompts=_prompts(data.get("negative_prompts"), f"{path}.negative_prompts", source),
         noise_scale=_optional(data.get("noise_scale"), _non_negative_number, f"{path}.noise_scale", source),
         residual_scale=_optional(data.get("residual_scale"), _number, f"{path}.residual_scale", source),
+        laser=_optional_laser(data.get("laser"), EXPERT_LASER_MATRICES, f"{path}.laser", source),
     )
 
 
@@ -149,7 +227,8 @@ def _router(item: Any, path: str, source: str) -> RouterConfig:
     data = _mapping(item, path, source)
     _check_keys(data, ROUTER_KEYS, path, source)
     defaults = RouterConfig()
-    scale = _optional(data.get("scale"), _number, f"{path}.scale", source)
+    raw_scale = data.get("scale")
+    scale = None if raw_scale in (None, "auto") else _number(raw_scale, f"{path}.scale", source)
     if scale is not None and scale <= 0:
         raise ConfigError(f"{source}: `{path}.scale` is {scale}; it must be a positive number.")
     ridge_lambda = _non_negative_number(data.get("ridge_lambda", defaults.ridge_lambda), f"{path}.ridge_lambda", source)
@@ -160,12 +239,125 @@ def _router(item: Any, path: str, source: str) -> RouterConfig:
         scale=scale,
         sequential=_boolean(data.get("sequential", defaults.sequential), f"{path}.sequential", source),
         ridge_lambda=ridge_lambda,
+        input=_choice(data.get("input", defaults.input), ROUTER_INPUTS, f"{path}.input", source),
+        logit_std=_positive_number(data.get("logit_std", defaults.logit_std), f"{path}.logit_std", source),
     )
 
 
-MERGE_KEYS = ("base_model", "experts", "gate_mode", "dtype", "experts_per_token", "architecture", "router")
-EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale")
-ROUTER_KEYS = ("pooling", "scale", "sequential", "ridge_lambda")
+def _optional_laser(
+    item: Any, matrix_groups: Mapping[str, tuple[str, ...]], path: str, source: str
+) -> LaserConfig | None:
+    if item is None:
+        return None
+    data = _mapping(item, path, source)
+    _check_keys(data, LASER_KEYS, path, source)
+    _require(data, "method", path, source)
+    method = _choice(data["method"], LASER_METHODS, f"{path}.method", source)
+    top_k = _optional(data.get("top_k"), _integer, f"{path}.top_k", source)
+    keep_fraction = _optional(data.get("keep_fraction"), _number, f"{path}.keep_fraction", source)
+    if top_k is not None and method != "snr":
+        raise ConfigError(
+            f"{source}: `{path}.top_k` only applies to method `snr` (it picks the lowest-SNR matrices), "
+            f"but the method is `{method}`. Remove `top_k` or set `method: snr`."
+        )
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"{source}: `{path}.top_k` is {top_k}; it must be 1 or more (how many matrices to reduce).")
+    if method == "fixed" and keep_fraction is None:
+        raise ConfigError(
+            f"{source}: `{path}` uses method `fixed`, which needs `keep_fraction` (the fraction of each matrix's "
+            "rank to keep, e.g. 0.05). Add it."
+        )
+    if keep_fraction is not None and method != "fixed":
+        raise ConfigError(
+            f"{source}: `{path}.keep_fraction` only applies to method `fixed`; method `{method}` chooses the rank "
+            "from the singular values. Remove `keep_fraction` or set `method: fixed`."
+        )
+    if keep_fraction is not None and not 0 < keep_fraction <= 1:
+        raise ConfigError(
+            f"{source}: `{path}.keep_fraction` is {keep_fraction}; it must be greater than 0 and at most 1 "
+            "(the fraction of the rank kept, e.g. 0.05)."
+        )
+    return LaserConfig(
+        method=method,
+        matrices=_laser_matrices(data.get("matrices"), matrix_groups, f"{path}.matrices", source),
+        layers=_laser_layers(data.get("layers", "all"), f"{path}.layers", source),
+        top_k=top_k,
+        keep_fraction=keep_fraction,
+        calibration=_optional(data.get("calibration"), _string, f"{path}.calibration", source),
+    )
+
+
+def _laser_matrices(
+    value: Any, matrix_groups: Mapping[str, tuple[str, ...]], path: str, source: str
+) -> tuple[str, ...]:
+    """Group names (`mlp`) expand to their matrices; the default is the first group."""
+    if value is None:
+        return next(iter(matrix_groups.values()))
+    items = [value] if isinstance(value, str) else _sequence(value, path, source)
+    allowed = {name for names in matrix_groups.values() for name in names}
+    chosen: list[str] = []
+    for index, item in enumerate(items):
+        if not isinstance(item, str):
+            raise _type_error(item, "a matrix name", f"{path}[{index}]", source)
+        if item in matrix_groups:
+            names = matrix_groups[item]
+        elif item in allowed:
+            names = (item,)
+        else:
+            valid = ", ".join([*matrix_groups, *sorted(allowed)])
+            raise ConfigError(f"{source}: `{path}[{index}]` is {item!r}; it must be one of: {valid}.")
+        chosen.extend(name for name in names if name not in chosen)
+    if not chosen:
+        raise ConfigError(f"{source}: `{path}` is empty. Name at least one matrix, e.g. `[mlp]`.")
+    return tuple(chosen)
+
+
+def _laser_layers(value: Any, path: str, source: str) -> str | tuple[int, ...]:
+    """`all`, `last_half`, a range "20-31" (both ends included) or a list of layer indices."""
+    if isinstance(value, str):
+        if value in LASER_LAYER_WORDS:
+            return value
+        start, dash, end = value.partition("-")
+        if dash and start.strip().isdigit() and end.strip().isdigit():
+            first, last = int(start), int(end)
+            if first > last:
+                raise ConfigError(
+                    f"{source}: `{path}` is the range {value!r}, whose start is after its end. Write it as "
+                    f'"{last}-{first}".'
+                )
+            if last - first >= MAX_LASER_RANGE:
+                raise ConfigError(
+                    f"{source}: `{path}` is the range {value!r}, over {MAX_LASER_RANGE} layers; no model has that "
+                    "many. Use `all` or the model's real layer numbers."
+                )
+            return tuple(range(first, last + 1))
+        raise ConfigError(
+            f"{source}: `{path}` is {value!r}; it must be `all`, `last_half`, a range such as \"20-31\" "
+            "or a list of layer indices."
+        )
+    items = _sequence(value, path, source)
+    if not items:
+        raise ConfigError(f"{source}: `{path}` is an empty list. List at least one layer index, or use `all`.")
+    indices = [_integer(item, f"{path}[{index}]", source) for index, item in enumerate(items)]
+    for index, layer in enumerate(indices):
+        if layer < 0:
+            raise ConfigError(f"{source}: `{path}[{index}]` is {layer}; layer indices start at 0.")
+    return tuple(sorted(set(indices)))
+
+
+MERGE_KEYS = (
+    "base_model",
+    "experts",
+    "gate_mode",
+    "dtype",
+    "experts_per_token",
+    "architecture",
+    "router",
+    "base_laser",
+)
+EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale", "laser")
+ROUTER_KEYS = ("pooling", "scale", "sequential", "ridge_lambda", "input", "logit_std")
+LASER_KEYS = ("method", "matrices", "layers", "top_k", "keep_fraction", "calibration")
 
 
 def _where(path: str) -> str:
@@ -190,7 +382,7 @@ def _require(data: Mapping[str, Any], key: str, path: str, source: str) -> None:
 
 
 def _type_error(value: Any, expected: str, path: str, source: str) -> ConfigError:
-    return ConfigError(f"{source}: `{path}` must be {expected}, not {type(value).__name__} {value!r}.")
+    return ConfigError(f"{source}: `{path}` must be {expected}, not {type(value).__name__} {_bounded_repr(value)}.")
 
 
 def _mapping(value: Any, path: str, source: str) -> Mapping[str, Any]:
@@ -213,7 +405,7 @@ def _string(value: Any, path: str, source: str) -> str:
 
 def _choice(value: Any, choices: tuple[str, ...], path: str, source: str) -> str:
     if not isinstance(value, str) or value not in choices:
-        raise ConfigError(f"{source}: `{path}` is {value!r}; it must be one of: {', '.join(choices)}.")
+        raise ConfigError(f"{source}: `{path}` is {_bounded_repr(value)}; it must be one of: {', '.join(choices)}.")
     return value
 
 
@@ -235,6 +427,13 @@ def _non_negative_number(value: Any, path: str, source: str) -> float:
     number = _number(value, path, source)
     if number < 0:
         raise ConfigError(f"{source}: `{path}` is {number}; it must be 0 or more.")
+    return number
+
+
+def _positive_number(value: Any, path: str, source: str) -> float:
+    number = _number(value, path, source)
+    if number <= 0:
+        raise ConfigError(f"{source}: `{path}` is {number}; it must be greater than 0.")
     return number
 
 

@@ -8,14 +8,16 @@ from pathlib import Path
 
 import torch
 
-from frankenmoe.card import model_card
+from frankenmoe.card import laser_sections, model_card
 from frankenmoe.config import MergeConfig, load_config
 from frankenmoe.errors import ConfigError
-from frankenmoe.output import check_free_space, check_output_target, staged_output
+from frankenmoe.laser import run_laser
+from frankenmoe.output import check_complete, check_free_space, check_output_target, staged_output
 from frankenmoe.plan import DEFAULT_SHARD_BYTES, MergePlan, build_plan
 from frankenmoe.routers import GateRequest, compute_gates
+from frankenmoe.routing import RoutingCheck, check_positive_prompts, routing_check_markdown
 from frankenmoe.sources import SourceModel, check_compatible, load_source
-from frankenmoe.write import verify_checkpoint, write_checkpoint
+from frankenmoe.write import INDEX_NAME, verify_checkpoint, write_checkpoint
 
 logger = logging.getLogger("frankenmoe")
 
@@ -29,6 +31,7 @@ class MergeOptions:
     device: str = "cpu"
     force: bool = False
     show_progress: bool = False
+    check_routing: bool = True
 
 
 @dataclass(frozen=True)
@@ -89,19 +92,41 @@ def resolve_device(name: str) -> torch.device:
     raise ConfigError(f"--device {name!r} is not a device; use cpu or cuda (cuda:N for a specific GPU).")
 
 
-def execute_merge(prepared: PreparedMerge, out: Path, options: MergeOptions) -> None:
-    """Compute the routers, write the checkpoint into a staging folder, verify it, move it to OUT."""
+def execute_merge(prepared: PreparedMerge, out: Path, options: MergeOptions) -> RoutingCheck | None:
+    """Compute the routers, write the checkpoint into a staging folder, verify it, move it to OUT.
+
+    Unless `options.check_routing` is off, the experts' positive prompts are routed through the staged
+    checkpoint and the result is added to its model card and returned (None when it did not run).
+    """
     plan = prepared.plan
     request = GateRequest(
         base=plan.base,
         experts=plan.config.experts,
         router=plan.config.router,
+        expert_models=plan.experts,
+        experts_per_token=plan.config.experts_per_token,
         seed=options.seed,
         device=resolve_device(options.device),
         show_progress=options.show_progress,
     )
     gates = compute_gates(plan.config.gate_mode, request)
-    card = model_card(plan, prepared.config_text)
+    plan, laser_results = run_laser(plan, request.device, options.show_progress)
+    card_sections = laser_sections(laser_results)
+    card = model_card(plan, prepared.config_text, card_sections)
     with staged_output(out) as staging:
         write_checkpoint(plan, gates, staging, card, options.show_progress)
         verify_checkpoint(plan, staging)
+        routing_check = None
+        if options.check_routing:
+            routing_check = check_positive_prompts(staging, plan.config.experts, request.device)
+        if routing_check is not None:
+            card = model_card(plan, prepared.config_text, (*card_sections, routing_check_markdown(routing_check)))
+            (staging / "README.md").write_text(card, encoding="utf-8")
+        check_complete(staging, output_files(plan))
+    return routing_check
+
+
+def output_files(plan: MergePlan) -> list[str]:
+    """Every file a finished checkpoint holds: shards, index, config, tokenizer files, model card."""
+    shards = [plan.shard_name(shard) for shard in range(plan.shard_count)]
+    return [*shards, INDEX_NAME, "config.json", *(source.name for source in plan.tokenizer_files), "README.md"]

@@ -15,6 +15,7 @@ from frankenmoe import __version__
 from frankenmoe.architectures import MIXTRAL_CONFIG_FIELDS, OUTPUT_LAYOUTS, TOKENIZER_FILES, OutputLayout
 from frankenmoe.config import MergeConfig
 from frankenmoe.errors import ConfigError
+from frankenmoe.laser import LaserGroup, LaserTarget, laser_group
 from frankenmoe.sources import SourceModel
 from frankenmoe.tensor_io import CONFIG_DTYPE_TO_SAFETENSORS, TensorLocation, tensor_nbytes
 
@@ -30,10 +31,12 @@ class TensorPiece:
     noise_scale: float | None = None
     multiplier: float | None = None
     noise_seed: int = 0
+    laser: LaserTarget | None = None
 
     @property
     def transformed(self) -> bool:
-        return bool(self.noise_scale) or self.multiplier not in (None, 1.0)
+        laser_reduces = self.laser is not None and self.laser.reduces
+        return bool(self.noise_scale) or self.multiplier not in (None, 1.0) or laser_reduces
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class MergePlan:
     tokenizer_files: tuple[Path, ...]
     total_parameters: int
     active_parameters: int
+    laser_groups: tuple[LaserGroup, ...] = ()
 
     @property
     def output_bytes(self) -> int:
@@ -100,10 +104,17 @@ def build_plan(
     shape = base.shape
     family = base.family
     unsharded: list[tuple[str, tuple[int, ...], tuple[TensorPiece, ...], int | None]] = []
+    expert_lasers = {
+        index: laser_group(f"experts[{index}].laser", settings.laser, experts[index])
+        for index, settings in enumerate(config.experts)
+        if settings.laser is not None
+    }
+    base_laser = None if config.base_laser is None else laser_group("base_laser", config.base_laser, base)
 
     def copy_from_base(name: str, output_name: str | None = None) -> None:
         location = base.tensor(name)
-        unsharded.append((output_name or name, location.shape, (TensorPiece(location),), None))
+        laser = None if base_laser is None else base_laser.target(name)
+        unsharded.append((output_name or name, location.shape, (TensorPiece(location, laser=laser),), None))
 
     copy_from_base("model.embed_tokens.weight")
     for layer in range(shape.num_hidden_layers):
@@ -114,7 +125,7 @@ def build_plan(
             groups = [range(len(experts))] if tensor.stacked else [[index] for index in range(len(experts))]
             for group in groups:
                 pieces = tuple(
-                    _expert_piece(experts[index], config, index, layer, part, seed)
+                    _expert_piece(experts[index], config, index, layer, part, seed, expert_lasers.get(index))
                     for index in group
                     for part in tensor.parts
                 )
@@ -150,11 +161,18 @@ def build_plan(
         tokenizer_files=tuple(base.path / name for name in TOKENIZER_FILES if (base.path / name).is_file()),
         total_parameters=total,
         active_parameters=active,
+        laser_groups=(*expert_lasers.values(), *([base_laser] if base_laser else [])),
     )
 
 
 def _expert_piece(
-    expert: SourceModel, config: MergeConfig, index: int, layer: int, part: str, seed: int
+    expert: SourceModel,
+    config: MergeConfig,
+    index: int,
+    layer: int,
+    part: str,
+    seed: int,
+    laser: LaserGroup | None = None,
 ) -> TensorPiece:
     settings = config.experts[index]
     name = expert.family.mlp_name(layer, part)
@@ -163,6 +181,7 @@ def _expert_piece(
         noise_scale=settings.noise_scale,
         multiplier=settings.residual_scale if part == "down_proj" else None,
         noise_seed=zlib.crc32(f"{seed}:{index}:{name}".encode()),
+        laser=None if laser is None else laser.target(name),
     )
 
 

@@ -6,18 +6,24 @@ model is streamed one decoder layer at a time, so memory stays at one layer plus
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from frankenmoe.errors import ModelError
+from frankenmoe.config import ExpertConfig
+from frankenmoe.errors import ConfigError, ModelError
 from frankenmoe.layers import StreamedDecoder
 from frankenmoe.routers.prompts import EncodedPrompt, encode_prompts, load_tokenizer
 from frankenmoe.sources import index_tensors, read_model_config
 from frankenmoe.tensor_io import TensorLocation
+
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
+"""Files of which at least one must exist for a tokenizer to load (the rest only configure it)."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,10 @@ class PromptRouting:
 
 
 def route_prompts(
-    checkpoint: Checkpoint, texts: Sequence[str], device: torch.device | None = None, layers: Iterable[int] | None = None
+    checkpoint: Checkpoint,
+    texts: Sequence[str],
+    device: torch.device | None = None,
+    layers: Iterable[int] | None = None,
 ) -> list[PromptRouting]:
     """Run each prompt through the checkpoint, one layer at a time, recording router probabilities."""
     prompts = encode_prompts(checkpoint.path, checkpoint.config, texts)
@@ -142,7 +151,9 @@ def routing_accuracy(routings: Sequence[PromptRouting], labels: Sequence[int]) -
     if len(routings) != len(labels) or not routings:
         raise ValueError("routing_accuracy needs one label per routed prompt, and at least one prompt")
     prompt_hits = [preferred_expert(routing) == label for routing, label in zip(routings, labels, strict=True)]
-    token_hits = [content_probabilities(routing).argmax(dim=-1) == label for routing, label in zip(routings, labels, strict=True)]
+    token_hits = [
+        content_probabilities(routing).argmax(dim=-1) == label for routing, label in zip(routings, labels, strict=True)
+    ]
     all_hits = torch.cat(token_hits, dim=1).float()
     by_expert_prompt: dict[int, float] = {}
     by_expert_token: dict[int, float] = {}
@@ -155,4 +166,233 @@ def routing_accuracy(routings: Sequence[PromptRouting], labels: Sequence[int]) -
         token_accuracy_by_layer=tuple(float(value) for value in all_hits.mean(dim=1)),
         prompt_accuracy_by_expert=by_expert_prompt,
         token_accuracy_by_expert=by_expert_token,
+    )
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """One prompt per line; blank lines are skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(
+            f"Prompts file {path} cannot be read ({error}). Pass a UTF-8 text file, one prompt a line."
+        ) from None
+    prompts = [line for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError(f"Prompts file {path} holds no prompts. Write one prompt per line.")
+    return prompts
+
+
+@dataclass(frozen=True)
+class LabelledPrompt:
+    text: str
+    expert: int
+
+
+def load_labels(path: Path, expert_count: int, expert_sources: Sequence[str] = ()) -> list[LabelledPrompt]:
+    """Read a YAML mapping of expert (index or name) -> prompts that should route to it."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"Labels file {path} cannot be read ({error}).") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(
+            f"Labels file {path} is not valid YAML ({str(error).splitlines()[0]}). It must map each expert "
+            "(an index such as 0, or a source_model name) to a list of prompts."
+        ) from None
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(
+            f"Labels file {path} must be a non-empty YAML mapping of expert (index or source_model name) to a list "
+            'of prompts, e.g.\n0:\n  - "Write a Python function"\n1:\n  - "Once upon a time"'
+        )
+    labelled: list[LabelledPrompt] = []
+    for key, prompts in data.items():
+        expert = resolve_expert(key, expert_count, expert_sources, str(path))
+        texts = [prompts] if isinstance(prompts, str) else prompts
+        if (
+            not isinstance(texts, list)
+            or not texts
+            or not all(isinstance(text, str) and text.strip() for text in texts)
+        ):
+            raise ConfigError(
+                f"Labels file {path}: the value of {key!r} must be a prompt or a list of non-empty prompts."
+            )
+        labelled.extend(LabelledPrompt(text, expert) for text in texts)
+    return labelled
+
+
+def resolve_expert(key: object, expert_count: int, expert_sources: Sequence[str], where: str) -> int:
+    """An expert index from an integer, or from a name matching one expert's source_model.
+
+    A name matches a source_model when it is the whole reference or its last path component
+    (`code-expert` matches `./models/code-expert` and `org/code-expert@main`).
+    """
+    if isinstance(key, int) and not isinstance(key, bool):
+        if not 0 <= key < expert_count:
+            raise ConfigError(
+                f"{where}: expert {key} does not exist; the checkpoint has experts 0 to {expert_count - 1}."
+            )
+        return key
+    name = str(key)
+    matches = [index for index, source in enumerate(expert_sources) if name in (source, _short_name(source))]
+    if len(matches) == 1:
+        return matches[0]
+    if not expert_sources:
+        raise ConfigError(
+            f"{where}: expert {name!r} is a name, but this checkpoint has no frankenmoe model card with a merge "
+            f"recipe to match names against. Use expert indices 0 to {expert_count - 1} instead."
+        )
+    known = ", ".join(f"{index} = {source}" for index, source in enumerate(expert_sources))
+    problem = "matches several experts" if matches else "matches no expert"
+    raise ConfigError(f"{where}: expert {name!r} {problem}. Use an index or a source_model name: {known}.")
+
+
+def _short_name(source: str) -> str:
+    return source.split("@")[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def expert_names(expert_count: int, expert_sources: Sequence[str] = ()) -> list[str]:
+    """Display names: the source_model of each expert where the card names them, else `expert N`."""
+    if len(expert_sources) == expert_count:
+        return list(expert_sources)
+    return [f"expert {index}" for index in range(expert_count)]
+
+
+def routing_to_dict(routings: Sequence[PromptRouting], summary: RoutingSummary, names: Sequence[str]) -> dict[str, Any]:
+    """Per-prompt grids and shares plus the overall summary, as JSON-ready data (content tokens only)."""
+    experts = summary.utilisation.shape[-1]
+    return {
+        "layers": summary.utilisation.shape[0],
+        "experts": experts,
+        "expert_names": list(names),
+        "prompts": [
+            {
+                "text": routing.prompt.text,
+                "tokens": content_tokens(routing),
+                "top_expert": content_probabilities(routing).argmax(dim=-1).tolist(),
+                "expert_share": summarise_routing([routing]).utilisation.tolist(),
+                "preferred_expert": preferred_expert(routing),
+            }
+            for routing in routings
+        ],
+        "utilisation": {
+            "by_layer": summary.utilisation.tolist(),
+            "overall": summary.overall_utilisation.tolist(),
+        },
+        "mean_entropy": summary.mean_entropy,
+        "max_entropy": math.log(experts),
+    }
+
+
+def content_tokens(routing: PromptRouting) -> list[str]:
+    return [token for token, keep in zip(routing.tokens, routing.prompt.content_mask.tolist(), strict=True) if keep]
+
+
+def accuracy_to_dict(
+    accuracy: RoutingAccuracy, routings: Sequence[PromptRouting], labels: Sequence[int], names: Sequence[str]
+) -> dict[str, Any]:
+    return {
+        "prompt_accuracy": accuracy.prompt_accuracy,
+        "token_accuracy": accuracy.token_accuracy,
+        "token_accuracy_by_layer": list(accuracy.token_accuracy_by_layer),
+        "by_expert": [
+            {
+                "expert": expert,
+                "name": names[expert],
+                "prompt_accuracy": accuracy.prompt_accuracy_by_expert[expert],
+                "token_accuracy": accuracy.token_accuracy_by_expert[expert],
+            }
+            for expert in accuracy.prompt_accuracy_by_expert
+        ],
+        "prompts": [
+            {"text": routing.prompt.text, "label": label, "preferred_expert": preferred_expert(routing)}
+            for routing, label in zip(routings, labels, strict=True)
+        ],
+    }
+
+
+@dataclass(frozen=True)
+class RoutingCheck:
+    """Whether each expert's own positive prompts route to it, right after a merge."""
+
+    expert_sources: tuple[str, ...]
+    prompts_per_expert: dict[int, int]
+    hits_per_expert: dict[int, int]
+    accuracy: RoutingAccuracy
+
+    @property
+    def hits(self) -> int:
+        return sum(self.hits_per_expert.values())
+
+    @property
+    def prompts(self) -> int:
+        return sum(self.prompts_per_expert.values())
+
+
+def check_positive_prompts(
+    folder: Path, experts: Sequence[ExpertConfig], device: torch.device | None = None
+) -> RoutingCheck | None:
+    """Route every expert's positive prompts through the checkpoint in `folder`; None when it cannot run
+    (`routing_check_skip_reason` says why)."""
+    if routing_check_skip_reason(folder, experts) is not None:
+        return None
+    labelled = [(text, index) for index, expert in enumerate(experts) for text in expert.positive_prompts]
+    routings = route_prompts(load_checkpoint(folder), [text for text, _ in labelled], device)
+    labels = [label for _, label in labelled]
+    hits: dict[int, int] = {}
+    counts: dict[int, int] = {}
+    for routing, label in zip(routings, labels, strict=True):
+        counts[label] = counts.get(label, 0) + 1
+        hits[label] = hits.get(label, 0) + (preferred_expert(routing) == label)
+    return RoutingCheck(
+        expert_sources=tuple(expert.source_model for expert in experts),
+        prompts_per_expert=counts,
+        hits_per_expert=hits,
+        accuracy=routing_accuracy(routings, labels),
+    )
+
+
+def routing_check_skip_reason(folder: Path, experts: Sequence[ExpertConfig]) -> str | None:
+    if not any(expert.positive_prompts for expert in experts):
+        return "routing check skipped: no expert has positive prompts to route."
+    if not any((folder / name).is_file() for name in TOKENIZER_MARKERS):
+        return "routing check skipped: the checkpoint has no tokenizer (the base model folder has none)."
+    return None
+
+
+def routing_check_lines(check: RoutingCheck) -> list[str]:
+    """The check as a few lines for the terminal."""
+    accuracy = check.accuracy
+    lines = [
+        f"routing check: {check.hits}/{check.prompts} positive prompts route to their own expert; "
+        f"{accuracy.token_accuracy:.0%} of tokens pick it first (by layer: "
+        + ", ".join(f"{value:.0%}" for value in accuracy.token_accuracy_by_layer)
+        + ")"
+    ]
+    for expert, count in check.prompts_per_expert.items():
+        lines.append(
+            f"  expert {expert} ({check.expert_sources[expert]}): {check.hits_per_expert[expert]}/{count} prompts, "
+            f"{accuracy.token_accuracy_by_expert[expert]:.0%} of tokens"
+        )
+    return lines
+
+
+def routing_check_markdown(check: RoutingCheck) -> str:
+    """The check as a model-card section."""
+    accuracy = check.accuracy
+    rows = "\n".join(
+        f"| {expert} | `{check.expert_sources[expert]}` | {check.hits_per_expert[expert]}/{count} | "
+        f"{accuracy.token_accuracy_by_expert[expert]:.0%} |"
+        for expert, count in check.prompts_per_expert.items()
+    )
+    by_layer = ", ".join(f"{value:.0%}" for value in accuracy.token_accuracy_by_layer)
+    return (
+        "## Routing check\n\n"
+        "Each expert's positive prompts were run through this checkpoint right after the merge. A prompt reaches "
+        "an expert when that expert has the largest router probability summed over all layers and tokens; the "
+        "token share counts (token, layer) pairs whose top-1 expert is the prompt's own.\n\n"
+        "| # | expert | prompts reaching it | tokens choosing it first |\n|---|---|---|---|\n"
+        f"{rows}\n\n"
+        f"Overall: {check.hits}/{check.prompts} prompts, {accuracy.token_accuracy:.0%} of tokens "
+        f"(by layer: {by_layer}). Reproduce with `frankenmoe route OUT --labels FILE`.\n"
     )

@@ -234,8 +234,10 @@ def _shards_from_index(reference: str, index_path: Path) -> list[Path]:
         ) from None
     shards: list[Path] = []
     for shard_name in sorted(set(map(str, weight_map.values()))):
-        shard = (index_path.parent / shard_name).resolve()
-        if index_path.parent.resolve() not in shard.parents or not shard.is_file():
+        shard = index_path.parent / shard_name
+        # Judged by the name, not by resolving links: Hugging Face cache shards are symlinks into its blob store.
+        inside = not Path(shard_name).is_absolute() and ".." not in Path(shard_name).parts
+        if not inside or not shard.is_file():
             raise ModelError(
                 f"Model {reference}: {index_path.name} names shard {shard_name!r}, which does not exist in "
                 f"{index_path.parent}. The download is incomplete; fetch the missing shard."

@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from frankenmoe.errors import OutputError
+from frankenmoe.laser import apply_laser
 from frankenmoe.plan import MergePlan, TensorJob, TensorPiece
 from frankenmoe.tensor_io import DTYPES, ShardEntry, ShardWriter, read_header, read_tensor, tensor_bytes
 
@@ -63,7 +64,7 @@ def produce_piece(piece: TensorPiece, job: TensorJob) -> torch.Tensor:
     """A source tensor with its expert transforms applied, in the job's dtype."""
     tensor = read_tensor(piece.location)
     if piece.transformed:
-        tensor = tensor.float()
+        tensor = apply_laser(tensor.float(), piece.laser)
         if piece.noise_scale:
             generator = torch.Generator().manual_seed(piece.noise_seed)
             tensor += torch.randn(tensor.shape, generator=generator) * piece.noise_scale

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from frankenmoe.routers.cheap_embed import cheap_embed_gates
+from frankenmoe.routers.fit import fit_gates
 from frankenmoe.routers.hidden import hidden_gates
 from frankenmoe.routers.random_init import random_gates, uniform_random_gates
 from frankenmoe.routers.request import GateRequest
@@ -20,6 +21,7 @@ GATE_FUNCTIONS: dict[str, Callable[[GateRequest], torch.Tensor]] = {
     "uniform_random": uniform_random_gates,
     "cheap_embed": cheap_embed_gates,
     "hidden": hidden_gates,
+    "fit": fit_gates,
 }
 
 

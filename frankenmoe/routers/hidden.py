@@ -1,29 +1,131 @@
-"""Gates from each layer's true router input: the output of post_attention_layernorm.
+"""Gates from each layer's hidden states of the expert prompts, computed one decoder layer at a time.
 
-The base model runs one decoder layer at a time over every prompt (see layers.py); for each layer
-each prompt's router-input states are pooled to one vector and turned into rows.
+`layerwise_gates` runs every prompt through the base model's layers in order. At each layer it
+stops after attention to capture two views of the prompts (the router input, i.e. the output of
+post_attention_layernorm, and the residual stream entering the layer), asks a row function for
+that layer's gate rows, scales them (see prompts.scale_rows), and only then finishes the layer:
+with the base model's dense MLP, or, with `router.sequential`, with the MoE MLP the merged model
+will have there (the experts' MLPs behind the rows just computed). Sequential states are what the
+merged model itself sees at inference; the base model's states drift from them layer by layer
+once the experts differ. Only one layer's weights are in memory at a time.
 """
 
 from __future__ import annotations
 
-import torch
-from tqdm import tqdm
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from frankenmoe.layers import StreamedDecoder, router_inputs_by_layer
-from frankenmoe.routers.prompts import collect_expert_prompts, pool, rows_from_prompt_vectors
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers.activations import ACT2FN
+
+from frankenmoe.architectures import MLP_PARTS
+from frankenmoe.layers import StreamedDecoder
+from frankenmoe.routers.prompts import (
+    ExpertPrompts,
+    collect_expert_prompts,
+    content_tokens,
+    pool,
+    rows_from_prompt_vectors,
+    scale_rows,
+)
 from frankenmoe.routers.request import GateRequest
+from frankenmoe.sources import SourceModel
+from frankenmoe.tensor_io import read_tensor
+
+
+@dataclass(frozen=True)
+class LayerStates:
+    """Every prompt's states at one layer, each [tokens, hidden] float32."""
+
+    layer: int
+    router_inputs: list[torch.Tensor]
+    residual_inputs: list[torch.Tensor]
+
+    def selected(self, input_name: str) -> list[torch.Tensor]:
+        return self.residual_inputs if input_name == "residual" else self.router_inputs
+
+
+RowFunction = Callable[[LayerStates, ExpertPrompts, GateRequest], torch.Tensor]
+"""Unscaled gate rows [experts, hidden] of one layer from that layer's prompt states."""
 
 
 def hidden_gates(request: GateRequest) -> torch.Tensor:
+    return layerwise_gates(request, hidden_rows)
+
+
+def hidden_rows(states: LayerStates, prompts: ExpertPrompts, request: GateRequest) -> torch.Tensor:
+    vectors = [
+        pool(state, prompt, request.router.pooling)
+        for state, prompt in zip(states.selected(request.router.input), prompts.prompts, strict=True)
+    ]
+    return rows_from_prompt_vectors(vectors, prompts)
+
+
+class _AttentionOnly(nn.Module):
+    """Stands in for a layer's MLP so the layer's output is the residual stream after attention."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(hidden)
+
+
+def layerwise_gates(request: GateRequest, rows_for_layer: RowFunction) -> torch.Tensor:
     prompts = collect_expert_prompts(request.base, request.experts)
     decoder = StreamedDecoder(request.base.config, request.base.tensors, request.device)
-    layers = tqdm(range(request.num_layers), desc="hidden-state pass", unit="layer", disable=not request.show_progress)
     gates = torch.empty(request.num_layers, len(request.experts), request.hidden_size)
-    sequences = [prompt.token_ids for prompt in prompts.prompts]
-    for layer, router_inputs in router_inputs_by_layer(decoder, sequences, layers):
-        vectors = [
-            pool(states, prompt, request.router.pooling)
-            for states, prompt in zip(router_inputs, prompts.prompts, strict=True)
-        ]
-        gates[layer] = rows_from_prompt_vectors(vectors, prompts, request.router)
+    hidden = [decoder.embed(prompt.token_ids) for prompt in prompts.prompts]
+    layers = tqdm(range(request.num_layers), desc="hidden-state pass", unit="layer", disable=not request.show_progress)
+    for layer in layers:
+        module = decoder.load_layer(layer)
+        dense_mlp = module.mlp
+        module.mlp = _AttentionOnly()
+        outputs = [decoder.run_layer(module, state) for state in hidden]
+        del module
+        router_inputs = [output.router_input for output in outputs]
+        states = LayerStates(layer, router_inputs, [state[0] for state in hidden])
+        rows = rows_for_layer(states, prompts, request).float()
+        gates[layer] = scale_rows(rows, content_tokens(router_inputs, prompts), request.router)
+        if layer + 1 == request.num_layers:
+            break
+        mlp = moe_mlp(request, layer, gates[layer]) if request.router.sequential else dense_mlp
+        with torch.no_grad():
+            hidden = [output.hidden + mlp(x.unsqueeze(0)) for output, x in zip(outputs, router_inputs, strict=True)]
     return gates
+
+
+def moe_mlp(request: GateRequest, layer: int, gate_rows: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The merged model's MoE MLP of `layer`: Mixtral routing over the experts' own MLP weights."""
+    if len(request.expert_models) != len(request.experts):
+        raise ValueError("router.sequential needs GateRequest.expert_models, one per expert")
+    experts = [
+        _expert_weights(model, layer, settings.residual_scale, request.device)
+        for model, settings in zip(request.expert_models, request.experts, strict=True)
+    ]
+    rows = gate_rows.to(request.device)
+    top_k = request.experts_per_token
+    activation = ACT2FN[request.base.shape.hidden_act]
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        probabilities = torch.softmax((hidden @ rows.T).float(), dim=-1)
+        top_weights, top_experts = probabilities.topk(top_k, dim=-1)
+        top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+        output = torch.zeros_like(hidden)
+        for index, (gate_proj, up_proj, down_proj) in enumerate(experts):
+            weight = (top_weights * (top_experts == index)).sum(dim=-1, keepdim=True)
+            expert_output = (activation(hidden @ gate_proj.T) * (hidden @ up_proj.T)) @ down_proj.T
+            output = output + weight * expert_output
+        return output
+
+    return forward
+
+
+def _expert_weights(
+    model: SourceModel, layer: int, residual_scale: float | None, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """(gate_proj, up_proj, down_proj) of one expert's layer in float32; residual_scale applies to
+    down_proj as in the written checkpoint. noise_scale is left out: its seeded noise is small by design."""
+    parts = {part: read_tensor(model.tensor(model.family.mlp_name(layer, part))).float() for part in MLP_PARTS}
+    if residual_scale is not None:
+        parts["down_proj"] = parts["down_proj"] * residual_scale
+    return tuple(parts[part].to(device) for part in MLP_PARTS)

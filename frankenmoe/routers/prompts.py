@@ -92,18 +92,37 @@ def pool(states: torch.Tensor, prompt: EncodedPrompt, pooling: str) -> torch.Ten
     return content.mean(dim=0)
 
 
-def rows_from_prompt_vectors(
-    vectors: Sequence[torch.Tensor], prompts: ExpertPrompts, router: RouterConfig
-) -> torch.Tensor:
-    """Each expert's row: mean of its positive prompt vectors minus mean of its negatives, normalised.
-
-    Rows have unit norm, multiplied by `router.scale` when one is set.
-    """
+def rows_from_prompt_vectors(vectors: Sequence[torch.Tensor], prompts: ExpertPrompts) -> torch.Tensor:
+    """Each expert's row: mean of its positive prompt vectors minus mean of its negatives, unit norm."""
     rows = []
     for positive, negative in zip(prompts.positive, prompts.negative, strict=True):
         row = torch.stack([vectors[index] for index in positive]).mean(dim=0)
         if negative:
             row = row - torch.stack([vectors[index] for index in negative]).mean(dim=0)
         rows.append(row / row.norm().clamp_min(1e-12))
-    stacked = torch.stack(rows).cpu()
-    return stacked * router.scale if router.scale is not None else stacked
+    return torch.stack(rows).cpu()
+
+
+def content_tokens(states: Sequence[torch.Tensor], prompts: ExpertPrompts) -> torch.Tensor:
+    """[tokens, hidden] float32: every prompt's own (non-special) token states, in prompt order."""
+    return torch.cat(
+        [state[prompt.content_mask.to(state.device)].float().cpu() for state, prompt in zip(states, prompts.prompts, strict=True)]
+    )
+
+
+def scale_rows(rows: torch.Tensor, router_inputs: torch.Tensor, router: RouterConfig) -> torch.Tensor:
+    """Multiply rows by `router.scale`, or with scale auto (None) by the factor that makes the router
+    logits of `router_inputs` ([tokens, hidden]: the prompts' tokens at this layer) have a mean
+    standard deviation across experts of `router.logit_std`.
+
+    Why auto: rows built from hidden states differ from each other by a small fraction of the
+    activation norm, so unit-norm rows give near-uniform routing, and a fixed number cannot suit
+    every layer and model. Calibrating the logit spread on the prompts themselves sets how decisive
+    the router is in one unit that means the same everywhere.
+    """
+    if router.scale is not None:
+        return rows * router.scale
+    spread = float((router_inputs.float() @ rows.float().T).std(dim=-1, unbiased=False).mean())
+    if spread < 1e-12 or len(rows) < 2:
+        return rows
+    return rows * (router.logit_std / spread)

@@ -15,6 +15,9 @@ class GateRequest:
     base: SourceModel
     experts: tuple[ExpertConfig, ...]
     router: RouterConfig
+    expert_models: tuple[SourceModel, ...] = ()
+    """The experts' models, in `experts` order; sequential hidden states read their MLP weights."""
+    experts_per_token: int = 2
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     show_progress: bool = False

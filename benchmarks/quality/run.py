@@ -1,0 +1,268 @@
+"""The merge-quality benchmark: how much of each expert's held-out perplexity gain a frankenmoe merge keeps.
+
+    nice -n 19 .venv/bin/python -m benchmarks.quality.build_experts      # once, ~30-60 min on 2 cores
+    nice -n 19 .venv/bin/python -m benchmarks.quality.run [--eval-blocks 48] [--only NAME ...]
+
+Evaluates the base, each expert and a grid of merges (expert set x gate mode x prompt kind, then
+router options) on held-out code, maths and prose (the control no expert trained on). Results are
+kept per variant in benchmarks/.cache/quality/results.json, so an interrupted run resumes; the
+tables go to benchmarks/quality/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import AutoTokenizer
+
+from benchmarks.quality.domains import CACHE, EVAL_DOMAINS, EXPERT_DOMAINS, EXPERTS, base_model, blocks
+from benchmarks.quality.evaluate import evaluate, gain_retained, load_model, relative_change
+from frankenmoe.config import GATE_MODES, PROMPT_GATE_MODES
+from frankenmoe.errors import FrankenMoEError
+from frankenmoe.merge import MergeOptions, execute_merge, prepare_merge
+from frankenmoe.routers import GATE_FUNCTIONS
+
+RESULTS = CACHE / "results.json"
+RESULTS_TABLE = Path(__file__).resolve().parent / "results.md"
+MERGES = CACHE / "merges"
+
+PROMPTS: dict[str, dict[str, tuple[str, ...]]] = {
+    "keyword": {
+        "general": ("chat", "conversation", "story", "history", "advice", "explain"),
+        "code": ("python", "code", "programming", "function", "class", "import"),
+        "maths": ("math", "arithmetic", "word problem", "calculate", "solve", "answer"),
+    },
+    "sentence": {
+        "general": (
+            "Tell me about the history of the printing press.",
+            "Can you recommend a good book to read this summer?",
+            "Explain why the sky looks blue during the day.",
+            "What should I pack for a weekend trip to the mountains?",
+        ),
+        "code": (
+            "Write a Python function that reads a text file and returns a list of its lines.",
+            "Fix the bug in this Python class so that its methods return the right values.",
+            "How do I use a dictionary comprehension in Python?",
+            "Implement a command-line tool in Python that parses its arguments with argparse.",
+        ),
+        "maths": (
+            "Sam has 14 oranges and buys 3 bags with 6 oranges each. How many oranges does Sam have now?",
+            "A bus travels at 50 km per hour for 4 hours. How far does it go?",
+            "A shirt costs $40 and is 25% off. What is the sale price?",
+            "Solve this word problem step by step and give the final answer.",
+        ),
+    },
+}
+EXPERT_SETS: dict[str, tuple[tuple[str, ...], int]] = {
+    "base+code+maths top-2": (("general", "code", "maths"), 2),
+    "code+maths top-1": (("code", "maths"), 1),
+    "code+maths top-2": (("code", "maths"), 2),
+}
+MAIN_SET = "base+code+maths top-2"
+ROUTER_SWEEP: tuple[dict[str, Any], ...] = (
+    {"sequential": True},
+    {"pooling": "last"},
+    {"logit_std": 0.5},
+    {"logit_std": 2.0},
+    {"logit_std": 4.0},
+    {"input": "residual"},
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    expert_set: str
+    gate_mode: str
+    prompt_kind: str | None
+    router: dict[str, Any] = field(default_factory=dict)
+
+    def config(self, base: Path, expert_folders: dict[str, Path]) -> dict[str, Any]:
+        """The merge config; the "general" expert is the base model itself."""
+        domains, top_k = EXPERT_SETS[self.expert_set]
+        experts = []
+        for domain in domains:
+            entry: dict[str, Any] = {"source_model": str(base if domain == "general" else expert_folders[domain])}
+            if self.prompt_kind is not None:
+                entry["positive_prompts"] = list(PROMPTS[self.prompt_kind][domain])
+            experts.append(entry)
+        config: dict[str, Any] = {
+            "base_model": str(base),
+            "gate_mode": self.gate_mode,
+            "experts_per_token": top_k,
+            "experts": experts,
+        }
+        if self.router:
+            config["router"] = dict(self.router)
+        return config
+
+
+def available_gate_modes() -> list[str]:
+    """Every gate mode this frankenmoe build implements (the list grows as modes are added)."""
+    return [mode for mode in GATE_MODES if mode in GATE_FUNCTIONS]
+
+
+def variants(prompt_modes: list[str], free_modes: list[str]) -> Iterator[Variant]:
+    """Most informative first, so a run cut short still answers the main question."""
+    for expert_set in EXPERT_SETS:
+        for kind in PROMPTS:
+            for mode in prompt_modes:
+                yield Variant(f"{expert_set} | {mode} | {kind}", expert_set, mode, kind)
+        for mode in free_modes:
+            yield Variant(f"{expert_set} | {mode}", expert_set, mode, None)
+    for mode in prompt_modes:
+        if mode == "cheap_embed":
+            continue
+        for router in ROUTER_SWEEP:
+            options = ", ".join(f"{key}={value}" for key, value in router.items())
+            yield Variant(f"{MAIN_SET} | {mode} | keyword | {options}", MAIN_SET, mode, "keyword", router)
+
+
+def merge_variant(variant: Variant, base: Path, expert_folders: dict[str, Path], out: Path) -> None:
+    """Merge through the library exactly as `frankenmoe merge CONFIG OUT` does."""
+    config_file = out.with_suffix(".yaml")
+    config_file.parent.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(yaml.safe_dump(variant.config(base, expert_folders), sort_keys=False))
+    options = MergeOptions(force=True)
+    execute_merge(prepare_merge(config_file, out, options), out, options)
+
+
+def evaluate_folder(folder: Path, eval_blocks: dict[str, torch.Tensor]) -> dict[str, Any]:
+    model = load_model(folder)
+    result: dict[str, Any] = {}
+    for domain, domain_blocks in eval_blocks.items():
+        evaluation = evaluate(model, domain_blocks)
+        result[domain] = {"perplexity": evaluation.perplexity, "tokens": evaluation.tokens}
+        if evaluation.top1_share is not None:
+            result[domain]["top1_share"] = list(evaluation.top1_share)
+    return result
+
+
+def load_results() -> dict[str, Any]:
+    return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+
+
+def save_results(results: dict[str, Any]) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--eval-blocks", type=int, default=48, help="Held-out 256-token blocks per domain.")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", nargs="*", help="Run only variants whose name contains one of these strings.")
+    parser.add_argument("--table-only", action="store_true", help="Rewrite results.md from cached results.")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not args.table_only:
+        run(args.eval_blocks, args.only)
+    RESULTS_TABLE.write_text(render_tables(load_results()))
+    print(RESULTS_TABLE.read_text())
+
+
+def run(eval_block_count: int, only: list[str] | None) -> None:
+    base = base_model()
+    for domain in EXPERT_DOMAINS:
+        if not (EXPERTS / domain / "model.safetensors").is_file():
+            raise SystemExit(f"The {domain} expert is missing: run `python -m benchmarks.quality.build_experts` first.")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    eval_blocks = {domain: blocks(domain, "heldout", tokenizer, eval_block_count) for domain in EVAL_DOMAINS}
+    results = load_results()
+    if results.get("eval_blocks") != eval_block_count:
+        results = {"eval_blocks": eval_block_count, "dense": {}, "merges": {}}
+    expert_folders = {domain: EXPERTS / domain for domain in EXPERT_DOMAINS}
+    dense = {"base": base, **{f"{domain} expert": folder for domain, folder in expert_folders.items()}}
+    for name, folder in dense.items():
+        if name not in results["dense"]:
+            started = time.perf_counter()
+            results["dense"][name] = evaluate_folder(folder, eval_blocks)
+            save_results(results)
+            print(f"{name}: {_summary(results['dense'][name])} ({time.perf_counter() - started:.0f} s)", flush=True)
+    modes = available_gate_modes()
+    prompt_modes = [mode for mode in modes if mode in PROMPT_GATE_MODES]
+    free_modes = [mode for mode in modes if mode not in PROMPT_GATE_MODES]
+    results["gate_modes"] = modes
+    for variant in variants(prompt_modes, free_modes):
+        if variant.name in results["merges"] or (only and not any(part in variant.name for part in only)):
+            continue
+        started = time.perf_counter()
+        out = MERGES / "current"
+        try:
+            merge_variant(variant, base, expert_folders, out)
+        except FrankenMoEError as error:
+            print(f"{variant.name}: merge refused ({error})", flush=True)
+            continue
+        entry = {"config": variant.config(base, expert_folders), **evaluate_folder(out, eval_blocks)}
+        shutil.rmtree(out, ignore_errors=True)
+        results["merges"][variant.name] = entry
+        save_results(results)
+        print(f"{variant.name}: {_summary(entry)} ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+def _summary(entry: dict[str, Any]) -> str:
+    return ", ".join(f"{domain} {entry[domain]['perplexity']:.3f}" for domain in EVAL_DOMAINS)
+
+
+def render_tables(results: dict[str, Any]) -> str:
+    """Markdown: dense perplexities, then per merge the perplexities, gain retained and routing shares."""
+    if not results.get("dense"):
+        return "No results yet.\n"
+    dense = results["dense"]
+    base = {domain: dense["base"][domain]["perplexity"] for domain in EVAL_DOMAINS}
+    tokens = {domain: dense["base"][domain]["tokens"] for domain in EVAL_DOMAINS}
+    lines = [
+        f"Held-out tokens scored per domain: {', '.join(f'{d} {tokens[d]}' for d in EVAL_DOMAINS)}.",
+        f"Gate modes implemented at run time: {', '.join(results.get('gate_modes', []))}.",
+        "",
+        "| model | " + " | ".join(f"{d} ppl" for d in EVAL_DOMAINS) + " |",
+        "|---|" + "---:|" * len(EVAL_DOMAINS),
+    ]
+    for name, entry in dense.items():
+        cells = [
+            f"{entry[d]['perplexity']:.3f} ({relative_change(base[d], entry[d]['perplexity']):+.1%})"
+            for d in EVAL_DOMAINS
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    expert = {domain: dense[f"{domain} expert"][domain]["perplexity"] for domain in EXPERT_DOMAINS}
+    lines += [
+        "",
+        "Gain retained = (ppl_base - ppl_moe) / (ppl_base - ppl_expert) on the expert's own held-out domain; "
+        "prose = change against the base on the control text (negative is better). Routing: share of "
+        "(token, layer) pairs whose top-1 expert is each expert, on each domain's held-out text, experts in "
+        "the set's order.",
+        "",
+        "| merge (experts, top-k | gate mode | prompts | router) | "
+        + " | ".join(f"{d} ppl" for d in EVAL_DOMAINS)
+        + " | "
+        + " | ".join(f"{d} gain kept" for d in EXPERT_DOMAINS)
+        + " | prose vs base | routing on code | routing on maths | routing on prose |",
+        "|---|" + "---:|" * (len(EVAL_DOMAINS) + len(EXPERT_DOMAINS) + 1) + "---|---|---|",
+    ]
+    for name, entry in results.get("merges", {}).items():
+        ppl = {domain: entry[domain]["perplexity"] for domain in EVAL_DOMAINS}
+        kept = [f"{gain_retained(base[d], ppl[d], expert[d]):.0%}" for d in EXPERT_DOMAINS]
+        shares = [" / ".join(f"{share:.2f}" for share in entry[d]["top1_share"]) for d in EVAL_DOMAINS]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{ppl[d]:.3f}" for d in EVAL_DOMAINS)
+            + " | "
+            + " | ".join(kept)
+            + f" | {relative_change(base['prose'], ppl['prose']):+.1%} | "
+            + " | ".join(shares)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

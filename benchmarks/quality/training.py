@@ -1,0 +1,115 @@
+"""Domain experts by fine-tuning only the MLPs (gate/up/down_proj of every layer) of a dense model.
+
+In a frankenMoE only the MLPs become experts, so an expert trained this way is exactly the kind of
+fine-tune a merge can keep whole: attention, norms and embeddings stay the base model's.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+MLP_PARAMETER_PARTS = (".mlp.gate_proj.", ".mlp.up_proj.", ".mlp.down_proj.")
+TRAINING_LOG = "training.json"
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    steps: int = 64
+    batch_size: int = 4
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    seed: int = 0
+    bf16_autocast: bool = True
+    report_every: int = 0
+
+
+@dataclass(frozen=True)
+class TrainingLog:
+    settings: TrainingSettings
+    trainable_parameters: int
+    frozen_parameters: int
+    losses: tuple[float, ...]
+    seconds: float
+
+
+def freeze_all_but_mlp(model: PreTrainedModel) -> list[torch.nn.Parameter]:
+    """Make only the MLP weights trainable; returns them."""
+    trainable = []
+    for name, parameter in model.named_parameters():
+        is_mlp = any(part in name for part in MLP_PARAMETER_PARTS)
+        parameter.requires_grad_(is_mlp)
+        if is_mlp:
+            trainable.append(parameter)
+    if not trainable:
+        raise ValueError("The model has no gate_proj/up_proj/down_proj MLP weights to train.")
+    return trainable
+
+
+def train_mlp_expert(base: Path, out: Path, blocks: torch.Tensor, settings: TrainingSettings) -> TrainingLog:
+    """Fine-tune the MLPs of the model in `base` on token `blocks` ([N, T]) and save it to `out`.
+
+    Batches are drawn in a seeded order (the blocks are cycled if steps x batch exceeds them). The
+    model trains in float32 (bf16 autocast for speed) and is saved in the base model's dtype, so an
+    expert and the base are stored alike and a merge copies the expert's MLPs unchanged.
+    """
+    torch.manual_seed(settings.seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    saved_dtype = _stored_dtype(base)
+    model.train()
+    trainable = freeze_all_but_mlp(model)
+    frozen = sum(parameter.numel() for parameter in model.parameters() if not parameter.requires_grad)
+    optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    order = _batch_order(len(blocks), settings)
+    losses = []
+    started = time.perf_counter()
+    for step in range(settings.steps):
+        batch = blocks[order[step * settings.batch_size : (step + 1) * settings.batch_size]]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bf16_autocast):
+            loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if settings.report_every and (step + 1) % settings.report_every == 0:
+            elapsed = time.perf_counter() - started
+            print(f"  step {step + 1}/{settings.steps}: loss {losses[-1]:.3f} ({elapsed:.0f} s)", flush=True)
+    log = TrainingLog(
+        settings=settings,
+        trainable_parameters=sum(parameter.numel() for parameter in trainable),
+        frozen_parameters=frozen,
+        losses=tuple(losses),
+        seconds=time.perf_counter() - started,
+    )
+    _save(model.to(saved_dtype), base, out, log)
+    return log
+
+
+def _batch_order(block_count: int, settings: TrainingSettings) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(settings.seed)
+    needed = settings.steps * settings.batch_size
+    rounds = -(-needed // block_count)
+    return torch.cat([torch.randperm(block_count, generator=generator) for _ in range(rounds)])[:needed]
+
+
+def _stored_dtype(folder: Path) -> torch.dtype:
+    config = json.loads((folder / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, str(name))
+
+
+def _save(model: PreTrainedModel, base: Path, out: Path, log: TrainingLog) -> None:
+    """Write to a staging folder first, so an interrupted run never leaves a half-written expert."""
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base).save_pretrained(staging)
+    (staging / TRAINING_LOG).write_text(json.dumps(asdict(log), indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)

@@ -1,0 +1,186 @@
+"""Routing-quality benchmark: how well each gate mode sends held-out prompts to the right expert.
+
+    python benchmarks/routing/run_routing_bench.py [--sets keywords sentences] [--variants NAME ...]
+
+The model is SmolLM2-135M-Instruct (examples/smollm2.py converts it once), merged into a 4-expert
+MoE whose experts are all that same model, so routing is the only thing that differs between
+variants. The labelled prompts are eval_prompts.yaml (chat, code, story, maths: experts 0-3);
+the positive prompts are prompt_sets.yaml. Accuracy, utilisation and entropy come from
+frankenmoe.routing, the same functions `frankenmoe route` uses (chance is 25%).
+
+Every variant computes its routers with frankenmoe's merge code (prepare_merge, then the same
+compute_gates call execute_merge makes, cast to the output dtype). The full checkpoint is written
+once; since the experts are identical, the variants share every tensor except the routers, which
+each variant writes into its own small file that replaces the routers of that checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "examples"))
+
+from smollm2 import ensure_smollm2  # noqa: E402
+
+from frankenmoe.layers import detect_layout  # noqa: E402
+from frankenmoe.merge import MergeOptions, execute_merge, prepare_merge  # noqa: E402
+from frankenmoe.routers import GateRequest, compute_gates  # noqa: E402
+from frankenmoe.routing import Checkpoint, load_checkpoint, route_prompts, routing_accuracy, summarise_routing  # noqa: E402
+from frankenmoe.tensor_io import read_header  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+CACHE = ROOT / "benchmarks" / ".cache" / "routing"
+DOMAINS = ("chat", "code", "story", "math")
+OUTPUT_DTYPE = "bfloat16"
+OUTPUT_TORCH_DTYPE = torch.bfloat16
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    gate_mode: str
+    router: dict[str, Any] = field(default_factory=dict)
+
+
+VARIANTS = (
+    Variant("random", "random"),
+    Variant("cheap_embed", "cheap_embed"),
+    Variant("hidden mergekit (residual, last, unit rows)", "hidden", {"input": "residual", "pooling": "last", "scale": 1.0}),
+    Variant("hidden unit rows (router input, mean)", "hidden", {"scale": 1.0}),
+    Variant("hidden last, auto logit_std 1", "hidden", {"pooling": "last"}),
+    Variant("hidden mean, auto logit_std 1", "hidden", {}),
+    Variant("hidden mean, auto logit_std 2", "hidden", {"logit_std": 2.0}),
+    Variant("hidden mean, auto, sequential", "hidden", {"sequential": True}),
+    Variant("fit lambda 0.1", "fit", {"ridge_lambda": 0.1}),
+    Variant("fit lambda 1", "fit", {}),
+    Variant("fit lambda 1, logit_std 2", "fit", {"logit_std": 2.0}),
+    Variant("fit lambda 10", "fit", {"ridge_lambda": 10.0}),
+)
+
+
+def config_text(model: Path, prompts: dict[str, list[str]], variant: Variant) -> str:
+    data: dict[str, Any] = {
+        "base_model": str(model),
+        "gate_mode": variant.gate_mode,
+        "dtype": OUTPUT_DTYPE,
+        "experts_per_token": 2,
+        "experts": [{"source_model": str(model), "positive_prompts": prompts[domain]} for domain in DOMAINS],
+    }
+    if variant.router:
+        data["router"] = variant.router
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def variant_gates(model: Path, prompts: dict[str, list[str]], variant: Variant, work: Path) -> torch.Tensor:
+    """The routers a merge with this variant's config writes (as execute_merge computes them)."""
+    config = work / "config.yaml"
+    config.write_text(config_text(model, prompts, variant))
+    options = MergeOptions(force=True)
+    plan = prepare_merge(config, work / "unused-output", options).plan
+    request = GateRequest(
+        base=plan.base,
+        experts=plan.config.experts,
+        router=plan.config.router,
+        expert_models=plan.experts,
+        experts_per_token=plan.config.experts_per_token,
+        seed=options.seed,
+    )
+    return compute_gates(plan.config.gate_mode, request).to(OUTPUT_TORCH_DTYPE)
+
+
+def shared_checkpoint(model: Path, prompts: dict[str, list[str]]) -> Checkpoint:
+    """One full merge (written once, cached): every tensor but the routers is the same in all variants."""
+    out = CACHE / "smollm2-4x"
+    if not (out / "config.json").is_file():
+        config = CACHE / "shared-config.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
+        config.write_text(config_text(model, prompts, Variant("random", "random")))
+        options = MergeOptions(force=True)
+        execute_merge(prepare_merge(config, out, options), out, options)
+    return load_checkpoint(out)
+
+
+def with_routers(checkpoint: Checkpoint, gates: torch.Tensor, file: Path) -> Checkpoint:
+    layout = detect_layout(checkpoint.tensors)
+    routers = {layout.router_name(layer): gates[layer].contiguous() for layer in range(checkpoint.num_layers)}
+    save_file(routers, str(file))
+    return replace(checkpoint, tensors={**checkpoint.tensors, **read_header(file)})
+
+
+def evaluate(checkpoint: Checkpoint, texts: list[str], labels: list[int]) -> dict[str, Any]:
+    routings = route_prompts(checkpoint, texts)
+    accuracy = routing_accuracy(routings, labels)
+    summary = summarise_routing(routings)
+    return {
+        "prompt_accuracy": accuracy.prompt_accuracy,
+        "token_accuracy": accuracy.token_accuracy,
+        "prompt_accuracy_by_domain": {DOMAINS[k]: v for k, v in accuracy.prompt_accuracy_by_expert.items()},
+        "token_accuracy_by_domain": {DOMAINS[k]: v for k, v in accuracy.token_accuracy_by_expert.items()},
+        "mean_entropy": summary.mean_entropy,
+        "max_layer_share": float(summary.utilisation.max()),
+        "utilisation": [round(float(value), 3) for value in summary.overall_utilisation],
+    }
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "| prompts | variant | prompt acc | token acc | prompt acc chat/code/story/math | entropy (nats) | max layer share | utilisation |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in results:
+        by_domain = "/".join(f"{row['prompt_accuracy_by_domain'][domain]:.2f}" for domain in DOMAINS)
+        lines.append(
+            f"| {row['prompts']} | {row['variant']} | {row['prompt_accuracy']:.2f} | {row['token_accuracy']:.2f} | "
+            f"{by_domain} | {row['mean_entropy']:.3f} | {row['max_layer_share']:.2f} | "
+            f"{' '.join(f'{share:.2f}' for share in row['utilisation'])} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", nargs="+", default=["keywords", "sentences"], help="Positive prompt sets to use.")
+    parser.add_argument("--variants", nargs="+", help="Only variants whose name contains one of these strings.")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = ensure_smollm2()
+    evaluation = yaml.safe_load((HERE / "eval_prompts.yaml").read_text())
+    texts = [text for domain in DOMAINS for text in evaluation[domain]]
+    labels = [index for index, domain in enumerate(DOMAINS) for _ in evaluation[domain]]
+    prompt_sets = yaml.safe_load((HERE / "prompt_sets.yaml").read_text())
+    variants = [v for v in VARIANTS if not args.variants or any(part in v.name for part in args.variants)]
+
+    checkpoint = shared_checkpoint(model, prompt_sets["keywords"])
+    results = []
+    for set_name in args.sets:
+        for number, variant in enumerate(variants):
+            work = CACHE / "variants" / f"{set_name}-{number}"
+            work.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            gates = variant_gates(model, prompt_sets[set_name], variant, work)
+            routed = with_routers(checkpoint, gates, work / "routers.safetensors")
+            row = {"prompts": set_name, "variant": variant.name, **evaluate(routed, texts, labels)}
+            row["seconds"] = round(time.perf_counter() - started, 1)
+            results.append(row)
+            print(table([row]).splitlines()[-1], flush=True)
+    print(f"\n{date.today()} on {platform.machine()} {platform.processor() or ''} ({torch.get_num_threads()} threads)")
+    print(table(results))
+    (CACHE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""Merge benchmark: `frankenmoe merge` against the `cp` floor on synthetic models, per shape and gate mode.
+
+    python benchmarks/run_merge_bench.py                      # small and large, every gate mode, 3 runs
+    python benchmarks/run_merge_bench.py --shape small --repeats 5
+    python benchmarks/run_merge_bench.py --cold --update-readme
+
+Each merge runs as its own process. For every run this records the wall time, the peak RSS
+(ru_maxrss from wait4), and the process's I/O counters from /proc/PID/io, read after the process
+exits but before it is reaped. In the same repetition, `cp` copies the same number of bytes from the
+same source files and `sync` flushes them, as the merge fsyncs its shards: that is the floor a merge
+cannot beat on this disk. The default is a warm page cache; --cold evicts the source files first.
+
+This process imports neither torch nor frankenmoe: a child's ru_maxrss starts from its parent's peak
+RSS (exec keeps the old address space's high-water mark), so the parent must stay small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+CACHE = BENCH_DIR / ".cache"
+README = BENCH_DIR / "README.md"
+TABLE_START = "<!-- merge-bench:start -->"
+TABLE_END = "<!-- merge-bench:end -->"
+GATE_MODES = ("random", "cheap_embed", "hidden")
+PROMPTS = (
+    ("write a python function that sorts a list", "fix this bug in my code"),
+    ("once upon a time there was a dragon", "write a poem about the sea"),
+    ("solve the equation 3x + 5 = 20", "what is 12 times 7"),
+    ("hello, how are you today?", "let's chat about the weather"),
+)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    wall_s: float
+    peak_rss_bytes: int
+    rchar: int
+    wchar: int
+    read_bytes: int
+    write_bytes: int
+
+
+@dataclass(frozen=True)
+class Row:
+    shape: str
+    task: str
+    runs: list[Measurement]
+    floor_runs: list[float]
+    output_bytes: int
+
+    @property
+    def wall_s(self) -> float:
+        return statistics.median(run.wall_s for run in self.runs)
+
+    @property
+    def floor_s(self) -> float:
+        return statistics.median(self.floor_runs) if self.floor_runs else float("nan")
+
+    def median(self, field: str) -> float:
+        return statistics.median(getattr(run, field) for run in self.runs)
+
+
+def measure(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Measurement:
+    """Run argv to completion; its wall time, peak RSS and I/O counters. Fails loudly on a non-zero exit."""
+    start = time.perf_counter()
+    with log.open("wb") as output:
+        process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, env=env)
+        # Wait without reaping, so /proc/PID/io still describes the finished process.
+        os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOWAIT)
+        wall = time.perf_counter() - start
+        io = dict(line.split(": ") for line in Path(f"/proc/{process.pid}/io").read_text().splitlines())
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed with exit code {process.returncode}; see {log}")
+    return Measurement(
+        wall_s=wall,
+        peak_rss_bytes=usage.ru_maxrss * 1024,
+        rchar=int(io["rchar"]),
+        wchar=int(io["wchar"]),
+        read_bytes=int(io["read_bytes"]),
+        write_bytes=int(io["write_bytes"]),
+    )
+
+
+def model_folders(shape: str, experts: int) -> dict[str, object]:
+    """Generate (or reuse) the synthetic models in a child process, keeping torch out of this one."""
+    result = subprocess.run(
+        [sys.executable, str(BENCH_DIR / "synthetic_models.py"), "--shape", shape, "--experts", str(experts), "--json"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def write_config(path: Path, models: dict[str, object], gate_mode: str) -> Path:
+    lines = [f"base_model: {json.dumps(models['base'])}", f"gate_mode: {gate_mode}", "dtype: bfloat16", "experts:"]
+    for index, expert in enumerate(models["experts"]):  # type: ignore[arg-type]
+        lines.append(f"  - source_model: {json.dumps(expert)}")
+        lines.append(f"    positive_prompts: {json.dumps(list(PROMPTS[index % len(PROMPTS)]))}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def evict_from_page_cache(files: list[Path]) -> bool:
+    """Drop the files' cached pages (clean pages need no privilege); True when drop_caches also worked."""
+    os.sync()
+    for file in files:
+        descriptor = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def copy_floor(sources: list[Path], byte_count: int, target: Path, log: Path) -> float:
+    """Wall time for cp to copy `byte_count` bytes of `sources` (whole files, then the head of the next) and sync."""
+    target.mkdir(parents=True, exist_ok=True)
+    commands, remaining = [], byte_count
+    for index, source in enumerate(sources):
+        if remaining <= 0:
+            break
+        size = source.stat().st_size
+        destination = target / f"copy{index}"
+        if size <= remaining:
+            commands.append(f"cp '{source}' '{destination}'")
+        else:
+            commands.append(f"head -c {remaining} '{source}' > '{destination}'")
+        remaining -= size
+    commands.append(f"sync '{target}'/copy*")
+    try:
+        return measure(["sh", "-c", " && ".join(commands)], log).wall_s
+    finally:
+        shutil.rmtree(target)
+
+
+def run_shape(shape: str, args: argparse.Namespace, work: Path) -> list[Row]:
+    models = model_folders(shape, args.experts)
+    sources = [Path(folder) / "model.safetensors" for folder in [models["base"], *models["experts"]]]  # type: ignore[list-item]
+    configs = {mode: write_config(work / f"{shape}-{mode}.yaml", models, mode) for mode in args.modes}
+    runs: dict[str, list[Measurement]] = {mode: [] for mode in args.modes}
+    floors: list[float] = []
+    output_bytes = 0
+    out = work / "out"
+    for repeat in range(args.repeats):
+        for mode in args.modes:
+            shutil.rmtree(out, ignore_errors=True)
+            if args.cold:
+                evict_from_page_cache(sources)
+            argv = [sys.executable, "-m", "frankenmoe", "merge", str(configs[mode]), str(out)]
+            if not args.routing_check:
+                argv.append("--no-check")
+            if args.shard_size:
+                argv += ["--shard-size", args.shard_size]
+            measurement = measure(argv, work / f"{shape}-{mode}-{repeat}.log")
+            output_bytes = sum(file.stat().st_size for file in out.glob("*.safetensors"))
+            shutil.rmtree(out)
+            runs[mode].append(measurement)
+            print(f"{shape} {mode} run {repeat + 1}: {_describe(measurement)}", flush=True)
+        if args.cold:
+            evict_from_page_cache(sources)
+        floors.append(copy_floor(sources, output_bytes, work / "floor", work / f"{shape}-floor-{repeat}.log"))
+        print(f"{shape} cp floor run {repeat + 1}: {floors[-1]:.2f} s for {output_bytes / 1e9:.2f} GB", flush=True)
+    return [Row(shape, mode, runs[mode], floors, output_bytes) for mode in args.modes]
+
+
+def import_baseline(work: Path, repeats: int) -> Row:
+    runs = [
+        measure([sys.executable, "-c", "import frankenmoe.cli"], work / "import.log") for _ in range(max(repeats, 3))
+    ]
+    return Row("-", "import frankenmoe.cli", runs, [], 0)
+
+
+def _describe(run: Measurement) -> str:
+    return (
+        f"{run.wall_s:.2f} s, peak RSS {run.peak_rss_bytes / 1e6:.0f} MB, "
+        f"read {run.rchar / 1e9:.2f} GB, written {run.wchar / 1e9:.2f} GB"
+    )
+
+
+def machine() -> str:
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
+        platform.processor() or "unknown CPU",
+    )
+    memory_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    filesystem = subprocess.run(
+        ["df", "--output=fstype", str(CACHE)], capture_output=True, text=True, check=False
+    ).stdout.split()[-1]
+    return f"{cpu}, {os.cpu_count()} cores, {memory_kb / 2**20:.0f} GiB RAM, {filesystem}, Linux {platform.release()}"
+
+
+def markdown(rows: list[Row], args: argparse.Namespace, cache_state: str) -> str:
+    today = datetime.date.today().isoformat()
+    lines = [
+        f"Measured {today} on {machine()}; {cache_state}; median of {args.repeats} run(s), "
+        f"{args.experts} experts, bfloat16, `python benchmarks/run_merge_bench.py {' '.join(sys.argv[1:])}`.",
+        "",
+        "| shape | gate mode | wall (s) | cp floor (s) | wall / floor | peak RSS (MB) | read (GB) | written (GB) | disk read (GB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        ratio = row.wall_s / row.floor_s if row.floor_runs else float("nan")
+        floor = f"{row.floor_s:.2f}" if row.floor_runs else "-"
+        lines.append(
+            f"| {row.shape} | {row.task} | {row.wall_s:.2f} | {floor} | {'-' if ratio != ratio else f'{ratio:.2f}'} "
+            f"| {row.median('peak_rss_bytes') / 1e6:.0f} | {row.median('rchar') / 1e9:.2f} "
+            f"| {row.median('wchar') / 1e9:.2f} | {row.median('read_bytes') / 1e9:.2f} |"
+        )
+    lines += ["", *targets(rows)]
+    return "\n".join(lines)
+
+
+def targets(rows: list[Row]) -> list[str]:
+    """The issue's targets, judged on this run's numbers (only those whose rows were measured)."""
+    by_key = {(row.shape, row.task): row for row in rows}
+    checks: list[tuple[str, float, float]] = []
+    for mode in ("random", "cheap_embed"):
+        if ("large", mode) in by_key:
+            row = by_key["large", mode]
+            checks.append((f"large {mode}: wall / cp floor <= 1.5", row.wall_s / row.floor_s, 1.5))
+    for mode in GATE_MODES:
+        if ("large", mode) in by_key:
+            checks.append((f"large {mode}: peak RSS (GB) <= 1.5", by_key["large", mode].median("peak_rss_bytes") / 1e9, 1.5))
+        if ("small", mode) in by_key and ("large", mode) in by_key:
+            growth = by_key["large", mode].median("peak_rss_bytes") / by_key["small", mode].median("peak_rss_bytes")
+            checks.append((f"{mode}: peak RSS large / small < 1.25", growth, 1.25))
+    if ("large", "hidden") in by_key and ("large", "random") in by_key:
+        ratio = by_key["large", "hidden"].wall_s / by_key["large", "random"].wall_s
+        checks.append(("large: hidden wall / random wall <= 1.3", ratio, 1.3))
+    return [f"- {'PASS' if value <= limit else 'FAIL'} {label}: {value:.2f}" for label, value, limit in checks]
+
+
+def update_readme(table: str) -> None:
+    text = README.read_text()
+    start, end = text.index(TABLE_START) + len(TABLE_START), text.index(TABLE_END)
+    README.write_text(text[:start] + "\n" + table + "\n" + text[end:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", action="append", choices=("tiny", "small", "large"), help="default: small, large")
+    parser.add_argument("--mode", action="append", dest="modes", choices=GATE_MODES, help="default: every mode")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--shard-size", help="passed to frankenmoe merge --shard-size")
+    parser.add_argument("--cold", action="store_true", help="evict the source files from the page cache before each run")
+    parser.add_argument(
+        "--routing-check",
+        action="store_true",
+        help="keep the merge's after-write routing check (off by default: mergekit-moe has none to compare with)",
+    )
+    parser.add_argument("--update-readme", action="store_true", help=f"replace the results table in {README}")
+    args = parser.parse_args()
+    args.modes = args.modes or list(GATE_MODES)
+    work = CACHE / "runs"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+
+    cache_state = "warm page cache (sources cached, output written and fsynced)"
+    if args.cold:
+        dropped = evict_from_page_cache([])
+        cache_state = (
+            "cold source files ("
+            + ("drop_caches" if dropped else "posix_fadvise DONTNEED; /proc/sys/vm/drop_caches is not writable here")
+            + ")"
+        )
+    rows = [import_baseline(work, args.repeats)]
+    for shape in args.shape or ["small", "large"]:
+        rows += run_shape(shape, args, work)
+    table = markdown(rows, args, cache_state)
+    print("\n" + table)
+    results = CACHE / "results"
+    results.mkdir(exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    (results / f"{stamp}.json").write_text(json.dumps([asdict(row) for row in rows], indent=1) + "\n")
+    if args.update_readme:
+        update_readme(table)
+
+
+if __name__ == "__main__":
+    main()

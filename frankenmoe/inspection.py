@@ -1,0 +1,236 @@
+"""What a Mixtral-format checkpoint is made of, and whether its routers can route.
+
+Everything but the routers comes from config.json, the safetensors headers and the model card; the
+router diagnostics read one layer's gate matrix at a time, so inspecting a 100 GB checkpoint reads
+a few megabytes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from frankenmoe.architectures import TOKENIZER_FILES, OutputLayout
+from frankenmoe.card import RECIPE_HEADING
+from frankenmoe.errors import ModelError
+from frankenmoe.layers import detect_layout
+from frankenmoe.routing import TOKENIZER_MARKERS, Checkpoint, load_checkpoint
+from frankenmoe.tensor_io import read_tensor
+
+NEAR_DUPLICATE_COSINE = 0.99
+"""Two gate rows this aligned give their experts almost the same logit for every token."""
+DEGENERATE_CONDITION = 1e3
+"""A gate matrix this ill-conditioned routes along fewer directions than it has experts."""
+
+
+@dataclass(frozen=True)
+class MergeRecipe:
+    """The merge config found in a frankenmoe model card."""
+
+    text: str
+    expert_sources: tuple[str, ...]
+    """Each expert's `source_model`, in expert order (empty when the YAML cannot be read)."""
+
+
+@dataclass(frozen=True)
+class RouterDiagnostics:
+    """One layer's gate matrix [experts, hidden], seen as a set of expert directions."""
+
+    layer: int
+    row_norms: tuple[float, ...]
+    cosine: tuple[tuple[float, ...], ...]
+    """Pairwise cosine similarity of the rows (0 where a row is all zeros)."""
+    near_duplicates: tuple[tuple[int, int, float], ...]
+    """Pairs (i, j, cosine) with cosine above NEAR_DUPLICATE_COSINE."""
+    zero_rows: tuple[int, ...]
+    rank: int
+    condition_number: float
+    """Largest over smallest singular value; infinite when the matrix is rank-deficient."""
+
+    @property
+    def degenerate(self) -> bool:
+        return self.rank < len(self.row_norms) or self.condition_number > DEGENERATE_CONDITION
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        found = [f"experts {i} and {j} are near-duplicates (cosine {cos:.4f})" for i, j, cos in self.near_duplicates]
+        found += [f"expert {row} has an all-zero gate row" for row in self.zero_rows]
+        if self.rank < len(self.row_norms):
+            found.append(f"rank-deficient router (rank {self.rank} < {len(self.row_norms)} experts)")
+        elif self.condition_number > DEGENERATE_CONDITION:
+            found.append(f"ill-conditioned router (condition number {self.condition_number:.3g})")
+        return tuple(found)
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    name: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class CheckpointReport:
+    path: Path
+    architecture: str
+    layout: str
+    num_layers: int
+    num_experts: int
+    experts_per_token: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    dtype: str
+    """The dtype config.json declares, or the stored one when it declares none."""
+    stored_dtypes: dict[str, int]
+    """Safetensors dtype -> number of parameters stored in it."""
+    total_parameters: int
+    active_parameters: int
+    """Parameters one token passes through: everything except the unchosen experts' MLPs."""
+    shards: tuple[ShardFile, ...]
+    tokenizer_files: tuple[str, ...]
+    recipe: MergeRecipe | None
+    routers: tuple[RouterDiagnostics, ...]
+
+    @property
+    def tokenizer_present(self) -> bool:
+        return any(name in TOKENIZER_MARKERS for name in self.tokenizer_files)
+
+    @property
+    def flagged_layers(self) -> tuple[int, ...]:
+        return tuple(router.layer for router in self.routers if router.warnings)
+
+
+def inspect_checkpoint(path: Path) -> CheckpointReport:
+    """Summarise a checkpoint and diagnose every layer's router (one router tensor in memory at a time)."""
+    checkpoint = load_checkpoint(path)
+    config = checkpoint.config
+    layout = detect_layout(checkpoint.tensors)
+    total = sum(math.prod(location.shape) for location in checkpoint.tensors.values())
+    expert_total = _expert_parameters(checkpoint, layout)
+    unchosen = checkpoint.num_experts - int(config.get("num_experts_per_tok", 2))
+    stored: dict[str, int] = {}
+    for location in checkpoint.tensors.values():
+        stored[location.dtype] = stored.get(location.dtype, 0) + math.prod(location.shape)
+    files = sorted({location.file for location in checkpoint.tensors.values()})
+    return CheckpointReport(
+        path=path,
+        architecture=", ".join(config.get("architectures") or [str(config.get("model_type"))]),
+        layout=layout.name,
+        num_layers=checkpoint.num_layers,
+        num_experts=checkpoint.num_experts,
+        experts_per_token=int(config.get("num_experts_per_tok", 2)),
+        hidden_size=int(config["hidden_size"]),
+        intermediate_size=int(config["intermediate_size"]),
+        vocab_size=int(config["vocab_size"]),
+        dtype=str(config.get("dtype") or config.get("torch_dtype") or max(stored, key=stored.__getitem__)),
+        stored_dtypes=dict(sorted(stored.items())),
+        total_parameters=total,
+        active_parameters=total - expert_total // checkpoint.num_experts * unchosen,
+        shards=tuple(ShardFile(file.name, file.stat().st_size) for file in files),
+        tokenizer_files=tuple(
+            name for name in TOKENIZER_FILES if name != "generation_config.json" and (path / name).is_file()
+        ),
+        recipe=read_recipe(path),
+        routers=tuple(
+            diagnose_router(layer, read_tensor(checkpoint.tensors[layout.router_name(layer)]))
+            for layer in range(checkpoint.num_layers)
+        ),
+    )
+
+
+def _expert_parameters(checkpoint: Checkpoint, layout: OutputLayout) -> int:
+    total = 0
+    for layer in range(checkpoint.num_layers):
+        for tensor in layout.expert_tensors:
+            experts = [0] if tensor.stacked else range(checkpoint.num_experts)
+            for expert in experts:
+                name = tensor.template.format(layer=layer, expert=expert)
+                if name not in checkpoint.tensors:
+                    raise ModelError(
+                        f"{checkpoint.path} has no tensor {name!r} although its layer 0 router uses the "
+                        f"{layout.name} layout. The checkpoint is incomplete; re-download or re-merge it."
+                    )
+                total += math.prod(checkpoint.tensors[name].shape)
+    return total
+
+
+def diagnose_router(layer: int, gate: torch.Tensor) -> RouterDiagnostics:
+    """Norms, pairwise cosines and conditioning of one gate matrix [experts, hidden]."""
+    rows = gate.double()
+    norms = rows.norm(dim=1)
+    is_zero = norms == 0
+    unit = rows / norms.clamp_min(torch.finfo(torch.float64).tiny).unsqueeze(1)
+    cosine = (unit @ unit.T).clamp(-1.0, 1.0)
+    cosine[is_zero, :] = 0.0
+    cosine[:, is_zero] = 0.0
+    experts = rows.shape[0]
+    near = tuple(
+        (i, j, float(cosine[i, j]))
+        for i in range(experts)
+        for j in range(i + 1, experts)
+        if cosine[i, j] > NEAR_DUPLICATE_COSINE
+    )
+    singular = torch.linalg.svdvals(rows)
+    # The rows were stored in at most float32 precision, so smaller singular values are rounding noise.
+    tolerance = float(singular[0]) * max(rows.shape) * torch.finfo(torch.float32).eps
+    rank = int((singular > tolerance).sum())
+    full_rank = rank == experts and float(singular[-1]) > 0
+    return RouterDiagnostics(
+        layer=layer,
+        row_norms=tuple(float(norm) for norm in norms),
+        cosine=tuple(tuple(float(value) for value in row) for row in cosine),
+        near_duplicates=near,
+        zero_rows=tuple(int(index) for index in torch.nonzero(is_zero).flatten()),
+        rank=rank,
+        condition_number=float(singular[0] / singular[-1]) if full_rank else math.inf,
+    )
+
+
+def read_recipe(folder: Path) -> MergeRecipe | None:
+    """The YAML block under "## Merge recipe" in the folder's README.md, if frankenmoe wrote one."""
+    card = folder / "README.md"
+    try:
+        text = card.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    match = re.search(re.escape(RECIPE_HEADING) + r"\s*```ya?ml\n(.*?)\n```", text, flags=re.DOTALL)
+    if match is None:
+        return None
+    recipe_text = match.group(1)
+    return MergeRecipe(recipe_text, _expert_sources(recipe_text))
+
+
+def _expert_sources(recipe_text: str) -> tuple[str, ...]:
+    # Lenient on purpose: a card from another frankenmoe version may not validate, but its names still help.
+    try:
+        data = yaml.safe_load(recipe_text)
+    except yaml.YAMLError:
+        return ()
+    experts = data.get("experts") if isinstance(data, dict) else None
+    if not isinstance(experts, list):
+        return ()
+    sources = [expert.get("source_model") if isinstance(expert, dict) else None for expert in experts]
+    return tuple(str(source) for source in sources) if all(sources) else ()
+
+
+def report_to_dict(report: CheckpointReport) -> dict[str, Any]:
+    """The report as JSON-ready data (an infinite condition number becomes null)."""
+    data = asdict(report)
+    data["path"] = str(report.path)
+    data["tokenizer_present"] = report.tokenizer_present
+    data["flagged_layers"] = list(report.flagged_layers)
+    for router, router_data in zip(report.routers, data["routers"], strict=True):
+        if math.isinf(router.condition_number):
+            router_data["condition_number"] = None
+        router_data["near_duplicates"] = [
+            {"experts": [i, j], "cosine": cosine} for i, j, cosine in router.near_duplicates
+        ]
+        router_data["degenerate"] = router.degenerate
+        router_data["warnings"] = list(router.warnings)
+    return data

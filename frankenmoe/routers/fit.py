@@ -1,0 +1,53 @@
+"""gate_mode fit: per layer, a closed-form ridge regression from prompt tokens to expert labels.
+
+Every content token of an expert's positive prompts is a training example whose target is that
+expert's one-hot vector; every token of its negative prompts targets "any expert but this one"
+(1/(experts-1) on the others, 0 on it). Each prompt weighs the same in total whatever its length,
+and each expert's positive (and negative) prompts weigh one unit together, so a chatty expert
+with long prompts does not pull the router towards itself. The solve is in float64 without a bias
+(Mixtral's router has none; softmax ignores what every row shares anyway):
+
+    W = (Xᵀ D X + λ I)⁻¹ Xᵀ D Y,   λ = ridge_lambda · trace(Xᵀ D X) / hidden_size
+
+λ is relative to the mean eigenvalue of the weighted Gram matrix, so one ridge_lambda means the
+same at every layer and in every model, and a handful of prompts (fewer tokens than dimensions)
+still gives a well-posed, deterministic solve.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from frankenmoe.routers.hidden import LayerStates, layerwise_gates
+from frankenmoe.routers.prompts import ExpertPrompts
+from frankenmoe.routers.request import GateRequest
+
+
+def fit_gates(request: GateRequest) -> torch.Tensor:
+    return layerwise_gates(request, fit_rows)
+
+
+def fit_rows(states: LayerStates, prompts: ExpertPrompts, request: GateRequest) -> torch.Tensor:
+    expert_count = len(prompts.positive)
+    inputs = states.selected(request.router.input)
+    features: list[torch.Tensor] = []
+    targets: list[torch.Tensor] = []
+    weights: list[torch.Tensor] = []
+    for expert, (positive, negative) in enumerate(zip(prompts.positive, prompts.negative, strict=True)):
+        one_hot = torch.zeros(expert_count, dtype=torch.float64)
+        one_hot[expert] = 1.0
+        others = (1.0 - one_hot) / max(expert_count - 1, 1)
+        for indices, target in ((positive, one_hot), (negative, others)):
+            for index in indices:
+                tokens = inputs[index][prompts.prompts[index].content_mask.to(inputs[index].device)]
+                tokens = tokens.detach().cpu().double()
+                features.append(tokens)
+                targets.append(target.expand(len(tokens), -1))
+                weights.append(torch.full((len(tokens),), 1.0 / (len(tokens) * len(indices)), dtype=torch.float64))
+    x = torch.cat(features)
+    y = torch.cat(targets)
+    w = torch.cat(weights).unsqueeze(1)
+    gram = x.T @ (w * x)
+    ridge = request.router.ridge_lambda * torch.trace(gram) / gram.shape[0]
+    solution = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=torch.float64), x.T @ (w * y))
+    return solution.T.float()

@@ -1,0 +1,142 @@
+"""The quality benchmark's code paths on tiny random models: corpus splits, MLP-only training, merge,
+perplexity with routing counts, gain-retained arithmetic and the results table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from benchmarks.quality.corpora import Document, code_documents, is_prose, maths_documents, token_blocks
+from benchmarks.quality.evaluate import evaluate, gain_retained, load_model
+from benchmarks.quality.run import MAIN_SET, Variant, merge_variant, render_tables
+from benchmarks.quality.training import TrainingSettings, train_mlp_expert
+from frankenmoe.toymodels import write_toy_model
+
+PROSE = (
+    "The package keeps its configuration in a single file under the system folder, and every change is "
+    "read again when the service starts. Most users never need to edit it by hand.\n"
+) * 12
+
+
+def write_fake_stdlib(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for index in range(40):
+        module = root / f"module_{index}.py"
+        module.write_text(f"def function_{index}(value):\n    return value * {index}\n")
+    (root / "test").mkdir()
+    (root / "test" / "test_module.py").write_text("assert True\n")
+    return root
+
+
+def test_code_split_is_by_file_disjoint_complete_and_skips_tests(tmp_path: Path) -> None:
+    root = write_fake_stdlib(tmp_path)
+    train = {document.name for document in code_documents("train", root)}
+    heldout = {document.name for document in code_documents("heldout", root)}
+    assert train and heldout
+    assert not train & heldout
+    assert train | heldout == {f"module_{index}.py" for index in range(40)}
+    assert {document.name for document in code_documents("heldout", root)} == heldout
+
+
+def test_maths_split_uses_disjoint_seeds_and_worked_answers() -> None:
+    train = maths_documents("train", 50)
+    heldout = maths_documents("heldout", 50)
+    assert not {document.name for document in train} & {document.name for document in heldout}
+    assert not {document.text for document in train} & {document.text for document in heldout}
+    assert maths_documents("train", 50) == train
+    assert all("Solution:" in document.text and "\nAnswer: " in document.text for document in train + heldout)
+
+
+def test_prose_filter_keeps_sentences_and_drops_code() -> None:
+    assert is_prose(PROSE)
+    assert not is_prose("def f(x):\n    return {'a': [x, x + 1]}\n" * 60)
+    assert not is_prose("short text")
+
+
+def test_token_blocks_are_full_and_separated_by_end_of_text(tiny_models) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models.base)
+    documents = [Document("a", PROSE), Document("b", PROSE)]
+    blocks = token_blocks(documents, tokenizer, 32)
+    assert blocks.shape[1] == 32 and len(blocks) >= 2
+    assert tokenizer.eos_token_id in blocks.flatten().tolist()
+    assert len(token_blocks(documents, tokenizer, 32, max_blocks=2)) == 2
+
+
+def test_gain_retained_arithmetic() -> None:
+    assert gain_retained(10.0, 7.0, 6.0) == pytest.approx(0.75)
+    assert gain_retained(10.0, 6.0, 6.0) == pytest.approx(1.0)
+    assert gain_retained(10.0, 11.0, 6.0) == pytest.approx(-0.25)
+    with pytest.raises(ValueError, match="no gain"):
+        gain_retained(10.0, 9.0, 10.0)
+
+
+def test_benchmark_pipeline_on_tiny_models(tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    base = write_toy_model(tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    code_blocks = token_blocks(code_documents("train", write_fake_stdlib(tmp_path / "lib")), tokenizer, 32)
+    maths_blocks = token_blocks(maths_documents("train", 40), tokenizer, 32)
+    settings = TrainingSettings(steps=2, batch_size=2, learning_rate=1e-3)
+    experts = {
+        "code": tmp_path / "code",
+        "maths": tmp_path / "maths",
+    }
+    log = train_mlp_expert(base, experts["code"], code_blocks, settings)
+    train_mlp_expert(base, experts["maths"], maths_blocks, settings)
+    assert len(log.losses) == 2 and log.trainable_parameters > 0 and log.frozen_parameters > 0
+
+    # Only the MLPs moved: everything else is bit-identical to the base.
+    base_tensors = load_file(base / "model.safetensors")
+    trained = load_file(experts["code"] / "model.safetensors")
+    for name, tensor in base_tensors.items():
+        same = torch.equal(tensor, trained[name])
+        assert same != (".mlp." in name), name
+
+    heldout = {"code": code_blocks[:2], "maths": maths_blocks[:2]}
+    dense = {name: load_model(folder) for name, folder in {"base": base, **experts}.items()}
+    dense_ppl = {name: {d: evaluate(model, heldout[d]).perplexity for d in heldout} for name, model in dense.items()}
+    assert all(evaluate(dense["base"], heldout["code"]).top1_share is None for _ in range(1))
+
+    moe_folder = tmp_path / "moe"
+    merge_variant(Variant("smoke", MAIN_SET, "hidden", "keyword"), base, experts, moe_folder)
+    moe = load_model(moe_folder)
+    result = evaluate(moe, heldout["maths"], batch_size=1)
+    assert result.tokens == 2 * 31
+    assert result.top1_share is not None and len(result.top1_share) == 3
+    assert sum(result.top1_share) == pytest.approx(1.0)
+    assert torch.isfinite(torch.tensor(result.perplexity))
+
+    # Both experts the same model: the MoE must compute exactly that model, so perplexities agree.
+    same_folder = tmp_path / "same"
+    merge_variant(
+        Variant("same", "code+maths top-2", "hidden", "keyword"),
+        base,
+        {"code": experts["maths"], "maths": experts["maths"]},
+        same_folder,
+    )
+    assert evaluate(load_model(same_folder), heldout["maths"]).perplexity == pytest.approx(
+        dense_ppl["maths"]["maths"], rel=1e-4
+    )
+
+
+def test_results_table_reports_gain_retained() -> None:
+    def entry(code: float, maths: float, prose: float, shares: list[float] | None = None) -> dict:
+        values = {"code": code, "maths": maths, "prose": prose}
+        return {
+            domain: {"perplexity": value, "tokens": 100, **({"top1_share": shares} if shares else {})}
+            for domain, value in values.items()
+        }
+
+    results = {
+        "eval_blocks": 1,
+        "gate_modes": ["hidden"],
+        "dense": {"base": entry(10, 8, 20), "code expert": entry(6, 8, 21), "maths expert": entry(10, 4, 21)},
+        "merges": {"m": entry(7, 5, 20, [0.2, 0.5, 0.3])},
+    }
+    table = render_tables(results)
+    assert "| m | 7.000 | 5.000 | 20.000 | 75% | 75% | +0.0% |" in table
+    assert "0.20 / 0.50 / 0.30" in table
