@@ -278,7 +278,8 @@ def route(
         ),
     ] = None,
     png: Annotated[
-        Path | None, typer.Option(help="Also draw a heatmap PNG here (needs frankenmoe[plot]).", show_default=False)
+        Path | None,
+        typer.Option(help="Also draw a heatmap PNG here (needs the `plot` extra: matplotlib).", show_default=False),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")] = False,
     device: Annotated[str, typer.Option(help="Where the model runs: cpu or cuda.")] = "cpu",

@@ -21,7 +21,7 @@ from frankenmoe.card import RECIPE_HEADING
 from frankenmoe.errors import ModelError
 from frankenmoe.layers import detect_layout
 from frankenmoe.routing import TOKENIZER_MARKERS, Checkpoint, load_checkpoint
-from frankenmoe.tensor_io import read_tensor
+from frankenmoe.tensor_io import CONFIG_DTYPE_TO_SAFETENSORS, read_tensor
 
 NEAR_DUPLICATE_COSINE = 0.99
 """Two gate rows this aligned give their experts almost the same logit for every token."""
@@ -128,7 +128,9 @@ def inspect_checkpoint(path: Path) -> CheckpointReport:
         hidden_size=int(config["hidden_size"]),
         intermediate_size=int(config["intermediate_size"]),
         vocab_size=int(config["vocab_size"]),
-        dtype=str(config.get("dtype") or config.get("torch_dtype") or max(stored, key=stored.__getitem__)),
+        dtype=str(
+            config.get("dtype") or config.get("torch_dtype") or _config_dtype(max(stored, key=stored.__getitem__))
+        ),
         stored_dtypes=dict(sorted(stored.items())),
         total_parameters=total,
         active_parameters=total - expert_total // checkpoint.num_experts * unchosen,
@@ -142,6 +144,11 @@ def inspect_checkpoint(path: Path) -> CheckpointReport:
             for layer in range(checkpoint.num_layers)
         ),
     )
+
+
+def _config_dtype(safetensors_dtype: str) -> str:
+    names = {value: key for key, value in CONFIG_DTYPE_TO_SAFETENSORS.items()}
+    return names.get(safetensors_dtype, safetensors_dtype)
 
 
 def _expert_parameters(checkpoint: Checkpoint, layout: OutputLayout) -> int:

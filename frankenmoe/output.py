@@ -126,11 +126,12 @@ def staged_output(out: Path) -> Iterator[Path]:
         target.parent.mkdir(parents=True, exist_ok=True)
         partial.mkdir()
         (partial / OWNER_FILE).write_text(str(os.getpid()))
-    except FileExistsError:
-        raise OutputError(
-            f"Another frankenmoe merge started writing {out} at the same moment ({partial}). Wait for it to finish."
-        ) from None
     except OSError as error:
+        if isinstance(error, FileExistsError) and partial.is_dir():
+            raise OutputError(
+                f"Another frankenmoe merge started writing {out} at the same moment ({partial}). "
+                "Wait for it to finish."
+            ) from None
         with _sigint_ignored():
             shutil.rmtree(partial, ignore_errors=True)
         raise OutputError(

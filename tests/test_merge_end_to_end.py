@@ -164,7 +164,8 @@ def test_checkpoint_loads_in_transformers_and_generates(checkpoints: Checkpoints
     assert torch.equal(generated[:, : input_ids.shape[1]], input_ids)
     assert torch.isfinite(logits).all()
     assert (folder / "tokenizer.model").is_file()
-    assert (folder / "README.md").read_text().count(f"gate mode | {checkpoints.config(variant)['gate_mode']}") == 1
+    assert json.loads((folder / "config.json").read_text())["architectures"] == ["MixtralForCausalLM"]
+    assert (folder / "README.md").is_file()
 
 
 def test_tied_embedding_base_gives_a_tied_checkpoint(checkpoints: Checkpoints, tiny_models: TinyModels) -> None:
@@ -207,7 +208,7 @@ def test_moe_of_copies_of_the_base_computes_the_base_logits(
         experts_per_token=experts_per_token,
     )
     moe = load_moe(merge(config, tmp_path / "out"))
-    input_ids = tokenizer([TEXT, "def add(a, b): return a + b"], return_tensors="pt", padding=False).input_ids[:1]
+    input_ids = tokenizer(TEXT, return_tensors="pt").input_ids
 
     with torch.no_grad():
         moe_logits = moe(input_ids).logits

@@ -15,7 +15,6 @@ import argparse
 import json
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,20 +110,32 @@ def available_gate_modes() -> list[str]:
     return [mode for mode in GATE_MODES if mode in GATE_FUNCTIONS]
 
 
-def variants(prompt_modes: list[str], free_modes: list[str]) -> Iterator[Variant]:
-    """Most informative first, so a run cut short still answers the main question."""
-    for expert_set in EXPERT_SETS:
-        for kind in PROMPTS:
-            for mode in prompt_modes:
-                yield Variant(f"{expert_set} | {mode} | {kind}", expert_set, mode, kind)
-        for mode in free_modes:
-            yield Variant(f"{expert_set} | {mode}", expert_set, mode, None)
+def variants(prompt_modes: list[str], free_modes: list[str]) -> list[Variant]:
+    """Most informative first, so a run cut short still answers the main questions: every gate mode
+    on the main set with keyword prompts, the same with sentence prompts, the experts alone with
+    keyword prompts, router options, and last the experts alone with sentence prompts."""
+
+    def grid(expert_set: str, kind: str) -> list[Variant]:
+        return [Variant(f"{expert_set} | {mode} | {kind}", expert_set, mode, kind) for mode in prompt_modes]
+
+    def prompt_free(expert_set: str) -> list[Variant]:
+        return [Variant(f"{expert_set} | {mode}", expert_set, mode, None) for mode in free_modes]
+
+    other_sets = [name for name in EXPERT_SETS if name != MAIN_SET]
+    chosen = [*grid(MAIN_SET, "keyword"), *prompt_free(MAIN_SET), *grid(MAIN_SET, "sentence")]
+    for expert_set in other_sets:
+        chosen += grid(expert_set, "keyword")
     for mode in prompt_modes:
         if mode == "cheap_embed":
             continue
         for router in ROUTER_SWEEP:
+            if mode == "fit" and "pooling" in router:
+                continue  # fit regresses on every prompt token; pooling does not enter it
             options = ", ".join(f"{key}={value}" for key, value in router.items())
-            yield Variant(f"{MAIN_SET} | {mode} | keyword | {options}", MAIN_SET, mode, "keyword", router)
+            chosen.append(Variant(f"{MAIN_SET} | {mode} | keyword | {options}", MAIN_SET, mode, "keyword", router))
+    for expert_set in other_sets:
+        chosen += [*grid(expert_set, "sentence"), *prompt_free(expert_set)]
+    return chosen
 
 
 def merge_variant(variant: Variant, base: Path, expert_folders: dict[str, Path], out: Path) -> None:
