@@ -129,8 +129,7 @@ def staged_output(out: Path) -> Iterator[Path]:
     except OSError as error:
         if isinstance(error, FileExistsError) and partial.is_dir():
             raise OutputError(
-                f"Another frankenmoe merge started writing {out} at the same moment ({partial}). "
-                "Wait for it to finish."
+                f"Another frankenmoe merge started writing {out} at the same moment ({partial}). Wait for it to finish."
             ) from None
         with _sigint_ignored():
             shutil.rmtree(partial, ignore_errors=True)

@@ -1,11 +1,13 @@
 """The merge-quality benchmark: how much of each expert's held-out perplexity gain a frankenmoe merge keeps.
 
-    nice -n 19 .venv/bin/python -m benchmarks.quality.build_experts      # once, ~30-60 min on 2 cores
-    nice -n 19 .venv/bin/python -m benchmarks.quality.run [--eval-blocks 48] [--only NAME ...]
+    nice -n 19 .venv/bin/python -m benchmarks.quality.build_experts      # once (see README for the time)
+    nice -n 19 .venv/bin/python -m benchmarks.quality.run --threads 1 --worker 0/2 &
+    nice -n 19 .venv/bin/python -m benchmarks.quality.run --threads 1 --worker 1/2
+    .venv/bin/python -m benchmarks.quality.run --table-only
 
 Evaluates the base, each expert and a grid of merges (expert set x gate mode x prompt kind, then
 router options) on held-out code, maths and prose (the control no expert trained on). Results are
-kept per variant in benchmarks/.cache/quality/results.json, so an interrupted run resumes; the
+kept per variant in benchmarks/.cache/quality/results-*.json, so an interrupted run resumes; the
 tables go to benchmarks/quality/results.md.
 """
 
@@ -30,7 +32,6 @@ from frankenmoe.errors import FrankenMoEError
 from frankenmoe.merge import MergeOptions, execute_merge, prepare_merge
 from frankenmoe.routers import GATE_FUNCTIONS
 
-RESULTS = CACHE / "results.json"
 RESULTS_TABLE = Path(__file__).resolve().parent / "results.md"
 MERGES = CACHE / "merges"
 
@@ -158,66 +159,88 @@ def evaluate_folder(folder: Path, eval_blocks: dict[str, torch.Tensor]) -> dict[
     return result
 
 
-def load_results() -> dict[str, Any]:
-    return json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+def results_file(worker: int) -> Path:
+    return CACHE / f"results-{worker}.json"
 
 
-def save_results(results: dict[str, Any]) -> None:
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=1) + "\n")
+def load_results(eval_block_count: int | None = None) -> dict[str, Any]:
+    """Every worker's results merged; only those scored on `eval_block_count` blocks (default: the newest run's)."""
+    files = sorted(CACHE.glob("results-*.json"))
+    loaded = [json.loads(path.read_text()) for path in files]
+    if eval_block_count is None and loaded:
+        newest = max(zip(files, loaded, strict=True), key=lambda pair: pair[0].stat().st_mtime)
+        eval_block_count = newest[1]["eval_blocks"]
+    merged: dict[str, Any] = {"eval_blocks": eval_block_count, "gate_modes": [], "dense": {}, "merges": {}}
+    for results in loaded:
+        if results["eval_blocks"] == eval_block_count:
+            merged["gate_modes"] = results["gate_modes"]
+            merged["dense"].update(results["dense"])
+            merged["merges"].update(results["merges"])
+    return merged
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--eval-blocks", type=int, default=48, help="Held-out 256-token blocks per domain.")
+    parser.add_argument("--eval-blocks", type=int, default=16, help="Held-out 256-token blocks per domain.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", help="Run only variants whose name contains one of these strings.")
+    parser.add_argument(
+        "--worker",
+        type=lambda text: tuple(int(part) for part in text.split("/")),
+        default=(0, 1),
+        help="I/N: run every N-th job starting at the I-th, so N processes (1 thread each) share the work.",
+    )
     parser.add_argument("--table-only", action="store_true", help="Rewrite results.md from cached results.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if not args.table_only:
-        run(args.eval_blocks, args.only)
+        run(args.eval_blocks, args.only, *args.worker)
     RESULTS_TABLE.write_text(render_tables(load_results()))
     print(RESULTS_TABLE.read_text())
 
 
-def run(eval_block_count: int, only: list[str] | None) -> None:
+def run(eval_block_count: int, only: list[str] | None, worker: int, workers: int) -> None:
     base = base_model()
     for domain in EXPERT_DOMAINS:
         if not (EXPERTS / domain / "model.safetensors").is_file():
             raise SystemExit(f"The {domain} expert is missing: run `python -m benchmarks.quality.build_experts` first.")
     tokenizer = AutoTokenizer.from_pretrained(base)
     eval_blocks = {domain: blocks(domain, "heldout", tokenizer, eval_block_count) for domain in EVAL_DOMAINS}
-    results = load_results()
-    if results.get("eval_blocks") != eval_block_count:
-        results = {"eval_blocks": eval_block_count, "dense": {}, "merges": {}}
+    done = load_results(eval_block_count)
+    modes = available_gate_modes()
+    own_file = results_file(worker)
+    mine = json.loads(own_file.read_text()) if own_file.is_file() else {}
+    if mine.get("eval_blocks") != eval_block_count:
+        mine = {"eval_blocks": eval_block_count, "dense": {}, "merges": {}}
+    mine["gate_modes"] = modes
+
     expert_folders = {domain: EXPERTS / domain for domain in EXPERT_DOMAINS}
     dense = {"base": base, **{f"{domain} expert": folder for domain, folder in expert_folders.items()}}
-    for name, folder in dense.items():
-        if name not in results["dense"]:
-            started = time.perf_counter()
-            results["dense"][name] = evaluate_folder(folder, eval_blocks)
-            save_results(results)
-            print(f"{name}: {_summary(results['dense'][name])} ({time.perf_counter() - started:.0f} s)", flush=True)
-    modes = available_gate_modes()
     prompt_modes = [mode for mode in modes if mode in PROMPT_GATE_MODES]
     free_modes = [mode for mode in modes if mode not in PROMPT_GATE_MODES]
-    results["gate_modes"] = modes
-    for variant in variants(prompt_modes, free_modes):
-        if variant.name in results["merges"] or (only and not any(part in variant.name for part in only)):
+    jobs: list[str | Variant] = [*dense, *variants(prompt_modes, free_modes)]
+    for index, job in enumerate(jobs):
+        name = job if isinstance(job, str) else job.name
+        if index % workers != worker or name in done["dense"] or name in done["merges"]:
+            continue
+        if only and not any(part in name for part in only):
             continue
         started = time.perf_counter()
-        out = MERGES / "current"
-        try:
-            merge_variant(variant, base, expert_folders, out)
-        except FrankenMoEError as error:
-            print(f"{variant.name}: merge refused ({error})", flush=True)
-            continue
-        entry = {"config": variant.config(base, expert_folders), **evaluate_folder(out, eval_blocks)}
-        shutil.rmtree(out, ignore_errors=True)
-        results["merges"][variant.name] = entry
-        save_results(results)
-        print(f"{variant.name}: {_summary(entry)} ({time.perf_counter() - started:.0f} s)", flush=True)
+        if isinstance(job, str):
+            mine["dense"][name] = entry = evaluate_folder(dense[name], eval_blocks)
+        else:
+            out = MERGES / f"worker-{worker}"
+            try:
+                merge_variant(job, base, expert_folders, out)
+            except FrankenMoEError as error:
+                print(f"{name}: merge refused ({error})", flush=True)
+                continue
+            entry = {"config": job.config(base, expert_folders), **evaluate_folder(out, eval_blocks)}
+            shutil.rmtree(out, ignore_errors=True)
+            mine["merges"][name] = entry
+        own_file.parent.mkdir(parents=True, exist_ok=True)
+        own_file.write_text(json.dumps(mine, indent=1) + "\n")
+        print(f"{name}: {_summary(entry)} ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
 def _summary(entry: dict[str, Any]) -> str:

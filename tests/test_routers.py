@@ -1,0 +1,193 @@
+"""Gate modes and router options: the exact rules of hidden, fit, pooling, scale, input, sequential."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from frankenmoe.config import ExpertConfig, RouterConfig, parse_config
+from frankenmoe.errors import ConfigError
+from frankenmoe.layers import StreamedDecoder, router_inputs_by_layer
+from frankenmoe.merge import MergeOptions, execute_merge, prepare_merge
+from frankenmoe.routers import GateRequest, compute_gates
+from frankenmoe.routers.prompts import collect_expert_prompts
+from frankenmoe.routing import load_checkpoint, route_prompts, routing_accuracy
+from frankenmoe.sources import load_source
+from tests.conftest import TinyModels
+from tests.support import write_config
+
+# Disjoint vocabularies, so the experts' prompts are separable by their tokens alone.
+SEPARABLE_VOCABULARY = (
+    ("apple", "banana", "cherry", "grape", "lemon", "mango"),
+    ("seven", "eight", "nine", "twelve", "twenty", "hundred"),
+    ("river", "mountain", "forest", "desert", "ocean", "valley"),
+)
+TRAINING_PROMPTS = [[" ".join(words[:3]), " ".join(words[2:5]), " ".join(words[3:])] for words in SEPARABLE_VOCABULARY]
+HELD_OUT_PROMPTS = [[" ".join(reversed(words[1:4])), f"{words[5]} {words[0]} {words[4]}"] for words in SEPARABLE_VOCABULARY]
+
+
+def gate_request(models: TinyModels, prompts: list[list[str]], router: RouterConfig, sequential_experts: bool = True) -> GateRequest:
+    experts = tuple(
+        ExpertConfig(source_model=str(path), positive_prompts=tuple(texts))
+        for path, texts in zip(models.experts, prompts, strict=True)
+    )
+    return GateRequest(
+        base=load_source(str(models.base)),
+        experts=experts,
+        router=router,
+        expert_models=tuple(load_source(str(path)) for path in models.experts) if sequential_experts else (),
+    )
+
+
+def base_router_inputs(request: GateRequest) -> list[list[torch.Tensor]]:
+    """Every layer's router inputs of every prompt, computed in the base model by layers.py."""
+    prompts = collect_expert_prompts(request.base, request.experts)
+    decoder = StreamedDecoder(request.base.config, request.base.tensors)
+    return [inputs for _, inputs in router_inputs_by_layer(decoder, [prompt.token_ids for prompt in prompts.prompts])]
+
+
+def unit(vector: torch.Tensor) -> torch.Tensor:
+    return vector / vector.norm()
+
+
+def test_fit_routes_separable_held_out_prompts_perfectly(tiny_models: TinyModels, tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path / "fit.yaml", tiny_models.base, tiny_models.experts, prompts=TRAINING_PROMPTS, gate_mode="fit", dtype="float32"
+    )
+    out = tmp_path / "out"
+    options = MergeOptions()
+    execute_merge(prepare_merge(config, out, options), out, options)
+
+    texts = [text for prompts in HELD_OUT_PROMPTS for text in prompts]
+    labels = [expert for expert, prompts in enumerate(HELD_OUT_PROMPTS) for _ in prompts]
+    accuracy = routing_accuracy(route_prompts(load_checkpoint(out), texts), labels)
+
+    assert accuracy.prompt_accuracy == 1.0
+    assert accuracy.token_accuracy == 1.0
+
+
+def test_fit_is_deterministic_and_finite_with_one_single_token_prompt_per_expert(tiny_models: TinyModels) -> None:
+    request = gate_request(tiny_models, [["apple"], ["seven"], ["river"]], RouterConfig(ridge_lambda=1e-6))
+
+    first, second = compute_gates("fit", request), compute_gates("fit", request)
+
+    assert torch.isfinite(first).all()
+    assert torch.equal(first, second)
+
+
+def test_ridge_lambda_trades_fitting_the_tokens_for_the_weighted_class_means(tiny_models: TinyModels) -> None:
+    fixed = RouterConfig(scale=1.0)
+    strong = compute_gates("fit", gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0, ridge_lambda=1e6)))
+    weak = compute_gates("fit", gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0, ridge_lambda=1e-4)))
+    request = gate_request(tiny_models, TRAINING_PROMPTS, fixed)
+    prompts = collect_expert_prompts(request.base, request.experts)
+    layer0 = base_router_inputs(request)[0]
+
+    # With a huge lambda the solution tends to Xᵀ D Y / λ: each row points along its expert's
+    # prompt-weighted mean token, less the part the other experts share (1/E of all of them).
+    means = torch.stack([torch.stack([layer0[index].mean(dim=0) for index in indices]).mean(dim=0) for indices in prompts.positive])
+    for expert in range(3):
+        assert torch.nn.functional.cosine_similarity(strong[0, expert], means[expert], dim=0) > 0.999
+    # A weak ridge fits the training tokens: every one scores highest for its own expert.
+    for expert, indices in enumerate(prompts.positive):
+        for index in indices:
+            assert ((layer0[index] @ weak[0].T).argmax(dim=-1) == expert).all()
+    assert not torch.allclose(unit(strong[0, 0]), unit(weak[0, 0]), atol=1e-3)
+
+
+def test_hidden_rows_are_the_normalised_mean_of_pooled_router_inputs(tiny_models: TinyModels) -> None:
+    for pooling in ("mean", "last"):
+        request = gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(pooling=pooling, scale=1.0))
+        gates = compute_gates("hidden", request)
+        prompts = collect_expert_prompts(request.base, request.experts)
+        for layer, inputs in enumerate(base_router_inputs(request)):
+            for expert, indices in enumerate(prompts.positive):
+                pooled = [
+                    inputs[index][prompts.prompts[index].content_mask].mean(dim=0)
+                    if pooling == "mean"
+                    else inputs[index][prompts.prompts[index].content_mask][-1]
+                    for index in indices
+                ]
+                expected = unit(torch.stack(pooled).mean(dim=0))
+                torch.testing.assert_close(gates[layer, expert], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pooling_last_and_mean_give_different_rows(tiny_models: TinyModels) -> None:
+    mean = compute_gates("hidden", gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(pooling="mean")))
+    last = compute_gates("hidden", gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(pooling="last")))
+
+    assert not torch.allclose(mean, last, atol=1e-3)
+
+
+def test_residual_input_uses_the_stream_entering_the_layer(tiny_models: TinyModels) -> None:
+    request = gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(input="residual", pooling="last", scale=1.0))
+    gates = compute_gates("hidden", request)
+    prompts = collect_expert_prompts(request.base, request.experts)
+    embeddings = load_source(str(tiny_models.base))
+    decoder = StreamedDecoder(embeddings.config, embeddings.tensors)
+
+    # Layer 0's residual input is the token embedding itself.
+    for expert, indices in enumerate(prompts.positive):
+        expected = unit(torch.stack([decoder.embed(prompts.prompts[index].token_ids)[0, -1] for index in indices]).mean(dim=0))
+        torch.testing.assert_close(gates[0, expert], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["hidden", "fit"])
+def test_scale_auto_sets_the_logit_spread_and_a_number_sets_the_row_norm(tiny_models: TinyModels, mode: str) -> None:
+    auto = gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(logit_std=2.5))
+    prompts = collect_expert_prompts(auto.base, auto.experts)
+    gates = compute_gates(mode, auto)
+    for layer, inputs in enumerate(base_router_inputs(auto)):
+        tokens = torch.cat([state[prompt.content_mask] for state, prompt in zip(inputs, prompts.prompts, strict=True)])
+        spread = (tokens @ gates[layer].T).std(dim=-1, unbiased=False).mean()
+        assert float(spread) == pytest.approx(2.5, rel=1e-4)
+
+    fixed = compute_gates(mode, gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=3.0)))
+    unscaled = compute_gates(mode, gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0)))
+    torch.testing.assert_close(fixed, unscaled * 3.0)
+    if mode == "hidden":
+        torch.testing.assert_close(fixed.norm(dim=-1), torch.full(fixed.shape[:2], 3.0))
+
+
+def test_sequential_states_are_the_merged_models_own(tiny_models: TinyModels, tmp_path: Path) -> None:
+    """Rows rebuilt from the written checkpoint's own router inputs equal the rows it was written with."""
+    config = write_config(
+        tmp_path / "seq.yaml",
+        tiny_models.base,
+        tiny_models.experts,
+        prompts=TRAINING_PROMPTS,
+        dtype="float32",
+        router={"sequential": True, "scale": 1.0},
+    )
+    out = tmp_path / "out"
+    options = MergeOptions()
+    execute_merge(prepare_merge(config, out, options), out, options)
+    checkpoint = load_checkpoint(out)
+    written = torch.stack(
+        [StreamedDecoder(checkpoint.config, checkpoint.tensors).load_layer(layer).mlp.gate.weight for layer in range(2)]
+    )
+
+    request = gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0))
+    prompts = collect_expert_prompts(request.base, request.experts)
+    merged = StreamedDecoder(checkpoint.config, checkpoint.tensors)
+    for layer, inputs in router_inputs_by_layer(merged, [prompt.token_ids for prompt in prompts.prompts]):
+        for expert, indices in enumerate(prompts.positive):
+            expected = unit(torch.stack([inputs[index][prompts.prompts[index].content_mask].mean(dim=0) for index in indices]).mean(dim=0))
+            torch.testing.assert_close(written[layer, expert], expected, atol=1e-5, rtol=1e-5)
+
+    # The base model's states agree at layer 0 only; after it, the experts' MLPs make them differ.
+    base_states = compute_gates("hidden", request)
+    torch.testing.assert_close(base_states[0], written[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(base_states[1], written[1], atol=1e-4)
+
+
+def test_router_options_parse_and_reject_bad_values() -> None:
+    text = "base_model: b\nexperts:\n  - source_model: e\n    positive_prompts: [x]\nrouter:\n"
+    config = parse_config(text + "  scale: auto\n  input: residual\n  logit_std: 2\n", "t.yaml")
+    assert config.router == RouterConfig(scale=None, input="residual", logit_std=2.0)
+    assert parse_config(text + "  scale: 4\n", "t.yaml").router.scale == 4.0
+    for bad in ("  input: embeddings\n", "  logit_std: 0\n", "  scale: loud\n"):
+        with pytest.raises(ConfigError):
+            parse_config(text + bad, "t.yaml")
