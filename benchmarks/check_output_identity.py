@@ -20,8 +20,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from frankenmoe.tensor_io import read_header
 from synthetic_models import CACHE, model_set
+
+from frankenmoe.tensor_io import read_header
 
 SHARD_SIZES = ("5GB", "300MB", "70MB")
 THREAD_COUNTS = (1, 2, 4)

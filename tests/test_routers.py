@@ -25,10 +25,14 @@ SEPARABLE_VOCABULARY = (
     ("river", "mountain", "forest", "desert", "ocean", "valley"),
 )
 TRAINING_PROMPTS = [[" ".join(words[:3]), " ".join(words[2:5]), " ".join(words[3:])] for words in SEPARABLE_VOCABULARY]
-HELD_OUT_PROMPTS = [[" ".join(reversed(words[1:4])), f"{words[5]} {words[0]} {words[4]}"] for words in SEPARABLE_VOCABULARY]
+HELD_OUT_PROMPTS = [
+    [" ".join(reversed(words[1:4])), f"{words[5]} {words[0]} {words[4]}"] for words in SEPARABLE_VOCABULARY
+]
 
 
-def gate_request(models: TinyModels, prompts: list[list[str]], router: RouterConfig, sequential_experts: bool = True) -> GateRequest:
+def gate_request(
+    models: TinyModels, prompts: list[list[str]], router: RouterConfig, sequential_experts: bool = True
+) -> GateRequest:
     experts = tuple(
         ExpertConfig(source_model=str(path), positive_prompts=tuple(texts))
         for path, texts in zip(models.experts, prompts, strict=True)
@@ -54,7 +58,12 @@ def unit(vector: torch.Tensor) -> torch.Tensor:
 
 def test_fit_routes_separable_held_out_prompts_perfectly(tiny_models: TinyModels, tmp_path: Path) -> None:
     config = write_config(
-        tmp_path / "fit.yaml", tiny_models.base, tiny_models.experts, prompts=TRAINING_PROMPTS, gate_mode="fit", dtype="float32"
+        tmp_path / "fit.yaml",
+        tiny_models.base,
+        tiny_models.experts,
+        prompts=TRAINING_PROMPTS,
+        gate_mode="fit",
+        dtype="float32",
     )
     out = tmp_path / "out"
     options = MergeOptions()
@@ -79,15 +88,19 @@ def test_fit_is_deterministic_and_finite_with_one_single_token_prompt_per_expert
 
 def test_ridge_lambda_trades_fitting_the_tokens_for_the_weighted_class_means(tiny_models: TinyModels) -> None:
     fixed = RouterConfig(scale=1.0)
-    strong = compute_gates("fit", gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0, ridge_lambda=1e6)))
+    strong = compute_gates(
+        "fit", gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0, ridge_lambda=1e6))
+    )
     weak = compute_gates("fit", gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0, ridge_lambda=1e-4)))
     request = gate_request(tiny_models, TRAINING_PROMPTS, fixed)
     prompts = collect_expert_prompts(request.base, request.experts)
     layer0 = base_router_inputs(request)[0]
 
-    # With a huge lambda the solution tends to Xᵀ D Y / λ: each row points along its expert's
-    # prompt-weighted mean token, less the part the other experts share (1/E of all of them).
-    means = torch.stack([torch.stack([layer0[index].mean(dim=0) for index in indices]).mean(dim=0) for indices in prompts.positive])
+    # With a huge lambda the solution tends to Xᵀ D Y / λ: each row points along the mean over its
+    # expert's prompts of each prompt's mean token.
+    means = torch.stack(
+        [torch.stack([layer0[index].mean(dim=0) for index in indices]).mean(dim=0) for indices in prompts.positive]
+    )
     for expert in range(3):
         assert torch.nn.functional.cosine_similarity(strong[0, expert], means[expert], dim=0) > 0.999
     # A weak ridge fits the training tokens: every one scores highest for its own expert.
@@ -130,7 +143,9 @@ def test_residual_input_uses_the_stream_entering_the_layer(tiny_models: TinyMode
 
     # Layer 0's residual input is the token embedding itself.
     for expert, indices in enumerate(prompts.positive):
-        expected = unit(torch.stack([decoder.embed(prompts.prompts[index].token_ids)[0, -1] for index in indices]).mean(dim=0))
+        expected = unit(
+            torch.stack([decoder.embed(prompts.prompts[index].token_ids)[0, -1] for index in indices]).mean(dim=0)
+        )
         torch.testing.assert_close(gates[0, expert], expected, atol=1e-5, rtol=1e-5)
 
 
@@ -174,7 +189,11 @@ def test_sequential_states_are_the_merged_models_own(tiny_models: TinyModels, tm
     merged = StreamedDecoder(checkpoint.config, checkpoint.tensors)
     for layer, inputs in router_inputs_by_layer(merged, [prompt.token_ids for prompt in prompts.prompts]):
         for expert, indices in enumerate(prompts.positive):
-            expected = unit(torch.stack([inputs[index][prompts.prompts[index].content_mask].mean(dim=0) for index in indices]).mean(dim=0))
+            expected = unit(
+                torch.stack([inputs[index][prompts.prompts[index].content_mask].mean(dim=0) for index in indices]).mean(
+                    dim=0
+                )
+            )
             torch.testing.assert_close(written[layer, expert], expected, atol=1e-5, rtol=1e-5)
 
     # The base model's states agree at layer 0 only; after it, the experts' MLPs make them differ.

@@ -9,9 +9,12 @@ the positive prompts are prompt_sets.yaml. Accuracy, utilisation and entropy com
 frankenmoe.routing, the same functions `frankenmoe route` uses (chance is 25%).
 
 Every variant computes its routers with frankenmoe's merge code (prepare_merge, then the same
-compute_gates call execute_merge makes, cast to the output dtype). The full checkpoint is written
-once; since the experts are identical, the variants share every tensor except the routers, which
-each variant writes into its own small file that replaces the routers of that checkpoint.
+compute_gates call execute_merge makes, cast to the output dtype). Because the experts are
+identical, the MoE's hidden states do not depend on the routers (the top-k weights sum to one over
+copies of one MLP), so the evaluation prompts' router inputs are computed once, layer by layer, and
+each variant's router probabilities are softmax(router_input @ gate rows) of those, exactly what
+Mixtral computes. `--full-route` instead writes each variant's routers into a real merged
+checkpoint and runs frankenmoe.routing.route_prompts on it (slow on 2 cores; it agrees).
 """
 
 from __future__ import annotations
@@ -35,10 +38,23 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from smollm2 import ensure_smollm2  # noqa: E402
 
-from frankenmoe.layers import detect_layout  # noqa: E402
+from frankenmoe.layers import (  # noqa: E402
+    StreamedDecoder,
+    detect_layout,
+    router_inputs_by_layer,
+)
 from frankenmoe.merge import MergeOptions, execute_merge, prepare_merge  # noqa: E402
 from frankenmoe.routers import GateRequest, compute_gates  # noqa: E402
-from frankenmoe.routing import Checkpoint, load_checkpoint, route_prompts, routing_accuracy, summarise_routing  # noqa: E402
+from frankenmoe.routers.prompts import EncodedPrompt, encode_prompts  # noqa: E402
+from frankenmoe.routing import (  # noqa: E402
+    Checkpoint,
+    PromptRouting,
+    load_checkpoint,
+    route_prompts,
+    routing_accuracy,
+    summarise_routing,
+)
+from frankenmoe.sources import load_source  # noqa: E402
 from frankenmoe.tensor_io import read_header  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -58,7 +74,9 @@ class Variant:
 VARIANTS = (
     Variant("random", "random"),
     Variant("cheap_embed", "cheap_embed"),
-    Variant("hidden mergekit (residual, last, unit rows)", "hidden", {"input": "residual", "pooling": "last", "scale": 1.0}),
+    Variant(
+        "hidden mergekit (residual, last, unit rows)", "hidden", {"input": "residual", "pooling": "last", "scale": 1.0}
+    ),
     Variant("hidden unit rows (router input, mean)", "hidden", {"scale": 1.0}),
     Variant("hidden last, auto logit_std 1", "hidden", {"pooling": "last"}),
     Variant("hidden mean, auto logit_std 1", "hidden", {}),
@@ -120,8 +138,39 @@ def with_routers(checkpoint: Checkpoint, gates: torch.Tensor, file: Path) -> Che
     return replace(checkpoint, tensors={**checkpoint.tensors, **read_header(file)})
 
 
-def evaluate(checkpoint: Checkpoint, texts: list[str], labels: list[int]) -> dict[str, Any]:
-    routings = route_prompts(checkpoint, texts)
+@dataclass(frozen=True)
+class EvaluationStates:
+    prompts: list[EncodedPrompt]
+    router_inputs: list[list[torch.Tensor]]
+    """[layer][prompt] -> [tokens, hidden]: what every router of the merged model sees."""
+
+
+def evaluation_states(model: Path, texts: list[str]) -> EvaluationStates:
+    source = load_source(str(model))
+    prompts = encode_prompts(source.path, source.config, texts)
+    decoder = StreamedDecoder(source.config, source.tensors)
+    sequences = [prompt.token_ids for prompt in prompts]
+    return EvaluationStates(prompts, [inputs for _, inputs in router_inputs_by_layer(decoder, sequences)])
+
+
+def routings_from_states(states: EvaluationStates, gates: torch.Tensor) -> list[PromptRouting]:
+    rows = gates.float()
+    return [
+        PromptRouting(
+            prompt=prompt,
+            tokens=(),
+            probabilities=torch.stack(
+                [
+                    torch.softmax(layer_inputs[index] @ rows[layer].T, dim=-1)
+                    for layer, layer_inputs in enumerate(states.router_inputs)
+                ]
+            ),
+        )
+        for index, prompt in enumerate(states.prompts)
+    ]
+
+
+def evaluate(routings: list[PromptRouting], labels: list[int]) -> dict[str, Any]:
     accuracy = routing_accuracy(routings, labels)
     summary = summarise_routing(routings)
     return {
@@ -154,6 +203,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", nargs="+", default=["keywords", "sentences"], help="Positive prompt sets to use.")
     parser.add_argument("--variants", nargs="+", help="Only variants whose name contains one of these strings.")
+    parser.add_argument("--full-route", action="store_true", help="Route through a written checkpoint (slow).")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -164,7 +214,8 @@ def main() -> None:
     prompt_sets = yaml.safe_load((HERE / "prompt_sets.yaml").read_text())
     variants = [v for v in VARIANTS if not args.variants or any(part in v.name for part in args.variants)]
 
-    checkpoint = shared_checkpoint(model, prompt_sets["keywords"])
+    checkpoint = shared_checkpoint(model, prompt_sets["keywords"]) if args.full_route else None
+    states = None if args.full_route else evaluation_states(model, texts)
     results = []
     for set_name in args.sets:
         for number, variant in enumerate(variants):
@@ -172,8 +223,11 @@ def main() -> None:
             work.mkdir(parents=True, exist_ok=True)
             started = time.perf_counter()
             gates = variant_gates(model, prompt_sets[set_name], variant, work)
-            routed = with_routers(checkpoint, gates, work / "routers.safetensors")
-            row = {"prompts": set_name, "variant": variant.name, **evaluate(routed, texts, labels)}
+            if checkpoint is not None:
+                routings = route_prompts(with_routers(checkpoint, gates, work / "routers.safetensors"), texts)
+            else:
+                routings = routings_from_states(states, gates)
+            row = {"prompts": set_name, "variant": variant.name, **evaluate(routings, labels)}
             row["seconds"] = round(time.perf_counter() - started, 1)
             results.append(row)
             print(table([row]).splitlines()[-1], flush=True)

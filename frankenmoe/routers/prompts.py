@@ -106,7 +106,10 @@ def rows_from_prompt_vectors(vectors: Sequence[torch.Tensor], prompts: ExpertPro
 def content_tokens(states: Sequence[torch.Tensor], prompts: ExpertPrompts) -> torch.Tensor:
     """[tokens, hidden] float32: every prompt's own (non-special) token states, in prompt order."""
     return torch.cat(
-        [state[prompt.content_mask.to(state.device)].float().cpu() for state, prompt in zip(states, prompts.prompts, strict=True)]
+        [
+            state[prompt.content_mask.to(state.device)].float().cpu()
+            for state, prompt in zip(states, prompts.prompts, strict=True)
+        ]
     )
 
 
