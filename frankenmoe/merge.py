@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar, cast
 
 import torch
 
@@ -15,11 +18,13 @@ from frankenmoe.laser import run_laser
 from frankenmoe.output import check_complete, check_free_space, check_output_target, staged_output
 from frankenmoe.plan import DEFAULT_SHARD_BYTES, MergePlan, build_plan
 from frankenmoe.routers import GateRequest, compute_gates
+from frankenmoe.routers.prompts import load_tokenizer
 from frankenmoe.routing import RoutingCheck, check_positive_prompts, routing_check_markdown
 from frankenmoe.sources import SourceModel, check_compatible, load_source
 from frankenmoe.write import INDEX_NAME, verify_checkpoint, write_checkpoint
 
 logger = logging.getLogger("frankenmoe")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,8 @@ def prepare_merge(config_path: Path, out: Path, options: MergeOptions) -> Prepar
         shard_bytes=options.shard_bytes,
         seed=options.seed,
     )
+    if config.needs_prompts:
+        load_tokenizer(base.path)  # fail now, not after the writer has copied every other tensor
     free = check_free_space(out, plan.output_bytes)
     return PreparedMerge(config_path.read_text(encoding="utf-8"), plan, free)
 
@@ -109,12 +116,12 @@ def execute_merge(prepared: PreparedMerge, out: Path, options: MergeOptions) -> 
         device=resolve_device(options.device),
         show_progress=options.show_progress,
     )
-    gates = compute_gates(plan.config.gate_mode, request)
     plan, laser_results = run_laser(plan, request.device, options.show_progress)
     card_sections = laser_sections(laser_results)
     card = model_card(plan, prepared.config_text, card_sections)
     with staged_output(out) as staging:
-        write_checkpoint(plan, gates, staging, card, options.show_progress)
+        gates = BackgroundResult(lambda: compute_gates(plan.config.gate_mode, request))
+        write_checkpoint(plan, gates.result, staging, card, options.show_progress)
         verify_checkpoint(plan, staging)
         routing_check = None
         if options.check_routing:
@@ -124,6 +131,38 @@ def execute_merge(prepared: PreparedMerge, out: Path, options: MergeOptions) -> 
             (staging / "README.md").write_text(card, encoding="utf-8")
         check_complete(staging, output_files(plan))
     return routing_check
+
+
+class BackgroundResult(Generic[T]):
+    """Runs `compute` on a daemon thread while the caller goes on; `result()` waits for it.
+
+    The router computation runs this way so that its CPU work overlaps the writer's disk work. Its
+    thread uses one intra-op thread, which keeps the router rows bit-identical whatever the
+    machine's thread count; an exception in it is re-raised by `result()`.
+    """
+
+    def __init__(self, compute: Callable[[], T]) -> None:
+        self._compute = compute
+        self._done = threading.Event()
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        threading.Thread(target=self._run, name="frankenmoe-routers", daemon=True).start()
+
+    def _run(self) -> None:
+        torch.set_num_threads(1)
+        try:
+            self._value = self._compute()
+        except BaseException as error:  # handed to the caller's thread by result()
+            self._error = error
+        finally:
+            self._done.set()
+
+    def result(self) -> T:
+        while not self._done.wait(timeout=0.1):
+            pass  # short waits keep the main thread responsive to Ctrl-C
+        if self._error is not None:
+            raise self._error
+        return cast(T, self._value)
 
 
 def output_files(plan: MergePlan) -> list[str]:

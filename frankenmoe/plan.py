@@ -43,7 +43,8 @@ class TensorPiece:
 class TensorJob:
     """One output tensor: its pieces are concatenated along the first dimension, then reshaped.
 
-    A job with no pieces is a router (gate) whose rows are computed before writing.
+    A job with no pieces is a router (gate). Routers come last in the plan, so the writer can copy
+    every other tensor while the router rows are still being computed.
     """
 
     name: str
@@ -120,7 +121,6 @@ def build_plan(
     for layer in range(shape.num_hidden_layers):
         for suffix in family.layer_tensors:
             copy_from_base(family.layer_name(layer, suffix))
-        unsharded.append((layout.router_name(layer), (len(experts), shape.hidden_size), (), layer))
         for tensor in layout.expert_tensors:
             groups = [range(len(experts))] if tensor.stacked else [[index] for index in range(len(experts))]
             for group in groups:
@@ -136,6 +136,8 @@ def build_plan(
     copy_from_base("model.norm.weight")
     if not base.tie_word_embeddings:
         copy_from_base(family.untied_lm_head)
+    for layer in range(shape.num_hidden_layers):
+        unsharded.append((layout.router_name(layer), (len(experts), shape.hidden_size), (), layer))
 
     jobs: list[TensorJob] = []
     shard, shard_fill = 0, 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,9 +19,13 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 def write_checkpoint(
-    plan: MergePlan, gates: torch.Tensor, folder: Path, card: str, show_progress: bool = False
+    plan: MergePlan, gates: Callable[[], torch.Tensor], folder: Path, card: str, show_progress: bool = False
 ) -> None:
-    """Write the whole checkpoint into `folder` (which must exist and be empty)."""
+    """Write the whole checkpoint into `folder` (which must exist and be empty).
+
+    `gates` returns the router rows [layers, experts, hidden]; it is called only when the first
+    router tensor is due, so the rows may still be computing while the other tensors are copied.
+    """
     with tqdm(total=plan.output_bytes, desc="writing", unit="B", unit_scale=True, disable=not show_progress) as bar:
         for shard in range(plan.shard_count):
             _write_shard(plan, shard, gates, folder / plan.shard_name(shard), bar)
@@ -40,14 +45,14 @@ def write_checkpoint(
     _write_text(folder / "README.md", card)
 
 
-def _write_shard(plan: MergePlan, shard: int, gates: torch.Tensor, path: Path, bar: tqdm) -> None:
+def _write_shard(plan: MergePlan, shard: int, gates: Callable[[], torch.Tensor], path: Path, bar: tqdm) -> None:
     jobs = plan.shard_jobs(shard)
     writer = ShardWriter(path, [ShardEntry(job.name, job.dtype, job.shape) for job in jobs], {"format": "pt"})
     try:
         for job in jobs:
             writer.begin(job.name)
             if job.router_layer is not None:
-                writer.write_bytes(tensor_bytes(gates[job.router_layer].to(DTYPES[job.dtype][0])))
+                writer.write_bytes(tensor_bytes(gates()[job.router_layer].to(DTYPES[job.dtype][0])))
             for piece in job.pieces:
                 if piece.location.dtype == job.dtype and not piece.transformed:
                     writer.copy_bytes(piece.location)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from frankenmoe.architectures import TOKENIZER_FILES
 from frankenmoe.config import ExpertConfig, RouterConfig
 from frankenmoe.errors import ModelError
 from frankenmoe.sources import SourceModel
@@ -36,8 +38,18 @@ class ExpertPrompts:
 
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer in `folder`, loaded once per process for as long as its files are unchanged."""
+    stamp = tuple(
+        (name, (folder / name).stat().st_mtime_ns) for name in TOKENIZER_FILES if (folder / name).is_file()
+    )
+    return _load_tokenizer(folder.resolve(), stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_tokenizer(folder: Path, stamp: tuple[tuple[str, int], ...]) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
+    del stamp  # part of the cache key only: a rewritten tokenizer file must not be served stale
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as error:  # transformers raises many unrelated types for a missing or broken tokenizer
