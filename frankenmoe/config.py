@@ -65,7 +65,7 @@ class RouterConfig:
     scale: float | None = None
     """None ("auto"): per layer, rows are scaled so the prompts' router logits spread by `logit_std`."""
     sequential: bool = False
-    ridge_lambda: float = 1.0
+    ridge_lambda: float = 0.1
     input: str = "router"
     """router: post_attention_layernorm output (what Mixtral routes on); residual: the stream entering the layer."""
     logit_std: float = 1.0

@@ -13,11 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
+from transformers.activations import ACT2FN
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralRotaryEmbedding
 from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer, MixtralRotaryEmbedding
 
-from frankenmoe.architectures import MLP_PARTS, OUTPUT_LAYOUTS, OutputLayout
+from frankenmoe.architectures import MLP_PARTS, OUTPUT_LAYOUTS, SOURCE_FAMILIES, OutputLayout
 from frankenmoe.errors import ModelError
 from frankenmoe.tensor_io import TensorLocation, read_tensor
 
@@ -26,6 +27,8 @@ DECODER_MODULES: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "mistral": (MistralDecoderLayer, MistralRotaryEmbedding),
     "mixtral": (MixtralDecoderLayer, MixtralRotaryEmbedding),
 }
+MLP_ROWS_PER_SLICE = 1024
+"""Rows of an MLP matrix converted to float32 at a time by `StreamedDecoder.dense_mlp`."""
 MODULE_LAYOUT = OUTPUT_LAYOUTS["fused"]
 """transformers 5's Mixtral modules name their expert parameters as the fused layout does."""
 
@@ -61,6 +64,7 @@ class StreamedDecoder:
         self._layer_class = layer_class
         self._rotary = rotary_class(config=self.hf_config).to(self.device)
         self._expert_count = int(self.config.get("num_local_experts", 0))
+        self._family = SOURCE_FAMILIES.get(model_type)
 
     @property
     def num_layers(self) -> int:
@@ -79,6 +83,50 @@ class StreamedDecoder:
             module = self._layer_class(self.hf_config, layer_idx=layer)
         module.load_state_dict(weights, assign=True, strict=True)
         return module.to(self.device).eval()
+
+    def load_attention(self, layer: int) -> nn.Module:
+        """Dense layer `layer` without its MLP weights: its output is the residual stream after attention.
+
+        The MLP is the bulk of a layer; `dense_mlp` computes it from the file in slices instead.
+        """
+        prefix = f"model.layers.{layer}."
+        mlp_names = {self._family.mlp_tensors[part] for part in MLP_PARTS}
+        weights = {
+            name[len(prefix) :]: read_tensor(location).float()
+            for name, location in self.tensors.items()
+            if name.startswith(prefix) and name[len(prefix) :] not in mlp_names
+        }
+        with torch.device("meta"):
+            module = self._layer_class(self.hf_config, layer_idx=layer)
+        module.mlp = _NoMLP()
+        module.load_state_dict(weights, assign=True, strict=True)
+        return module.to(self.device).eval()
+
+    def dense_mlp(self, layer: int, tokens: torch.Tensor) -> torch.Tensor:
+        """A dense layer's MLP applied to `tokens` [N, hidden], reading its weights in row slices.
+
+        Only one slice of each matrix is in float32 memory at a time, so the memory of a pass does
+        not grow with the intermediate size; all prompts' tokens go through each slice together.
+        """
+        gate_proj, up_proj, down_proj = (
+            read_tensor(self._tensor(self._family.mlp_name(layer, part))) for part in MLP_PARTS
+        )
+        activation = ACT2FN[self.hf_config.hidden_act]
+        intermediate = torch.cat(
+            [
+                activation(tokens @ gate_proj[start : start + MLP_ROWS_PER_SLICE].to(self.device).float().T)
+                * (tokens @ up_proj[start : start + MLP_ROWS_PER_SLICE].to(self.device).float().T)
+                for start in range(0, gate_proj.shape[0], MLP_ROWS_PER_SLICE)
+            ],
+            dim=-1,
+        )
+        return torch.cat(
+            [
+                intermediate @ down_proj[start : start + MLP_ROWS_PER_SLICE].to(self.device).float().T
+                for start in range(0, down_proj.shape[0], MLP_ROWS_PER_SLICE)
+            ],
+            dim=-1,
+        )
 
     def run_layer(self, module: nn.Module, hidden: torch.Tensor) -> LayerOutputs:
         """Run one sequence ([1, T, hidden]) through a loaded layer, capturing the router's view."""
@@ -152,6 +200,13 @@ class StreamedDecoder:
                 [torch.cat([parts[expert][part] for part in tensor.parts]) for expert in range(self._expert_count)]
             )
         return weights
+
+
+class _NoMLP(nn.Module):
+    """Stands in for a layer's MLP so the layer's output is the residual stream after attention."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(hidden)
 
 
 def detect_layout(tensors: dict[str, TensorLocation]) -> OutputLayout:

@@ -41,7 +41,7 @@ def test_minimal_config_gets_documented_defaults() -> None:
     assert config.experts_per_token == 2
     assert config.architecture == "mixtral"
     assert config.router == RouterConfig(
-        pooling="mean", scale=None, sequential=False, ridge_lambda=1.0, input="router", logit_std=1.0
+        pooling="mean", scale=None, sequential=False, ridge_lambda=0.1, input="router", logit_std=1.0
     )
     assert config.experts[0] == ExpertConfig(source_model="org/coder", positive_prompts=("write code",))
     assert config.experts[0].negative_prompts == ()

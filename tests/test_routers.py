@@ -18,9 +18,9 @@ from frankenmoe.sources import load_source
 from tests.conftest import TinyModels
 from tests.support import write_config
 
-# Disjoint vocabularies, so the experts' prompts are separable by their tokens alone.
+# Disjoint vocabularies of single-token words, so the experts' prompts are separable token by token.
 SEPARABLE_VOCABULARY = (
-    ("apple", "banana", "cherry", "grape", "lemon", "mango"),
+    ("red", "blue", "green", "black", "white", "yellow"),
     ("seven", "eight", "nine", "twelve", "twenty", "hundred"),
     ("river", "mountain", "forest", "desert", "ocean", "valley"),
 )
@@ -64,6 +64,7 @@ def test_fit_routes_separable_held_out_prompts_perfectly(tiny_models: TinyModels
         prompts=TRAINING_PROMPTS,
         gate_mode="fit",
         dtype="float32",
+        router={"ridge_lambda": 0.01},
     )
     out = tmp_path / "out"
     options = MergeOptions()
@@ -78,7 +79,7 @@ def test_fit_routes_separable_held_out_prompts_perfectly(tiny_models: TinyModels
 
 
 def test_fit_is_deterministic_and_finite_with_one_single_token_prompt_per_expert(tiny_models: TinyModels) -> None:
-    request = gate_request(tiny_models, [["apple"], ["seven"], ["river"]], RouterConfig(ridge_lambda=1e-6))
+    request = gate_request(tiny_models, [["red"], ["seven"], ["river"]], RouterConfig(ridge_lambda=1e-6))
 
     first, second = compute_gates("fit", request), compute_gates("fit", request)
 
@@ -98,15 +99,16 @@ def test_ridge_lambda_trades_fitting_the_tokens_for_the_weighted_class_means(tin
 
     # With a huge lambda the solution tends to Xᵀ D Y / λ: each row points along the mean over its
     # expert's prompts of each prompt's mean token.
+    content = [state[prompt.content_mask] for state, prompt in zip(layer0, prompts.prompts, strict=True)]
     means = torch.stack(
-        [torch.stack([layer0[index].mean(dim=0) for index in indices]).mean(dim=0) for indices in prompts.positive]
+        [torch.stack([content[index].mean(dim=0) for index in indices]).mean(dim=0) for indices in prompts.positive]
     )
     for expert in range(3):
         assert torch.nn.functional.cosine_similarity(strong[0, expert], means[expert], dim=0) > 0.999
     # A weak ridge fits the training tokens: every one scores highest for its own expert.
     for expert, indices in enumerate(prompts.positive):
         for index in indices:
-            assert ((layer0[index] @ weak[0].T).argmax(dim=-1) == expert).all()
+            assert ((content[index] @ weak[0].T).argmax(dim=-1) == expert).all()
     assert not torch.allclose(unit(strong[0, 0]), unit(weak[0, 0]), atol=1e-3)
 
 
@@ -203,7 +205,7 @@ def test_sequential_states_are_the_merged_models_own(tiny_models: TinyModels, tm
 
 
 def test_router_options_parse_and_reject_bad_values() -> None:
-    text = "base_model: b\nexperts:\n  - source_model: e\n    positive_prompts: [x]\nrouter:\n"
+    text = "base_model: b\nexperts_per_token: 1\nexperts:\n  - source_model: e\n    positive_prompts: [x]\nrouter:\n"
     config = parse_config(text + "  scale: auto\n  input: residual\n  logit_std: 2\n", "t.yaml")
     assert config.router == RouterConfig(scale=None, input="residual", logit_std=2.0)
     assert parse_config(text + "  scale: 4\n", "t.yaml").router.scale == 4.0

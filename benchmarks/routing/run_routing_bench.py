@@ -82,6 +82,8 @@ VARIANTS = (
     Variant("hidden mean, auto logit_std 1", "hidden", {}),
     Variant("hidden mean, auto logit_std 2", "hidden", {"logit_std": 2.0}),
     Variant("hidden mean, auto, sequential", "hidden", {"sequential": True}),
+    Variant("fit lambda 0.001", "fit", {"ridge_lambda": 0.001}),
+    Variant("fit lambda 0.01", "fit", {"ridge_lambda": 0.01}),
     Variant("fit lambda 0.1", "fit", {"ridge_lambda": 0.1}),
     Variant("fit lambda 1", "fit", {}),
     Variant("fit lambda 1, logit_std 2", "fit", {"logit_std": 2.0}),

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from tqdm import tqdm
 from transformers.activations import ACT2FN
 
@@ -63,13 +62,6 @@ def hidden_rows(states: LayerStates, prompts: ExpertPrompts, request: GateReques
     return rows_from_prompt_vectors(vectors, prompts)
 
 
-class _AttentionOnly(nn.Module):
-    """Stands in for a layer's MLP so the layer's output is the residual stream after attention."""
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(hidden)
-
-
 def layerwise_gates(request: GateRequest, rows_for_layer: RowFunction) -> torch.Tensor:
     prompts = collect_expert_prompts(request.base, request.experts)
     decoder = StreamedDecoder(request.base.config, request.base.tensors, request.device)
@@ -77,9 +69,7 @@ def layerwise_gates(request: GateRequest, rows_for_layer: RowFunction) -> torch.
     hidden = [decoder.embed(prompt.token_ids) for prompt in prompts.prompts]
     layers = tqdm(range(request.num_layers), desc="hidden-state pass", unit="layer", disable=not request.show_progress)
     for layer in layers:
-        module = decoder.load_layer(layer)
-        dense_mlp = module.mlp
-        module.mlp = _AttentionOnly()
+        module = decoder.load_attention(layer)
         outputs = [decoder.run_layer(module, state) for state in hidden]
         del module
         router_inputs = [output.router_input for output in outputs]
@@ -88,9 +78,17 @@ def layerwise_gates(request: GateRequest, rows_for_layer: RowFunction) -> torch.
         gates[layer] = scale_rows(rows, content_tokens(router_inputs, prompts), request.router)
         if layer + 1 == request.num_layers:
             break
-        mlp = moe_mlp(request, layer, gates[layer]) if request.router.sequential else dense_mlp
+        all_tokens = torch.cat(router_inputs)
         with torch.no_grad():
-            hidden = [output.hidden + mlp(x.unsqueeze(0)) for output, x in zip(outputs, router_inputs, strict=True)]
+            if request.router.sequential:
+                mlp_outputs = moe_mlp(request, layer, gates[layer])(all_tokens)
+            else:
+                mlp_outputs = decoder.dense_mlp(layer, all_tokens)
+        lengths = [len(inputs) for inputs in router_inputs]
+        hidden = [
+            output.hidden + mlp_output.unsqueeze(0)
+            for output, mlp_output in zip(outputs, mlp_outputs.split(lengths), strict=True)
+        ]
     return gates
 
 
