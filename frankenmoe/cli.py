@@ -161,8 +161,6 @@ def merge(
 
 
 def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
-    from frankenmoe.errors import ConfigError
-
     if value not in choices:
         raise ConfigError(f"{option} {value!r} is not valid; choose one of: {', '.join(choices)}.")
     return value
