@@ -69,6 +69,12 @@ class RouterConfig:
     input: str = "router"
     """router: post_attention_layernorm output (what Mixtral routes on); residual: the stream entering the layer."""
     logit_std: float = 1.0
+    center: bool = True
+    """hidden/fit: rows carry no component along the mean prompt token, so a direction every token shares
+    (massive activations) adds the same logit to every expert instead of favouring one."""
+    lead_in: bool = True
+    """Prompts whose tokenizer adds no start token get one neutral token in front (left out of the rows),
+    so their own first token is not the model's attention sink."""
 
 
 @dataclass(frozen=True)
@@ -241,6 +247,8 @@ def _router(item: Any, path: str, source: str) -> RouterConfig:
         ridge_lambda=ridge_lambda,
         input=_choice(data.get("input", defaults.input), ROUTER_INPUTS, f"{path}.input", source),
         logit_std=_positive_number(data.get("logit_std", defaults.logit_std), f"{path}.logit_std", source),
+        center=_boolean(data.get("center", defaults.center), f"{path}.center", source),
+        lead_in=_boolean(data.get("lead_in", defaults.lead_in), f"{path}.lead_in", source),
     )
 
 
@@ -356,7 +364,7 @@ MERGE_KEYS = (
     "base_laser",
 )
 EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale", "laser")
-ROUTER_KEYS = ("pooling", "scale", "sequential", "ridge_lambda", "input", "logit_std")
+ROUTER_KEYS = ("pooling", "scale", "sequential", "ridge_lambda", "input", "logit_std", "center", "lead_in")
 LASER_KEYS = ("method", "matrices", "layers", "top_k", "keep_fraction", "calibration")
 
 

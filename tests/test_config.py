@@ -43,6 +43,7 @@ def test_minimal_config_gets_documented_defaults() -> None:
     assert config.router == RouterConfig(
         pooling="mean", scale=None, sequential=False, ridge_lambda=0.1, input="router", logit_std=1.0
     )
+    assert (config.router.center, config.router.lead_in) == (True, True)
     assert config.experts[0] == ExpertConfig(source_model="org/coder", positive_prompts=("write code",))
     assert config.experts[0].negative_prompts == ()
     assert config.experts[0].noise_scale is None

@@ -403,10 +403,17 @@ def expected_rows(config: dict[str, Any], vector: Callable[[str], torch.Tensor])
 def hidden_unit_rows(
     config: dict[str, Any], model: MistralForCausalLM, tokenizer: Any
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer: the unit gate rows from transformers' router inputs, and every prompt token's router input."""
+    """Per layer: the unit gate rows from transformers' router inputs, and every prompt token's router input.
+
+    The rows are centred as `router.center` (default) does: orthogonal to the mean prompt token."""
     states = {text: router_inputs_from_transformers(model, tokenizer, text) for text in set(prompt_texts(config))}
-    rows = [expected_rows(config, lambda text, layer=layer: states[text][layer].mean(dim=0)) for layer in range(LAYERS)]
     tokens = [torch.cat([states[text][layer] for text in prompt_texts(config)]) for layer in range(LAYERS)]
+    rows = []
+    for layer in range(LAYERS):
+        uncentred = expected_rows(config, lambda text, layer=layer: states[text][layer].mean(dim=0))
+        mean_token = tokens[layer].mean(dim=0) / tokens[layer].mean(dim=0).norm()
+        centred = uncentred - (uncentred @ mean_token).unsqueeze(-1) * mean_token
+        rows.append(centred / centred.norm(dim=-1, keepdim=True))
     return rows, tokens
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from frankenmoe.errors import ConfigError
 from frankenmoe.layers import StreamedDecoder, router_inputs_by_layer
 from frankenmoe.merge import MergeOptions, execute_merge, prepare_merge
 from frankenmoe.routers import GateRequest, compute_gates
-from frankenmoe.routers.prompts import collect_expert_prompts
+from frankenmoe.routers.prompts import LEAD_IN_TEXT, collect_expert_prompts, encode_prompts, load_tokenizer
 from frankenmoe.routing import load_checkpoint, route_prompts, routing_accuracy
 from frankenmoe.sources import load_source
 from tests.conftest import TinyModels
@@ -64,7 +66,7 @@ def test_fit_routes_separable_held_out_prompts_perfectly(tiny_models: TinyModels
         prompts=TRAINING_PROMPTS,
         gate_mode="fit",
         dtype="float32",
-        router={"ridge_lambda": 0.01},
+        router={"ridge_lambda": 0.01, "sequential": True},
     )
     out = tmp_path / "out"
     options = MergeOptions()
@@ -88,9 +90,9 @@ def test_fit_is_deterministic_and_finite_with_one_single_token_prompt_per_expert
 
 
 def test_ridge_lambda_trades_fitting_the_tokens_for_the_weighted_class_means(tiny_models: TinyModels) -> None:
-    fixed = RouterConfig(scale=1.0)
+    fixed = RouterConfig(scale=1.0, center=False)
     strong = compute_gates(
-        "fit", gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0, ridge_lambda=1e6))
+        "fit", gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0, ridge_lambda=1e6, center=False))
     )
     weak = compute_gates("fit", gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0, ridge_lambda=1e-4)))
     request = gate_request(tiny_models, TRAINING_PROMPTS, fixed)
@@ -114,7 +116,7 @@ def test_ridge_lambda_trades_fitting_the_tokens_for_the_weighted_class_means(tin
 
 def test_hidden_rows_are_the_normalised_mean_of_pooled_router_inputs(tiny_models: TinyModels) -> None:
     for pooling in ("mean", "last"):
-        request = gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(pooling=pooling, scale=1.0))
+        request = gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(pooling=pooling, scale=1.0, center=False))
         gates = compute_gates("hidden", request)
         prompts = collect_expert_prompts(request.base, request.experts)
         for layer, inputs in enumerate(base_router_inputs(request)):
@@ -137,7 +139,9 @@ def test_pooling_last_and_mean_give_different_rows(tiny_models: TinyModels) -> N
 
 
 def test_residual_input_uses_the_stream_entering_the_layer(tiny_models: TinyModels) -> None:
-    request = gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(input="residual", pooling="last", scale=1.0))
+    request = gate_request(
+        tiny_models, TRAINING_PROMPTS, RouterConfig(input="residual", pooling="last", scale=1.0, center=False)
+    )
     gates = compute_gates("hidden", request)
     prompts = collect_expert_prompts(request.base, request.experts)
     embeddings = load_source(str(tiny_models.base))
@@ -176,7 +180,7 @@ def test_sequential_states_are_the_merged_models_own(tiny_models: TinyModels, tm
         tiny_models.experts,
         prompts=TRAINING_PROMPTS,
         dtype="float32",
-        router={"sequential": True, "scale": 1.0},
+        router={"sequential": True, "scale": 1.0, "center": False},
     )
     out = tmp_path / "out"
     options = MergeOptions()
@@ -186,7 +190,7 @@ def test_sequential_states_are_the_merged_models_own(tiny_models: TinyModels, tm
         [StreamedDecoder(checkpoint.config, checkpoint.tensors).load_layer(layer).mlp.gate.weight for layer in range(2)]
     )
 
-    request = gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0))
+    request = gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0, center=False))
     prompts = collect_expert_prompts(request.base, request.experts)
     merged = StreamedDecoder(checkpoint.config, checkpoint.tensors)
     for layer, inputs in router_inputs_by_layer(merged, [prompt.token_ids for prompt in prompts.prompts]):
@@ -208,7 +212,73 @@ def test_router_options_parse_and_reject_bad_values() -> None:
     text = "base_model: b\nexperts_per_token: 1\nexperts:\n  - source_model: e\n    positive_prompts: [x]\nrouter:\n"
     config = parse_config(text + "  scale: auto\n  input: residual\n  logit_std: 2\n", "t.yaml")
     assert config.router == RouterConfig(scale=None, input="residual", logit_std=2.0)
+    off = parse_config(text + "  center: false\n  lead_in: false\n", "t.yaml").router
+    assert (off.center, off.lead_in) == (False, False)
     assert parse_config(text + "  scale: 4\n", "t.yaml").router.scale == 4.0
-    for bad in ("  input: embeddings\n", "  logit_std: 0\n", "  scale: loud\n"):
+    for bad in (
+        "  input: embeddings\n",
+        "  logit_std: 0\n",
+        "  scale: loud\n",
+        "  center: yes please\n",
+        "  lead_in: 1\n",
+    ):
         with pytest.raises(ConfigError):
             parse_config(text + bad, "t.yaml")
+
+
+@pytest.mark.parametrize("mode", ["hidden", "fit"])
+def test_center_makes_every_row_orthogonal_to_the_mean_prompt_token(tiny_models: TinyModels, mode: str) -> None:
+    centred = gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0))
+    plain = compute_gates(mode, gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0, center=False)))
+    gates = compute_gates(mode, centred)
+    prompts = collect_expert_prompts(centred.base, centred.experts)
+    for layer, inputs in enumerate(base_router_inputs(centred)):
+        mean_token = unit(
+            torch.cat([state[prompt.content_mask] for state, prompt in zip(inputs, prompts.prompts, strict=True)]).mean(
+                dim=0
+            )
+        )
+        cosines = torch.nn.functional.cosine_similarity(gates[layer], mean_token.unsqueeze(0), dim=-1)
+        assert cosines.abs().max() < 1e-4
+        # Without centring the rows lean on the shared direction, which is what biases the routing.
+        assert (plain[layer] @ mean_token).abs().max() / plain[layer].norm(dim=-1).max() > 0.05
+        if mode == "hidden":
+            expected = plain[layer] - (plain[layer] @ mean_token).unsqueeze(-1) * mean_token
+            torch.testing.assert_close(
+                gates[layer], expected / expected.norm(dim=-1, keepdim=True), atol=1e-5, rtol=1e-5
+            )
+
+
+def copy_without_start_token(model: Path, folder: Path) -> Path:
+    """The model in `folder`, with a tokenizer that adds no BOS (as SmolLM2's adds none)."""
+    shutil.copytree(model, folder)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "add_bos_token": False}))
+    return folder
+
+
+def test_lead_in_puts_a_newline_before_prompts_only_when_the_tokenizer_adds_no_start_token(
+    tiny_models: TinyModels, tmp_path: Path
+) -> None:
+    no_bos = copy_without_start_token(tiny_models.base, tmp_path / "no-bos")
+    config = load_source(str(no_bos)).config
+    tokenizer = load_tokenizer(no_bos)
+    newline = tokenizer(LEAD_IN_TEXT, add_special_tokens=False)["input_ids"]
+    plain = encode_prompts(no_bos, config, ["red blue"])[0]
+    led = encode_prompts(no_bos, config, ["red blue"], lead_in=True)[0]
+
+    assert plain.content_mask.all()
+    assert led.token_ids.tolist() == newline + plain.token_ids.tolist()
+    assert led.content_mask.tolist() == [False] * len(newline) + [True] * len(plain.token_ids)
+    with_bos = [encode_prompts(tiny_models.base, config, ["red blue"], lead_in=flag)[0] for flag in (False, True)]
+    assert with_bos[0].token_ids.tolist() == with_bos[1].token_ids.tolist()
+    assert not with_bos[0].content_mask[0]
+
+    # The rows follow: built from the prompts' states behind the newline, not from the sink position.
+    experts = tuple(ExpertConfig(str(no_bos), tuple(texts)) for texts in TRAINING_PROMPTS)
+    base = load_source(str(no_bos))
+    on, off = (
+        compute_gates("hidden", GateRequest(base=base, experts=experts, router=RouterConfig(lead_in=flag)))
+        for flag in (True, False)
+    )
+    assert not torch.allclose(on, off, atol=1e-3)

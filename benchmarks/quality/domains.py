@@ -7,7 +7,14 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from benchmarks.quality.corpora import Document, code_documents, maths_documents, prose_documents, spread_documents
+from benchmarks.quality.corpora import (
+    Document,
+    code_documents,
+    maths_documents,
+    prose_documents,
+    spread_documents,
+    token_blocks,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / "benchmarks" / ".cache" / "quality"
@@ -44,6 +51,4 @@ def documents(domain: str, split: str) -> list[Document]:
 
 def blocks(domain: str, split: str, tokenizer: PreTrainedTokenizerBase, count: int) -> torch.Tensor:
     """Up to `count` [BLOCK_SIZE] token blocks of a domain's split, from many documents (shuffled order)."""
-    from benchmarks.quality.corpora import token_blocks
-
     return token_blocks(documents(domain, split), tokenizer, BLOCK_SIZE, max_blocks=count)

@@ -282,7 +282,7 @@ def render_tables(results: dict[str, Any]) -> str:
         + " | prose vs base | routing on code | routing on maths | routing on prose |",
         "|---|" + "---:|" * (len(EVAL_DOMAINS) + len(EXPERT_DOMAINS) + 1) + "---|---|---|",
     ]
-    for name, entry in results.get("merges", {}).items():
+    for name, entry in sorted(results.get("merges", {}).items()):
         ppl = {domain: entry[domain]["perplexity"] for domain in EVAL_DOMAINS}
         kept = [f"{gain_retained(base[d], ppl[d], expert[d]):.0%}" for d in EXPERT_DOMAINS]
         shares = [" / ".join(f"{share:.2f}" for share in entry[d]["top1_share"]) for d in EVAL_DOMAINS]

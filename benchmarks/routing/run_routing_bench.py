@@ -75,19 +75,21 @@ VARIANTS = (
     Variant("random", "random"),
     Variant("cheap_embed", "cheap_embed"),
     Variant(
-        "hidden mergekit (residual, last, unit rows)", "hidden", {"input": "residual", "pooling": "last", "scale": 1.0}
+        "hidden mergekit (residual, last, unit rows, no centring, no lead-in)",
+        "hidden",
+        {"input": "residual", "pooling": "last", "scale": 1.0, "center": False, "lead_in": False},
     ),
-    Variant("hidden unit rows (router input, mean)", "hidden", {"scale": 1.0}),
-    Variant("hidden last, auto logit_std 1", "hidden", {"pooling": "last"}),
-    Variant("hidden mean, auto logit_std 1", "hidden", {}),
-    Variant("hidden mean, auto logit_std 2", "hidden", {"logit_std": 2.0}),
+    Variant("hidden mean, auto, no centring, no lead-in (old default)", "hidden", {"center": False, "lead_in": False}),
+    Variant("hidden mean, auto, lead-in only", "hidden", {"center": False}),
+    Variant("hidden mean, auto, centred + lead-in (default hidden)", "hidden", {}),
+    Variant("hidden mean, auto logit_std 2, centred + lead-in", "hidden", {"logit_std": 2.0}),
     Variant("hidden mean, auto, sequential", "hidden", {"sequential": True}),
-    Variant("fit lambda 0.001", "fit", {"ridge_lambda": 0.001}),
-    Variant("fit lambda 0.01", "fit", {"ridge_lambda": 0.01}),
-    Variant("fit lambda 0.1", "fit", {"ridge_lambda": 0.1}),
-    Variant("fit lambda 1", "fit", {}),
-    Variant("fit lambda 1, logit_std 2", "fit", {"logit_std": 2.0}),
-    Variant("fit lambda 10", "fit", {"ridge_lambda": 10.0}),
+    Variant("fit lambda 0.1, no centring, no lead-in (old default)", "fit", {"center": False, "lead_in": False}),
+    Variant("fit lambda 0.1, centred only", "fit", {"lead_in": False}),
+    Variant("fit lambda 0.1, lead-in only", "fit", {"center": False}),
+    Variant("fit lambda 0.1, centred + lead-in (default fit)", "fit", {}),
+    Variant("fit lambda 0.1, logit_std 2, centred + lead-in", "fit", {"logit_std": 2.0}),
+    Variant("fit lambda 1, centred + lead-in", "fit", {"ridge_lambda": 1.0}),
 )
 
 

@@ -10,6 +10,7 @@ from frankenmoe.tensor_io import read_tensor
 
 
 def cheap_embed_gates(request: GateRequest) -> torch.Tensor:
+    # Embeddings do not depend on position, so a lead-in (and the attention sink it moves) changes nothing here.
     prompts = collect_expert_prompts(request.base, request.experts)
     table = read_tensor(request.base.tensor("model.embed_tokens.weight"))
     vectors = [pool(table[prompt.token_ids], prompt, request.router.pooling) for prompt in prompts.prompts]

@@ -12,6 +12,11 @@ with long prompts does not pull the router towards itself. The solve is in float
 λ is relative to the mean eigenvalue of the weighted Gram matrix, so one ridge_lambda means the
 same at every layer and in every model, and a handful of prompts (fewer tokens than dimensions)
 still gives a well-posed, deterministic solve.
+
+With `router.center`, X is first centred on its weighted mean token μ, and the rows lose their
+component along μ. Without a bias, an uncentred fit spends the shared direction μ as one: it gives
+each expert a fixed logit offset fitted to the prompts' tokens, which misroutes every token when
+the tokens seen at inference sit elsewhere along μ.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from frankenmoe.routers.hidden import LayerStates, layerwise_gates
-from frankenmoe.routers.prompts import ExpertPrompts
+from frankenmoe.routers.prompts import ExpertPrompts, without_component
 from frankenmoe.routers.request import GateRequest
 
 
@@ -47,7 +52,12 @@ def fit_rows(states: LayerStates, prompts: ExpertPrompts, request: GateRequest) 
     x = torch.cat(features)
     y = torch.cat(targets)
     w = torch.cat(weights).unsqueeze(1)
+    mean_token = (w * x).sum(dim=0) / w.sum() if request.router.center else None
+    if mean_token is not None:
+        # Targets need no centring: the centred X is orthogonal (under D) to any constant column.
+        x = x - mean_token
     gram = x.T @ (w * x)
     ridge = request.router.ridge_lambda * torch.trace(gram) / gram.shape[0]
     solution = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=torch.float64), x.T @ (w * y))
-    return solution.T.float()
+    rows = solution.T if mean_token is None else without_component(solution.T, mean_token)
+    return rows.float()

@@ -55,15 +55,16 @@ def hidden_gates(request: GateRequest) -> torch.Tensor:
 
 
 def hidden_rows(states: LayerStates, prompts: ExpertPrompts, request: GateRequest) -> torch.Tensor:
+    inputs = states.selected(request.router.input)
     vectors = [
-        pool(state, prompt, request.router.pooling)
-        for state, prompt in zip(states.selected(request.router.input), prompts.prompts, strict=True)
+        pool(state, prompt, request.router.pooling) for state, prompt in zip(inputs, prompts.prompts, strict=True)
     ]
-    return rows_from_prompt_vectors(vectors, prompts)
+    common = content_tokens(inputs, prompts).mean(dim=0) if request.router.center else None
+    return rows_from_prompt_vectors(vectors, prompts, common)
 
 
 def layerwise_gates(request: GateRequest, rows_for_layer: RowFunction) -> torch.Tensor:
-    prompts = collect_expert_prompts(request.base, request.experts)
+    prompts = collect_expert_prompts(request.base, request.experts, request.router.lead_in)
     decoder = StreamedDecoder(request.base.config, request.base.tensors, request.device)
     gates = torch.empty(request.num_layers, len(request.experts), request.hidden_size)
     hidden = [decoder.embed(prompt.token_ids) for prompt in prompts.prompts]

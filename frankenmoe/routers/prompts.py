@@ -19,13 +19,17 @@ from frankenmoe.sources import SourceModel
 
 logger = logging.getLogger("frankenmoe")
 
+LEAD_IN_TEXT = "\n"
+"""What `router.lead_in` puts before a prompt: a newline reads as a line break in any tokenizer and
+carries no topic of its own."""
+
 
 @dataclass(frozen=True)
 class EncodedPrompt:
     text: str
     token_ids: torch.Tensor
     content_mask: torch.Tensor
-    """True for the prompt's own tokens, False for special tokens such as BOS."""
+    """True for the prompt's own tokens, False for special tokens such as BOS and for a lead-in."""
 
 
 @dataclass(frozen=True)
@@ -39,9 +43,7 @@ class ExpertPrompts:
 
 def load_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     """The tokenizer in `folder`, loaded once per process for as long as its files are unchanged."""
-    stamp = tuple(
-        (name, (folder / name).stat().st_mtime_ns) for name in TOKENIZER_FILES if (folder / name).is_file()
-    )
+    stamp = tuple((name, (folder / name).stat().st_mtime_ns) for name in TOKENIZER_FILES if (folder / name).is_file())
     return _load_tokenizer(folder.resolve(), stamp)
 
 
@@ -59,15 +61,26 @@ def _load_tokenizer(folder: Path, stamp: tuple[tuple[str, int], ...]) -> PreTrai
         ) from None
 
 
-def encode_prompts(folder: Path, config: dict[str, Any], texts: Sequence[str]) -> list[EncodedPrompt]:
-    """Tokenise prompts as the model in `folder` sees them; prompts past the context window are truncated."""
+def encode_prompts(
+    folder: Path, config: dict[str, Any], texts: Sequence[str], lead_in: bool = False
+) -> list[EncodedPrompt]:
+    """Tokenise prompts as the model in `folder` sees them; prompts past the context window are truncated.
+
+    With `lead_in`, a prompt whose tokenizer puts no special token first gets LEAD_IN_TEXT's tokens in
+    front, marked as not content. Without a start token, a model makes the sequence's first position
+    its attention sink, whose states are unlike any later position's; a one-word keyword prompt would
+    be nothing but that position, and rows built from it say little about the tokens they route.
+    """
     tokenizer = load_tokenizer(folder)
     limit = int(config.get("max_position_embeddings") or 0)
+    lead_ids = list(tokenizer(LEAD_IN_TEXT, add_special_tokens=False)["input_ids"]) if lead_in else []
     encoded: list[EncodedPrompt] = []
     for text in texts:
         result = tokenizer(text, add_special_tokens=True, return_special_tokens_mask=True)
         ids = list(result["input_ids"])
         special = list(result["special_tokens_mask"])
+        if lead_ids and ids and not special[0]:
+            ids, special = lead_ids + ids, [1] * len(lead_ids) + special
         if limit and len(ids) > limit:
             logger.warning(
                 "Prompt %r is %d tokens long, more than the model's context of %d; it was truncated to the first %d tokens.",
@@ -84,7 +97,7 @@ def encode_prompts(folder: Path, config: dict[str, Any], texts: Sequence[str]) -
     return encoded
 
 
-def collect_expert_prompts(model: SourceModel, experts: Sequence[ExpertConfig]) -> ExpertPrompts:
+def collect_expert_prompts(model: SourceModel, experts: Sequence[ExpertConfig], lead_in: bool = False) -> ExpertPrompts:
     texts: list[str] = []
     positive: list[tuple[int, ...]] = []
     negative: list[tuple[int, ...]] = []
@@ -93,7 +106,8 @@ def collect_expert_prompts(model: SourceModel, experts: Sequence[ExpertConfig]) 
         texts.extend(expert.positive_prompts)
         negative.append(tuple(range(len(texts), len(texts) + len(expert.negative_prompts))))
         texts.extend(expert.negative_prompts)
-    return ExpertPrompts(tuple(encode_prompts(model.path, model.config, texts)), tuple(positive), tuple(negative))
+    encoded = encode_prompts(model.path, model.config, texts, lead_in)
+    return ExpertPrompts(tuple(encoded), tuple(positive), tuple(negative))
 
 
 def pool(states: torch.Tensor, prompt: EncodedPrompt, pooling: str) -> torch.Tensor:
@@ -104,15 +118,34 @@ def pool(states: torch.Tensor, prompt: EncodedPrompt, pooling: str) -> torch.Ten
     return content.mean(dim=0)
 
 
-def rows_from_prompt_vectors(vectors: Sequence[torch.Tensor], prompts: ExpertPrompts) -> torch.Tensor:
-    """Each expert's row: mean of its positive prompt vectors minus mean of its negatives, unit norm."""
+def rows_from_prompt_vectors(
+    vectors: Sequence[torch.Tensor], prompts: ExpertPrompts, common: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each expert's row: mean of its positive prompt vectors minus mean of its negatives, unit norm.
+
+    With `common` (a direction every token shares, such as the mean prompt token), each row loses its
+    component along it before normalising (see `without_component`).
+    """
     rows = []
     for positive, negative in zip(prompts.positive, prompts.negative, strict=True):
         row = torch.stack([vectors[index] for index in positive]).mean(dim=0)
         if negative:
             row = row - torch.stack([vectors[index] for index in negative]).mean(dim=0)
-        rows.append(row / row.norm().clamp_min(1e-12))
-    return torch.stack(rows).cpu()
+        rows.append(row)
+    stacked = torch.stack(rows)
+    if common is not None:
+        stacked = without_component(stacked, common)
+    return (stacked / stacked.norm(dim=-1, keepdim=True).clamp_min(1e-12)).cpu()
+
+
+def without_component(rows: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """`rows` [experts, hidden] minus their projections on `direction`.
+
+    Router inputs share a large common component (the mean token, massive activations); a row that
+    is not orthogonal to it gives its expert an advantage, or a handicap, on every token alike.
+    """
+    unit = direction.to(rows) / direction.norm().clamp_min(1e-12)
+    return rows - (rows @ unit).unsqueeze(-1) * unit
 
 
 def content_tokens(states: Sequence[torch.Tensor], prompts: ExpertPrompts) -> torch.Tensor:
