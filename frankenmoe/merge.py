@@ -99,14 +99,9 @@ def resolve_device(name: str) -> torch.device:
     raise ConfigError(f"--device {name!r} is not a device; use cpu or cuda (cuda:N for a specific GPU).")
 
 
-def execute_merge(prepared: PreparedMerge, out: Path, options: MergeOptions) -> RoutingCheck | None:
-    """Compute the routers, write the checkpoint into a staging folder, verify it, move it to OUT.
-
-    Unless `options.check_routing` is off, the experts' positive prompts are routed through the staged
-    checkpoint and the result is added to its model card and returned (None when it did not run).
-    """
-    plan = prepared.plan
-    request = GateRequest(
+def gate_request(plan: MergePlan, options: MergeOptions) -> GateRequest:
+    """What the plan's gate mode needs to compute the routers."""
+    return GateRequest(
         base=plan.base,
         experts=plan.config.experts,
         router=plan.config.router,
@@ -116,6 +111,16 @@ def execute_merge(prepared: PreparedMerge, out: Path, options: MergeOptions) -> 
         device=resolve_device(options.device),
         show_progress=options.show_progress,
     )
+
+
+def execute_merge(prepared: PreparedMerge, out: Path, options: MergeOptions) -> RoutingCheck | None:
+    """Compute the routers, write the checkpoint into a staging folder, verify it, move it to OUT.
+
+    Unless `options.check_routing` is off, the experts' positive prompts are routed through the staged
+    checkpoint and the result is added to its model card and returned (None when it did not run).
+    """
+    plan = prepared.plan
+    request = gate_request(plan, options)
     plan, laser_results = run_laser(plan, request.device, options.show_progress)
     card_sections = laser_sections(laser_results)
     card = model_card(plan, prepared.config_text, card_sections)
