@@ -34,7 +34,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class LaserConfig:
-    """Rank reduction of selected weight matrices (see docs/laser.md); `matrices` are exact names.
+    """Rank reduction of selected weight matrices (see the README section on laser); `matrices` are exact names.
 
     `layers` is "all", "last_half" or explicit layer indices, checked against the model in planning.
     """
@@ -59,7 +59,7 @@ class ExpertConfig:
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """How prompt hidden states become gate rows (frankenmoe's own options; docs/gate-modes.md)."""
+    """How prompt hidden states become gate rows (frankenmoe's own options; see the README)."""
 
     pooling: str = "mean"
     scale: float | None = None

@@ -1,4 +1,4 @@
-"""Laser: denoise weight matrices by rank reduction during the merge (formulas in docs/laser.md).
+"""Laser: denoise weight matrices by rank reduction during the merge (formulas in the README).
 
 Planning decides which matrices each `laser` block considers (`laser_group`). After planning, the
 analysis (`run_laser`) reads the considered matrices one at a time, keeps only a few scalars per

@@ -20,7 +20,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer, Mi
 
 from frankenmoe.architectures import MLP_PARTS, OUTPUT_LAYOUTS, SOURCE_FAMILIES, OutputLayout
 from frankenmoe.errors import ModelError
-from frankenmoe.tensor_io import TensorLocation, read_tensor
+from frankenmoe.tensor_io import TensorLocation, read_rows, read_tensor
 
 DECODER_MODULES: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "llama": (LlamaDecoderLayer, LlamaRotaryEmbedding),
@@ -108,23 +108,21 @@ class StreamedDecoder:
         Only one slice of each matrix is in float32 memory at a time, so the memory of a pass does
         not grow with the intermediate size; all prompts' tokens go through each slice together.
         """
-        gate_proj, up_proj, down_proj = (
-            read_tensor(self._tensor(self._family.mlp_name(layer, part))) for part in MLP_PARTS
-        )
+        gate_proj, up_proj, down_proj = (self._tensor(self._family.mlp_name(layer, part)) for part in MLP_PARTS)
         activation = ACT2FN[self.hf_config.hidden_act]
+
+        def rows(location: TensorLocation, start: int) -> torch.Tensor:
+            return read_rows(location, start, start + MLP_ROWS_PER_SLICE).to(self.device).float()
+
         intermediate = torch.cat(
             [
-                activation(tokens @ gate_proj[start : start + MLP_ROWS_PER_SLICE].to(self.device).float().T)
-                * (tokens @ up_proj[start : start + MLP_ROWS_PER_SLICE].to(self.device).float().T)
+                activation(tokens @ rows(gate_proj, start).T) * (tokens @ rows(up_proj, start).T)
                 for start in range(0, gate_proj.shape[0], MLP_ROWS_PER_SLICE)
             ],
             dim=-1,
         )
         return torch.cat(
-            [
-                intermediate @ down_proj[start : start + MLP_ROWS_PER_SLICE].to(self.device).float().T
-                for start in range(0, down_proj.shape[0], MLP_ROWS_PER_SLICE)
-            ],
+            [intermediate @ rows(down_proj, start).T for start in range(0, down_proj.shape[0], MLP_ROWS_PER_SLICE)],
             dim=-1,
         )
 

@@ -162,6 +162,26 @@ def read_tensor(location: TensorLocation) -> torch.Tensor:
     return flat.reshape(location.shape)
 
 
+def read_rows(location: TensorLocation, start: int, stop: int) -> torch.Tensor:
+    """Rows `start:stop` of a tensor (along its first dimension), read into a fresh buffer.
+
+    Unlike slicing a mapped tensor, this leaves no pages of the rest of the tensor resident, so a
+    caller walking a large matrix slice by slice holds one slice's bytes at a time.
+    """
+    torch_dtype, item_size = DTYPES[location.dtype]
+    stop = min(stop, location.shape[0])
+    row_bytes = math.prod(location.shape[1:]) * item_size
+    count = (stop - start) * row_bytes
+    try:
+        with location.file.open("rb", buffering=0) as handle:
+            data = os.pread(handle.fileno(), count, location.start + start * row_bytes)
+    except OSError as error:
+        raise ModelError(f"Cannot read tensor {location.name!r} from {location.file}: {error}.") from None
+    if len(data) != count:
+        raise _corrupt(location.file, f"tensor {location.name!r} is cut short")
+    return torch.frombuffer(bytearray(data), dtype=torch_dtype).reshape(stop - start, *location.shape[1:])
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor, without copying when it is already contiguous."""
     flat = tensor.detach().contiguous().reshape(-1)
