@@ -43,8 +43,8 @@ from frankenmoe.layers import (  # noqa: E402
     detect_layout,
     router_inputs_by_layer,
 )
-from frankenmoe.merge import MergeOptions, execute_merge, prepare_merge  # noqa: E402
-from frankenmoe.routers import GateRequest, compute_gates  # noqa: E402
+from frankenmoe.merge import MergeOptions, execute_merge, gate_request, prepare_merge  # noqa: E402
+from frankenmoe.routers import compute_gates  # noqa: E402
 from frankenmoe.routers.prompts import EncodedPrompt, encode_prompts  # noqa: E402
 from frankenmoe.routing import (  # noqa: E402
     Checkpoint,
@@ -112,15 +112,7 @@ def variant_gates(model: Path, prompts: dict[str, list[str]], variant: Variant, 
     config.write_text(config_text(model, prompts, variant))
     options = MergeOptions(force=True)
     plan = prepare_merge(config, work / "unused-output", options).plan
-    request = GateRequest(
-        base=plan.base,
-        experts=plan.config.experts,
-        router=plan.config.router,
-        expert_models=plan.experts,
-        experts_per_token=plan.config.experts_per_token,
-        seed=options.seed,
-    )
-    return compute_gates(plan.config.gate_mode, request).to(OUTPUT_TORCH_DTYPE)
+    return compute_gates(plan.config.gate_mode, gate_request(plan, options)).to(OUTPUT_TORCH_DTYPE)
 
 
 def shared_checkpoint(model: Path, prompts: dict[str, list[str]]) -> Checkpoint:
