@@ -1,7 +1,9 @@
 """Run a decoder one layer at a time from streamed weights, so no pass holds a whole model.
 
-Each layer is a transformers decoder-layer module built on the meta device and filled with that
-layer's tensors (in float32), so the maths is exactly what transformers computes at inference.
+A layer's attention is a transformers decoder-layer module built on the meta device and filled
+with that layer's tensors in float32, so the maths is what transformers computes at inference. Its
+MLP (dense, or Mixtral's experts behind the router) is computed from the checkpoint file in slices
+of rows, over every sequence's tokens at once: a float32 copy of a whole MLP is never made.
 """
 
 from __future__ import annotations
@@ -28,9 +30,7 @@ DECODER_MODULES: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "mixtral": (MixtralDecoderLayer, MixtralRotaryEmbedding),
 }
 MLP_ROWS_PER_SLICE = 1024
-"""Rows of an MLP matrix converted to float32 at a time by `StreamedDecoder.dense_mlp`."""
-MODULE_LAYOUT = OUTPUT_LAYOUTS["fused"]
-"""transformers 5's Mixtral modules name their expert parameters as the fused layout does."""
+"""Rows of an MLP matrix converted to float32 at a time."""
 
 
 @dataclass
@@ -40,6 +40,98 @@ class LayerOutputs:
     hidden: torch.Tensor
     router_input: torch.Tensor
     router_logits: torch.Tensor | None
+
+
+@dataclass
+class LayerPass:
+    """Every sequence after one whole layer, with what its router saw."""
+
+    hidden: list[torch.Tensor]
+    router_inputs: list[torch.Tensor]
+    router_logits: list[torch.Tensor] | None
+
+
+@dataclass(frozen=True)
+class MatrixRows:
+    """A block of rows of a checkpoint tensor seen as a matrix: one MLP matrix of one expert."""
+
+    location: TensorLocation
+    first_row: int
+    num_rows: int
+
+    @classmethod
+    def whole(cls, location: TensorLocation) -> MatrixRows:
+        return cls(location, 0, location.shape[0])
+
+    def read(self, start: int, device: torch.device) -> torch.Tensor:
+        """Rows start .. start + MLP_ROWS_PER_SLICE of this block, in float32."""
+        stop = min(start + MLP_ROWS_PER_SLICE, self.num_rows)
+        return read_rows(self.location, self.first_row + start, self.first_row + stop).to(device).float()
+
+
+@dataclass(frozen=True)
+class MLPWeights:
+    """Where a SwiGLU MLP's three matrices are; `down_scale` multiplies down_proj (residual_scale)."""
+
+    gate_proj: MatrixRows
+    up_proj: MatrixRows
+    down_proj: MatrixRows
+    down_scale: float | None = None
+
+
+def sliced_mlp(tokens: torch.Tensor, weights: MLPWeights, activation: nn.Module) -> torch.Tensor:
+    """down_proj(act(gate_proj x) * up_proj x) for tokens [N, hidden], one row slice at a time."""
+    device = tokens.device
+    intermediate = torch.cat(
+        [
+            activation(tokens @ weights.gate_proj.read(start, device).T) * (tokens @ weights.up_proj.read(start, device).T)
+            for start in range(0, weights.gate_proj.num_rows, MLP_ROWS_PER_SLICE)
+        ],
+        dim=-1,
+    )
+    output = torch.cat(
+        [
+            intermediate @ weights.down_proj.read(start, device).T
+            for start in range(0, weights.down_proj.num_rows, MLP_ROWS_PER_SLICE)
+        ],
+        dim=-1,
+    )
+    return output if weights.down_scale is None else output * weights.down_scale
+
+
+def moe_forward(
+    tokens: torch.Tensor, logits: torch.Tensor, experts: Sequence[MLPWeights], top_k: int, activation: nn.Module
+) -> torch.Tensor:
+    """Mixtral's sparse MLP: softmax over all experts in float32, top-k, weights renormalised to 1."""
+    probabilities = torch.softmax(logits.float(), dim=-1)
+    top_weights, top_experts = probabilities.topk(top_k, dim=-1)
+    top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+    output = torch.zeros_like(tokens)
+    for index, weights in enumerate(experts):
+        chosen = (top_experts == index).any(dim=-1).nonzero().squeeze(-1)
+        if len(chosen):
+            weight = (top_weights[chosen] * (top_experts[chosen] == index)).sum(dim=-1, keepdim=True)
+            output[chosen] += weight * sliced_mlp(tokens[chosen], weights, activation)
+    return output
+
+
+def expert_mlp_weights(
+    layout: OutputLayout, tensors: dict[str, TensorLocation], layer: int, expert_count: int
+) -> list[MLPWeights]:
+    """Where each expert's gate_proj, up_proj and down_proj rows are, in a checkpoint of `layout`."""
+    experts: list[dict[str, MatrixRows]] = [{} for _ in range(expert_count)]
+    for tensor in layout.expert_tensors:
+        for expert in range(expert_count):
+            name = tensor.template.format(layer=layer, expert=expert)
+            if name not in tensors:
+                raise ModelError(f"The checkpoint is missing tensor {name!r} of layer {layer}.")
+            location = tensors[name]
+            block_rows = location.shape[-2]
+            first_row = expert * block_rows if tensor.stacked else 0
+            part_rows = block_rows // len(tensor.parts)
+            for position, part in enumerate(tensor.parts):
+                experts[expert][part] = MatrixRows(location, first_row + position * part_rows, part_rows)
+    return [MLPWeights(*(parts[part] for part in MLP_PARTS)) for parts in experts]
 
 
 @dataclass
@@ -76,7 +168,7 @@ class StreamedDecoder:
         return table[token_ids].float().unsqueeze(0).to(self.device)
 
     def load_layer(self, layer: int, overrides: dict[str, torch.Tensor] | None = None) -> nn.Module:
-        """Decoder layer `layer` with its weights in float32; `overrides` replace named parameters."""
+        """Dense decoder layer `layer` with its weights in float32; `overrides` replace named parameters."""
         weights = self._layer_weights(layer)
         weights.update(overrides or {})
         with torch.device("meta"):
@@ -85,16 +177,15 @@ class StreamedDecoder:
         return module.to(self.device).eval()
 
     def load_attention(self, layer: int) -> nn.Module:
-        """Dense layer `layer` without its MLP weights: its output is the residual stream after attention.
+        """Layer `layer` without its MLP weights: its output is the residual stream after attention.
 
-        The MLP is the bulk of a layer; `dense_mlp` computes it from the file in slices instead.
+        The MLP is the bulk of a layer; `mlp` computes it from the file in slices instead.
         """
         prefix = f"model.layers.{layer}."
-        mlp_names = {self._family.mlp_tensors[part] for part in MLP_PARTS}
         weights = {
             name[len(prefix) :]: read_tensor(location).float()
             for name, location in self.tensors.items()
-            if name.startswith(prefix) and name[len(prefix) :] not in mlp_names
+            if name.startswith(prefix) and not self._is_mlp_tensor(name[len(prefix) :], layer)
         }
         with torch.device("meta"):
             module = self._layer_class(self.hf_config, layer_idx=layer)
@@ -102,29 +193,42 @@ class StreamedDecoder:
         module.load_state_dict(weights, assign=True, strict=True)
         return module.to(self.device).eval()
 
-    def dense_mlp(self, layer: int, tokens: torch.Tensor) -> torch.Tensor:
-        """A dense layer's MLP applied to `tokens` [N, hidden], reading its weights in row slices.
-
-        Only one slice of each matrix is in float32 memory at a time, so the memory of a pass does
-        not grow with the intermediate size; all prompts' tokens go through each slice together.
-        """
-        gate_proj, up_proj, down_proj = (self._tensor(self._family.mlp_name(layer, part)) for part in MLP_PARTS)
-        activation = ACT2FN[self.hf_config.hidden_act]
-
-        def rows(location: TensorLocation, start: int) -> torch.Tensor:
-            return read_rows(location, start, start + MLP_ROWS_PER_SLICE).to(self.device).float()
-
-        intermediate = torch.cat(
-            [
-                activation(tokens @ rows(gate_proj, start).T) * (tokens @ rows(up_proj, start).T)
-                for start in range(0, gate_proj.shape[0], MLP_ROWS_PER_SLICE)
+    def forward_layer(self, layer: int, hidden: list[torch.Tensor]) -> LayerPass:
+        """Run every sequence ([1, T, hidden] each) through layer `layer`."""
+        module = self.load_attention(layer)
+        outputs = [self.run_layer(module, state) for state in hidden]
+        del module
+        router_inputs = [output.router_input for output in outputs]
+        with torch.no_grad():
+            mlp_outputs, logits = self.mlp(layer, torch.cat(router_inputs))
+        lengths = [len(inputs) for inputs in router_inputs]
+        return LayerPass(
+            hidden=[
+                output.hidden + mlp_output.unsqueeze(0)
+                for output, mlp_output in zip(outputs, mlp_outputs.split(lengths), strict=True)
             ],
-            dim=-1,
+            router_inputs=router_inputs,
+            router_logits=None if logits is None else list(logits.split(lengths)),
         )
-        return torch.cat(
-            [intermediate @ rows(down_proj, start).T for start in range(0, down_proj.shape[0], MLP_ROWS_PER_SLICE)],
-            dim=-1,
+
+    def mlp(self, layer: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's MLP on `tokens` [N, hidden], and for a Mixtral layer its router logits [N, experts]."""
+        if self.model_type != "mixtral":
+            return self.dense_mlp(layer, tokens), None
+        layout = detect_layout(self.tensors)
+        gate = read_tensor(self._tensor(layout.router_name(layer))).float().to(self.device)
+        experts = expert_mlp_weights(layout, self.tensors, layer, self._expert_count)
+        top_k = int(self.config.get("num_experts_per_tok", 2))
+        activation = ACT2FN[self.hf_config.hidden_act]
+        logits = tokens @ gate.T
+        return moe_forward(tokens, logits, experts, top_k, activation), logits
+
+    def dense_mlp(self, layer: int, tokens: torch.Tensor) -> torch.Tensor:
+        """A dense layer's MLP applied to `tokens` [N, hidden], reading its weights in row slices."""
+        weights = MLPWeights(
+            *(MatrixRows.whole(self._tensor(self._family.mlp_name(layer, part))) for part in MLP_PARTS)
         )
+        return sliced_mlp(tokens, weights, ACT2FN[self.hf_config.hidden_act])
 
     def run_layer(self, module: nn.Module, hidden: torch.Tensor) -> LayerOutputs:
         """Run one sequence ([1, T, hidden]) through a loaded layer, capturing the router's view."""
@@ -179,25 +283,20 @@ class StreamedDecoder:
         except KeyError:
             raise ModelError(f"The checkpoint has no tensor {name!r}.") from None
 
+    def _is_mlp_tensor(self, name_in_layer: str, layer: int) -> bool:
+        if self.model_type == "mixtral":
+            return _belongs_to_moe(name_in_layer, detect_layout(self.tensors), layer)
+        return name_in_layer in {self._family.mlp_tensors[part] for part in MLP_PARTS}
+
     def _layer_weights(self, layer: int) -> dict[str, torch.Tensor]:
+        if self.model_type == "mixtral":
+            raise ModelError("A whole Mixtral layer is never loaded; use forward_layer, which streams the experts.")
         prefix = f"model.layers.{layer}."
-        raw = {
-            name[len(prefix) :]: read_tensor(loc).float()
-            for name, loc in self.tensors.items()
+        return {
+            name[len(prefix) :]: read_tensor(location).float()
+            for name, location in self.tensors.items()
             if name.startswith(prefix)
         }
-        if self.model_type != "mixtral":
-            return raw
-        layout = detect_layout(self.tensors)
-        parts = expert_parts(layout, raw, layer, self._expert_count)
-        weights = {name: tensor for name, tensor in raw.items() if not _belongs_to_moe(name, layout, layer)}
-        weights[_relative(MODULE_LAYOUT.router_name(layer), layer)] = raw[_relative(layout.router_name(layer), layer)]
-        for tensor in MODULE_LAYOUT.expert_tensors:
-            name = _relative(tensor.template.format(layer=layer, expert=0), layer)
-            weights[name] = torch.stack(
-                [torch.cat([parts[expert][part] for part in tensor.parts]) for expert in range(self._expert_count)]
-            )
-        return weights
 
 
 class _NoMLP(nn.Module):
@@ -217,25 +316,6 @@ def detect_layout(tensors: dict[str, TensorLocation]) -> OutputLayout:
     )
 
 
-def expert_parts(
-    layout: OutputLayout, layer_weights: dict[str, torch.Tensor], layer: int, expert_count: int
-) -> list[dict[str, torch.Tensor]]:
-    """Each expert's gate_proj, up_proj and down_proj, from a layer's tensors in `layout`."""
-    parts: list[dict[str, torch.Tensor]] = [{} for _ in range(expert_count)]
-    for tensor in layout.expert_tensors:
-        for expert in range(expert_count):
-            name = _relative(tensor.template.format(layer=layer, expert=expert), layer)
-            if name not in layer_weights:
-                raise ModelError(f"The checkpoint is missing tensor {name!r} of layer {layer}.")
-            source = layer_weights[name][expert] if tensor.stacked else layer_weights[name]
-            for part, chunk in zip(tensor.parts, source.chunk(len(tensor.parts)), strict=True):
-                parts[expert][part] = chunk
-    missing = set(MLP_PARTS) - set(parts[0])
-    if missing:
-        raise ModelError(f"Layout {layout.name} leaves expert parts {sorted(missing)} undefined.")
-    return parts
-
-
 def _relative(name: str, layer: int) -> str:
     return name.removeprefix(f"model.layers.{layer}.")
 
@@ -250,13 +330,11 @@ def router_inputs_by_layer(
 ) -> Iterator[tuple[int, list[torch.Tensor]]]:
     """For each layer in order, every sequence's router input ([T, hidden], float32).
 
-    Only one layer's weights are in memory at a time; the residual stream of every sequence is
-    carried from layer to layer.
+    Only one layer's attention weights and one slice of an MLP matrix are in memory at a time; the
+    residual stream of every sequence is carried from layer to layer.
     """
     hidden = [decoder.embed(tokens) for tokens in sequences]
     for layer in layers if layers is not None else range(decoder.num_layers):
-        module = decoder.load_layer(layer)
-        outputs = [decoder.run_layer(module, state) for state in hidden]
-        del module
-        hidden = [output.hidden for output in outputs]
-        yield layer, [output.router_input for output in outputs]
+        layer_pass = decoder.forward_layer(layer, hidden)
+        hidden = layer_pass.hidden
+        yield layer, layer_pass.router_inputs

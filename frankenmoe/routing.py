@@ -83,11 +83,9 @@ def route_prompts(
     hidden = [decoder.embed(prompt.token_ids) for prompt in prompts]
     per_layer: list[list[torch.Tensor]] = []
     for layer in layers if layers is not None else range(checkpoint.num_layers):
-        module = decoder.load_layer(layer)
-        outputs = [decoder.run_layer(module, state) for state in hidden]
-        del module
-        hidden = [output.hidden for output in outputs]
-        per_layer.append([torch.softmax(output.router_logits.float(), dim=-1).cpu() for output in outputs])
+        layer_pass = decoder.forward_layer(layer, hidden)
+        hidden = layer_pass.hidden
+        per_layer.append([torch.softmax(logits.float(), dim=-1).cpu() for logits in layer_pass.router_logits or []])
     return [
         PromptRouting(
             prompt=prompt,

@@ -163,14 +163,16 @@ def read_tensor(location: TensorLocation) -> torch.Tensor:
 
 
 def read_rows(location: TensorLocation, start: int, stop: int) -> torch.Tensor:
-    """Rows `start:stop` of a tensor (along its first dimension), read into a fresh buffer.
+    """Rows `start:stop` of a tensor seen as a matrix [all leading dimensions, last dimension].
 
-    Unlike slicing a mapped tensor, this leaves no pages of the rest of the tensor resident, so a
-    caller walking a large matrix slice by slice holds one slice's bytes at a time.
+    The bytes are read into a fresh buffer: unlike slicing a mapped tensor, this leaves no pages of
+    the rest of the tensor resident, so a caller walking a large matrix slice by slice holds one
+    slice at a time. Stacked expert tensors [experts, rows, columns] are read as one tall matrix.
     """
     torch_dtype, item_size = DTYPES[location.dtype]
-    stop = min(stop, location.shape[0])
-    row_bytes = math.prod(location.shape[1:]) * item_size
+    columns = location.shape[-1]
+    stop = min(stop, math.prod(location.shape[:-1]))
+    row_bytes = columns * item_size
     count = (stop - start) * row_bytes
     try:
         with location.file.open("rb", buffering=0) as handle:
@@ -179,7 +181,7 @@ def read_rows(location: TensorLocation, start: int, stop: int) -> torch.Tensor:
         raise ModelError(f"Cannot read tensor {location.name!r} from {location.file}: {error}.") from None
     if len(data) != count:
         raise _corrupt(location.file, f"tensor {location.name!r} is cut short")
-    return torch.frombuffer(bytearray(data), dtype=torch_dtype).reshape(stop - start, *location.shape[1:])
+    return torch.frombuffer(bytearray(data), dtype=torch_dtype).reshape(stop - start, columns)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

@@ -63,7 +63,7 @@ if stage == "writing":
     ShardWriter.copy_bytes = pause_after(ShardWriter.copy_bytes)
 else:
     from frankenmoe.layers import StreamedDecoder
-    StreamedDecoder.load_layer = pause_after(StreamedDecoder.load_layer)
+    StreamedDecoder.load_attention = pause_after(StreamedDecoder.load_attention)
 
 from frankenmoe.cli import app
 app(arguments, prog_name="frankenmoe")

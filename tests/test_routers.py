@@ -17,6 +17,7 @@ from frankenmoe.routers import GateRequest, compute_gates
 from frankenmoe.routers.prompts import LEAD_IN_TEXT, collect_expert_prompts, encode_prompts, load_tokenizer
 from frankenmoe.routing import load_checkpoint, route_prompts, routing_accuracy
 from frankenmoe.sources import load_source
+from frankenmoe.tensor_io import read_tensor
 from tests.conftest import TinyModels
 from tests.support import write_config
 
@@ -187,7 +188,7 @@ def test_sequential_states_are_the_merged_models_own(tiny_models: TinyModels, tm
     execute_merge(prepare_merge(config, out, options), out, options)
     checkpoint = load_checkpoint(out)
     written = torch.stack(
-        [StreamedDecoder(checkpoint.config, checkpoint.tensors).load_layer(layer).mlp.gate.weight for layer in range(2)]
+        [read_tensor(checkpoint.tensors[f"model.layers.{layer}.block_sparse_moe.gate.weight"]) for layer in range(2)]
     )
 
     request = gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0, center=False))

@@ -17,7 +17,7 @@ import argparse
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ from transformers import AutoTokenizer
 
 from benchmarks.quality.domains import CACHE, EVAL_DOMAINS, EXPERT_DOMAINS, EXPERTS, base_model, blocks
 from benchmarks.quality.evaluate import evaluate, gain_retained, load_model, relative_change
-from frankenmoe.config import GATE_MODES, PROMPT_GATE_MODES
+from benchmarks.quality.training import TRAINING_LOG
+from frankenmoe.config import GATE_MODES, PROMPT_GATE_MODES, RouterConfig
 from frankenmoe.errors import FrankenMoEError
 from frankenmoe.merge import MergeOptions, execute_merge, prepare_merge
 from frankenmoe.routers import GATE_FUNCTIONS
@@ -159,12 +160,44 @@ def evaluate_folder(folder: Path, eval_blocks: dict[str, torch.Tensor]) -> dict[
     return result
 
 
+def expert_settings(domain: str) -> dict[str, Any]:
+    """The training settings of the cached expert (its identity for the results cache)."""
+    return json.loads((EXPERTS / domain / TRAINING_LOG).read_text())["settings"]
+
+
+def depends_on(job: str | Variant) -> dict[str, Any]:
+    """What a cached result was computed from: the experts' training settings and, for a merge, the
+    router defaults of this frankenmoe build. A result whose record differs is stale and is redone."""
+    if isinstance(job, str):
+        return {} if job == "base" else {"expert": expert_settings(job.removesuffix(" expert"))}
+    domains = [domain for domain in EXPERT_SETS[job.expert_set][0] if domain in EXPERT_DOMAINS]
+    return {
+        "experts": {domain: expert_settings(domain) for domain in domains},
+        "router_defaults": asdict(RouterConfig()),
+    }
+
+
+def is_current(name: str, entry: dict[str, Any]) -> bool:
+    """Whether a cached entry matches today's experts and router defaults (unknown names count as stale)."""
+    if name in ("base", *(f"{domain} expert" for domain in EXPERT_DOMAINS)):
+        return entry.get("depends_on", {}) == depends_on(name)
+    variant = next((job for job in variants(*_mode_split(available_gate_modes())) if job.name == name), None)
+    return variant is not None and entry.get("depends_on") == depends_on(variant)
+
+
+def _mode_split(modes: list[str]) -> tuple[list[str], list[str]]:
+    """(prompt-based modes, prompt-free modes)."""
+    prompt_modes = [mode for mode in modes if mode in PROMPT_GATE_MODES]
+    return prompt_modes, [mode for mode in modes if mode not in PROMPT_GATE_MODES]
+
+
 def results_file(worker: int) -> Path:
     return CACHE / f"results-{worker}.json"
 
 
 def load_results(eval_block_count: int | None = None) -> dict[str, Any]:
-    """Every worker's results merged; only those scored on `eval_block_count` blocks (default: the newest run's)."""
+    """Every worker's current results merged (see `is_current`); only those scored on `eval_block_count`
+    blocks (default: the newest run's)."""
     files = sorted(CACHE.glob("results-*.json"))
     loaded = [json.loads(path.read_text()) for path in files]
     if eval_block_count is None and loaded:
@@ -174,8 +207,8 @@ def load_results(eval_block_count: int | None = None) -> dict[str, Any]:
     for results in loaded:
         if results["eval_blocks"] == eval_block_count:
             merged["gate_modes"] = results["gate_modes"]
-            merged["dense"].update(results["dense"])
-            merged["merges"].update(results["merges"])
+            for kind in ("dense", "merges"):
+                merged[kind].update({name: entry for name, entry in results[kind].items() if is_current(name, entry)})
     return merged
 
 
@@ -216,9 +249,7 @@ def run(eval_block_count: int, only: list[str] | None, worker: int, workers: int
 
     expert_folders = {domain: EXPERTS / domain for domain in EXPERT_DOMAINS}
     dense = {"base": base, **{f"{domain} expert": folder for domain, folder in expert_folders.items()}}
-    prompt_modes = [mode for mode in modes if mode in PROMPT_GATE_MODES]
-    free_modes = [mode for mode in modes if mode not in PROMPT_GATE_MODES]
-    jobs: list[str | Variant] = [*dense, *variants(prompt_modes, free_modes)]
+    jobs: list[str | Variant] = [*dense, *variants(*_mode_split(modes))]
     for index, job in enumerate(jobs):
         name = job if isinstance(job, str) else job.name
         if index % workers != worker or name in done["dense"] or name in done["merges"]:
@@ -227,7 +258,7 @@ def run(eval_block_count: int, only: list[str] | None, worker: int, workers: int
             continue
         started = time.perf_counter()
         if isinstance(job, str):
-            mine["dense"][name] = entry = evaluate_folder(dense[name], eval_blocks)
+            mine["dense"][name] = entry = {"depends_on": depends_on(job), **evaluate_folder(dense[name], eval_blocks)}
         else:
             out = MERGES / f"worker-{worker}"
             try:
@@ -235,7 +266,11 @@ def run(eval_block_count: int, only: list[str] | None, worker: int, workers: int
             except FrankenMoEError as error:
                 print(f"{name}: merge refused ({error})", flush=True)
                 continue
-            entry = {"config": job.config(base, expert_folders), **evaluate_folder(out, eval_blocks)}
+            entry = {
+                "config": job.config(base, expert_folders),
+                "depends_on": depends_on(job),
+                **evaluate_folder(out, eval_blocks),
+            }
             shutil.rmtree(out, ignore_errors=True)
             mine["merges"][name] = entry
         own_file.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers.activations import ACT2FN
 
 from frankenmoe.architectures import MLP_PARTS
-from frankenmoe.layers import StreamedDecoder
+from frankenmoe.layers import MatrixRows, MLPWeights, StreamedDecoder, moe_forward
 from frankenmoe.routers.prompts import (
     ExpertPrompts,
     collect_expert_prompts,
@@ -30,8 +30,6 @@ from frankenmoe.routers.prompts import (
     scale_rows,
 )
 from frankenmoe.routers.request import GateRequest
-from frankenmoe.sources import SourceModel
-from frankenmoe.tensor_io import read_tensor
 
 
 @dataclass(frozen=True)
@@ -82,7 +80,7 @@ def layerwise_gates(request: GateRequest, rows_for_layer: RowFunction) -> torch.
         all_tokens = torch.cat(router_inputs)
         with torch.no_grad():
             if request.router.sequential:
-                mlp_outputs = moe_mlp(request, layer, gates[layer])(all_tokens)
+                mlp_outputs = merged_moe_mlp(request, layer, gates[layer], all_tokens)
             else:
                 mlp_outputs = decoder.dense_mlp(layer, all_tokens)
         lengths = [len(inputs) for inputs in router_inputs]
@@ -93,38 +91,21 @@ def layerwise_gates(request: GateRequest, rows_for_layer: RowFunction) -> torch.
     return gates
 
 
-def moe_mlp(request: GateRequest, layer: int, gate_rows: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The merged model's MoE MLP of `layer`: Mixtral routing over the experts' own MLP weights."""
+def merged_moe_mlp(request: GateRequest, layer: int, gate_rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """The merged model's MoE MLP of `layer` on `tokens`: Mixtral routing over the experts' own MLPs.
+
+    residual_scale applies to down_proj as in the written checkpoint; noise_scale is left out, its
+    seeded noise being small by design.
+    """
     if len(request.expert_models) != len(request.experts):
         raise ValueError("router.sequential needs GateRequest.expert_models, one per expert")
     experts = [
-        _expert_weights(model, layer, settings.residual_scale, request.device)
+        MLPWeights(
+            *(MatrixRows.whole(model.tensor(model.family.mlp_name(layer, part))) for part in MLP_PARTS),
+            down_scale=settings.residual_scale,
+        )
         for model, settings in zip(request.expert_models, request.experts, strict=True)
     ]
-    rows = gate_rows.to(request.device)
-    top_k = request.experts_per_token
+    logits = tokens @ gate_rows.to(tokens.device).T
     activation = ACT2FN[request.base.shape.hidden_act]
-
-    def forward(hidden: torch.Tensor) -> torch.Tensor:
-        probabilities = torch.softmax((hidden @ rows.T).float(), dim=-1)
-        top_weights, top_experts = probabilities.topk(top_k, dim=-1)
-        top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
-        output = torch.zeros_like(hidden)
-        for index, (gate_proj, up_proj, down_proj) in enumerate(experts):
-            weight = (top_weights * (top_experts == index)).sum(dim=-1, keepdim=True)
-            expert_output = (activation(hidden @ gate_proj.T) * (hidden @ up_proj.T)) @ down_proj.T
-            output = output + weight * expert_output
-        return output
-
-    return forward
-
-
-def _expert_weights(
-    model: SourceModel, layer: int, residual_scale: float | None, device: torch.device
-) -> tuple[torch.Tensor, ...]:
-    """(gate_proj, up_proj, down_proj) of one expert's layer in float32; residual_scale applies to
-    down_proj as in the written checkpoint. noise_scale is left out: its seeded noise is small by design."""
-    parts = {part: read_tensor(model.tensor(model.family.mlp_name(layer, part))).float() for part in MLP_PARTS}
-    if residual_scale is not None:
-        parts["down_proj"] = parts["down_proj"] * residual_scale
-    return tuple(parts[part].to(device) for part in MLP_PARTS)
+    return moe_forward(tokens, logits, experts, request.experts_per_token, activation)
