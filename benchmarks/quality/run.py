@@ -1,13 +1,14 @@
 """The merge-quality benchmark: how much of each expert's held-out perplexity gain a frankenmoe merge keeps.
 
-    nice -n 19 .venv/bin/python -m benchmarks.quality.build_experts      # once (see README for the time)
-    nice -n 19 .venv/bin/python -m benchmarks.quality.run --threads 1 --worker 0/2 &
-    nice -n 19 .venv/bin/python -m benchmarks.quality.run --threads 1 --worker 1/2
+    .venv/bin/python -m benchmarks.quality.build_experts      # once (see README for the time)
+    .venv/bin/python -m benchmarks.quality.run --threads 1 --worker 0/2 &
+    .venv/bin/python -m benchmarks.quality.run --threads 1 --worker 1/2
     .venv/bin/python -m benchmarks.quality.run --table-only
 
 Evaluates the base, each expert and a grid of merges (expert set x gate mode x prompt kind, then
 router options) on held-out code, maths and prose (the control no expert trained on). Results are
-kept per variant in benchmarks/.cache/quality/results-*.json, so an interrupted run resumes; the
+kept per variant in benchmarks/.cache/quality/results-*.json, so an interrupted run resumes; each
+records the expert settings and router defaults it was computed from, and stale ones are redone. The
 tables go to benchmarks/quality/results.md.
 """
 
@@ -76,6 +77,8 @@ ROUTER_SWEEP: tuple[dict[str, Any], ...] = (
     {"logit_std": 2.0},
     {"logit_std": 4.0},
     {"input": "residual"},
+    {"center": False},
+    {"lead_in": False},
 )
 
 
