@@ -35,11 +35,10 @@ MLP_ROWS_PER_SLICE = 1024
 
 @dataclass
 class LayerOutputs:
-    """What one layer did to one sequence: its router input and, for MoE layers, router logits."""
+    """What one loaded layer did to one sequence, and the input its router (or MLP) saw."""
 
     hidden: torch.Tensor
     router_input: torch.Tensor
-    router_logits: torch.Tensor | None
 
 
 @dataclass
@@ -233,16 +232,9 @@ class StreamedDecoder:
     def run_layer(self, module: nn.Module, hidden: torch.Tensor) -> LayerOutputs:
         """Run one sequence ([1, T, hidden]) through a loaded layer, capturing the router's view."""
         captured: dict[str, torch.Tensor] = {}
-        hooks = [
-            module.post_attention_layernorm.register_forward_hook(
-                lambda _module, _inputs, output: captured.__setitem__("router_input", output)
-            )
-        ]
-        gate = getattr(getattr(module, "mlp", None), "gate", None)
-        if gate is not None:
-            hooks.append(
-                gate.register_forward_hook(lambda _module, _inputs, output: captured.__setitem__("logits", output[0]))
-            )
+        hook = module.post_attention_layernorm.register_forward_hook(
+            lambda _module, _inputs, output: captured.__setitem__("router_input", output)
+        )
         length = hidden.shape[1]
         position_ids = torch.arange(length, device=self.device).unsqueeze(0)
         try:
@@ -254,9 +246,8 @@ class StreamedDecoder:
                     position_embeddings=self._rotary(hidden, position_ids),
                 )
         finally:
-            for hook in hooks:
-                hook.remove()
-        return LayerOutputs(output, captured["router_input"][0], captured.get("logits"))
+            hook.remove()
+        return LayerOutputs(output, captured["router_input"][0])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and language-model head: [1, T, hidden] -> [T, vocab]."""
