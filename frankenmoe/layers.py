@@ -194,21 +194,21 @@ class StreamedDecoder:
 
     def forward_layer(self, layer: int, hidden: list[torch.Tensor]) -> LayerPass:
         """Run every sequence ([1, T, hidden] each) through layer `layer`."""
-        module = self.load_attention(layer)
-        outputs = [self.run_layer(module, state) for state in hidden]
-        del module
+        outputs = self.attend(layer, hidden)
         router_inputs = [output.router_input for output in outputs]
         with torch.no_grad():
             mlp_outputs, logits = self.mlp(layer, torch.cat(router_inputs))
         lengths = [len(inputs) for inputs in router_inputs]
         return LayerPass(
-            hidden=[
-                output.hidden + mlp_output.unsqueeze(0)
-                for output, mlp_output in zip(outputs, mlp_outputs.split(lengths), strict=True)
-            ],
+            hidden=add_mlp_outputs(outputs, mlp_outputs),
             router_inputs=router_inputs,
             router_logits=None if logits is None else list(logits.split(lengths)),
         )
+
+    def attend(self, layer: int, hidden: list[torch.Tensor]) -> list[LayerOutputs]:
+        """Every sequence through layer `layer`'s attention: the residual stream after it, and the MLP's input."""
+        module = self.load_attention(layer)
+        return [self.run_layer(module, state) for state in hidden]
 
     def mlp(self, layer: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's MLP on `tokens` [N, hidden], and for a Mixtral layer its router logits [N, experts]."""
@@ -288,6 +288,15 @@ class StreamedDecoder:
             for name, location in self.tensors.items()
             if name.startswith(prefix)
         }
+
+
+def add_mlp_outputs(outputs: list[LayerOutputs], mlp_outputs: torch.Tensor) -> list[torch.Tensor]:
+    """Each sequence's residual stream after the whole layer, from the MLP's output over all their tokens."""
+    lengths = [len(output.router_input) for output in outputs]
+    return [
+        output.hidden + mlp_output.unsqueeze(0)
+        for output, mlp_output in zip(outputs, mlp_outputs.split(lengths), strict=True)
+    ]
 
 
 class _NoMLP(nn.Module):

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers.activations import ACT2FN
 
 from frankenmoe.architectures import MLP_PARTS
-from frankenmoe.layers import MatrixRows, MLPWeights, StreamedDecoder, moe_forward
+from frankenmoe.layers import MatrixRows, MLPWeights, StreamedDecoder, add_mlp_outputs, moe_forward
 from frankenmoe.routers.prompts import (
     ExpertPrompts,
     collect_expert_prompts,
@@ -68,9 +68,7 @@ def layerwise_gates(request: GateRequest, rows_for_layer: RowFunction) -> torch.
     hidden = [decoder.embed(prompt.token_ids) for prompt in prompts.prompts]
     layers = tqdm(range(request.num_layers), desc="hidden-state pass", unit="layer", disable=not request.show_progress)
     for layer in layers:
-        module = decoder.load_attention(layer)
-        outputs = [decoder.run_layer(module, state) for state in hidden]
-        del module
+        outputs = decoder.attend(layer, hidden)
         router_inputs = [output.router_input for output in outputs]
         states = LayerStates(layer, router_inputs, [state[0] for state in hidden])
         rows = rows_for_layer(states, prompts, request).float()
@@ -83,11 +81,7 @@ def layerwise_gates(request: GateRequest, rows_for_layer: RowFunction) -> torch.
                 mlp_outputs = merged_moe_mlp(request, layer, gates[layer], all_tokens)
             else:
                 mlp_outputs = decoder.dense_mlp(layer, all_tokens)
-        lengths = [len(inputs) for inputs in router_inputs]
-        hidden = [
-            output.hidden + mlp_output.unsqueeze(0)
-            for output, mlp_output in zip(outputs, mlp_outputs.split(lengths), strict=True)
-        ]
+        hidden = add_mlp_outputs(outputs, mlp_outputs)
     return gates
 
 
