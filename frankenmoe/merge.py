@@ -73,11 +73,15 @@ def load_sources(config: MergeConfig) -> tuple[SourceModel, tuple[SourceModel, .
     """Load the base and every expert (headers only) and check they can be merged."""
     base = load_source(config.base_model)
     base.check_tensors()
-    loaded: dict[Path, SourceModel] = {base.path: base}
+    by_reference: dict[str, SourceModel] = {config.base_model: base}
+    by_path: dict[Path, SourceModel] = {base.path: base}
     experts = []
     for index, expert_config in enumerate(config.experts):
-        expert = load_source(expert_config.source_model)
-        expert = loaded.setdefault(expert.path, expert)
+        reference = expert_config.source_model
+        if reference not in by_reference:
+            loaded = load_source(reference)  # a model named twice has its headers read once
+            by_reference[reference] = by_path.setdefault(loaded.path, loaded)
+        expert = by_reference[reference]
         check_compatible(base, expert, f"experts[{index}]")
         expert.check_tensors(expert.mlp_tensor_names())
         experts.append(expert)
