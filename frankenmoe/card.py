@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from frankenmoe import __version__
+from frankenmoe.config import PROMPT_GATE_MODES, MergeConfig
 from frankenmoe.laser import LaserResult
 from frankenmoe.plan import SAFETENSORS_TO_CONFIG_DTYPE, MergePlan
 
@@ -27,12 +28,26 @@ def model_card(plan: MergePlan, config_text: str, extra_sections: tuple[str, ...
         f"| experts | {len(plan.experts)}, {config.experts_per_token} per token |\n"
         f"| parameters | {plan.total_parameters:,} total, {plan.active_parameters:,} active per token |\n"
         f"| dtype | {SAFETENSORS_TO_CONFIG_DTYPE[plan.dtype]} |\n"
-        f"| gate mode | {config.gate_mode} |\n",
+        f"| gate mode | {config.gate_mode} |\n"
+        f"| router prompts | {router_summary(config)} |\n",
         "## Experts\n\n| # | source | positive prompts |\n|---|---|---|\n" + expert_lines + "\n",
         *extra_sections,
         f"{RECIPE_HEADING}\n\n```yaml\n{config_text.rstrip()}\n```\n",
     ]
     return "\n".join(sections)
+
+
+def router_summary(config: MergeConfig) -> str:
+    """What the routers were built from, in one line (model card and dry run)."""
+    if config.gate_mode not in PROMPT_GATE_MODES:
+        return "none (random rows)"
+    positive = sum(len(expert.positive_prompts) for expert in config.experts)
+    negative = sum(len(expert.negative_prompts) for expert in config.experts)
+    summary = f"{positive} positive, {negative} negative"
+    tokens = config.router.continuation_tokens
+    if tokens:
+        summary += f"; each continued by up to {tokens} tokens the base model writes after it (greedy)"
+    return summary
 
 
 def laser_sections(results: tuple[LaserResult, ...]) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ from rich.text import Text
 
 from frankenmoe import __version__
 from frankenmoe.architectures import OUTPUT_LAYOUTS
+from frankenmoe.card import router_summary
 from frankenmoe.config import DTYPES
 from frankenmoe.errors import ConfigError, FrankenMoEError, MergeInterruptedError, OutputError
 from frankenmoe.inspection import (
@@ -197,6 +198,7 @@ def _print_plan(prepared: PreparedMerge, detailed: bool) -> None:
         f"gate mode: {plan.config.gate_mode}; experts per token: {plan.config.experts_per_token}; "
         f"layout: {plan.layout.name}; dtype: {SAFETENSORS_TO_CONFIG_DTYPE[plan.dtype]}"
     )
+    typer.echo(f"router prompts: {router_summary(plan.config)}")
     typer.echo(f"parameters: {plan.total_parameters:,} total, {plan.active_parameters:,} active per token")
     typer.echo(
         f"tensors: {len(plan.jobs)} in {plan.shard_count} shard(s); output {format_bytes(plan.output_bytes)}; "

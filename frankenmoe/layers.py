@@ -8,7 +8,8 @@ of rows, over every sequence's tokens at once: a float32 copy of a whole MLP is 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import inspect
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 from transformers.activations import ACT2FN
+from transformers.cache_utils import DynamicCache
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralRotaryEmbedding
 from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer, MixtralRotaryEmbedding
@@ -153,6 +155,10 @@ class StreamedDecoder:
         self.hf_config._experts_implementation = "eager"
         layer_class, rotary_class = DECODER_MODULES[model_type]
         self._layer_class = layer_class
+        # transformers renamed the decoder layer's cache argument from past_key_values to cache.
+        self._cache_argument = (
+            "cache" if "cache" in inspect.signature(layer_class.forward).parameters else "past_key_values"
+        )
         self._rotary = rotary_class(config=self.hf_config).to(self.device)
         self._expert_count = int(self.config.get("num_local_experts", 0))
         self._family = SOURCE_FAMILIES.get(model_type)
@@ -205,10 +211,18 @@ class StreamedDecoder:
             router_logits=None if logits is None else list(logits.split(lengths)),
         )
 
-    def attend(self, layer: int, hidden: list[torch.Tensor]) -> list[LayerOutputs]:
-        """Every sequence through layer `layer`'s attention: the residual stream after it, and the MLP's input."""
+    def attend(
+        self, layer: int, hidden: list[torch.Tensor], caches: Sequence[DynamicCache] | None = None
+    ) -> list[LayerOutputs]:
+        """Every sequence through layer `layer`'s attention: the residual stream after it, and the MLP's input.
+
+        With `caches` (one per sequence), `hidden` holds only each sequence's new tokens; they attend to
+        the keys and values their cache holds, which then gains theirs.
+        """
         module = self.load_attention(layer)
-        return [self.run_layer(module, state) for state in hidden]
+        if caches is None:
+            return [self.run_layer(module, state) for state in hidden]
+        return [self.run_layer(module, state, cache) for state, cache in zip(hidden, caches, strict=True)]
 
     def mlp(self, layer: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's MLP on `tokens` [N, hidden], and for a Mixtral layer its router logits [N, experts]."""
@@ -229,21 +243,26 @@ class StreamedDecoder:
         )
         return sliced_mlp(tokens, weights, ACT2FN[self.hf_config.hidden_act])
 
-    def run_layer(self, module: nn.Module, hidden: torch.Tensor) -> LayerOutputs:
-        """Run one sequence ([1, T, hidden]) through a loaded layer, capturing the router's view."""
+    def run_layer(self, module: nn.Module, hidden: torch.Tensor, cache: DynamicCache | None = None) -> LayerOutputs:
+        """Run one sequence ([1, T, hidden]) through a loaded layer, capturing the router's view.
+
+        With a `cache`, the T tokens follow the ones it holds for this layer.
+        """
         captured: dict[str, torch.Tensor] = {}
         hook = module.post_attention_layernorm.register_forward_hook(
             lambda _module, _inputs, output: captured.__setitem__("router_input", output)
         )
         length = hidden.shape[1]
-        position_ids = torch.arange(length, device=self.device).unsqueeze(0)
+        past = 0 if cache is None else cache.get_seq_length(module.self_attn.layer_idx)
+        position_ids = torch.arange(past, past + length, device=self.device).unsqueeze(0)
         try:
             with torch.no_grad():
                 output = module(
                     hidden,
-                    attention_mask=self._causal_mask(length),
+                    attention_mask=self._causal_mask(length, past),
                     position_ids=position_ids,
                     position_embeddings=self._rotary(hidden, position_ids),
+                    **{self._cache_argument: cache},
                 )
         finally:
             hook.remove()
@@ -251,20 +270,39 @@ class StreamedDecoder:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and language-model head: [1, T, hidden] -> [T, vocab]."""
+        head = read_tensor(self._head()).float().to(self.device)
+        return (self._final_norm(hidden[0]) @ head.T).float()
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The most likely next token after each of `hidden` [N, hidden], the head read in row slices."""
+        normed = self._final_norm(hidden)
+        head = MatrixRows.whole(self._head())
+        best_logits = torch.full((len(hidden),), float("-inf"), device=self.device)
+        best_tokens = torch.zeros(len(hidden), dtype=torch.long, device=self.device)
+        for start in range(0, head.num_rows, MLP_ROWS_PER_SLICE):
+            slice_logits, slice_tokens = (normed @ head.read(start, self.device).T).max(dim=-1)
+            better = slice_logits > best_logits  # strict: a tie keeps the lower token id, as argmax does
+            best_logits = torch.where(better, slice_logits, best_logits)
+            best_tokens = torch.where(better, slice_tokens + start, best_tokens)
+        return best_tokens
+
+    def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         norm_weight = read_tensor(self._tensor("model.norm.weight")).float().to(self.device)
         variance = hidden.pow(2).mean(-1, keepdim=True)
-        normed = hidden * torch.rsqrt(variance + float(self.config.get("rms_norm_eps", 1e-6))) * norm_weight
-        head_name = "model.embed_tokens.weight" if self.config.get("tie_word_embeddings") else "lm_head.weight"
-        head = read_tensor(self._tensor(head_name)).float().to(self.device)
-        return (normed[0] @ head.T).float()
+        return hidden * torch.rsqrt(variance + float(self.config.get("rms_norm_eps", 1e-6))) * norm_weight
 
-    def _causal_mask(self, length: int) -> torch.Tensor:
-        positions = torch.arange(length, device=self.device)
-        allowed = positions[None, :] <= positions[:, None]
+    def _head(self) -> TensorLocation:
+        return self._tensor("model.embed_tokens.weight" if self.config.get("tie_word_embeddings") else "lm_head.weight")
+
+    def _causal_mask(self, length: int, past: int = 0) -> torch.Tensor:
+        """Additive mask of `length` new tokens over themselves and the `past` tokens before them."""
+        queries = torch.arange(past, past + length, device=self.device)
+        keys = torch.arange(past + length, device=self.device)
+        allowed = keys[None, :] <= queries[:, None]
         window = self.config.get("sliding_window")
         if window:
-            allowed &= positions[None, :] > positions[:, None] - int(window)
-        mask = torch.zeros(length, length, device=self.device)
+            allowed &= keys[None, :] > queries[:, None] - int(window)
+        mask = torch.zeros(length, past + length, device=self.device)
         mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
         return mask[None, None]
 
@@ -338,3 +376,45 @@ def router_inputs_by_layer(
         layer_pass = decoder.forward_layer(layer, hidden)
         hidden = layer_pass.hidden
         yield layer, layer_pass.router_inputs
+
+
+def greedy_continuations(
+    decoder: StreamedDecoder,
+    sequences: Sequence[torch.Tensor],
+    max_new_tokens: int,
+    stop_tokens: Collection[int],
+    on_step: Callable[[], None] | None = None,
+) -> list[torch.Tensor]:
+    """What the model writes after each sequence, greedily: up to `max_new_tokens` token ids each.
+
+    A continuation ends before its first stop token, and where the model's context would overflow.
+    Every step streams the whole decoder once for all unfinished sequences together; each sequence's
+    keys and values are cached, so a step costs one token per sequence.
+    """
+    limit = int(decoder.config.get("max_position_embeddings") or 0)
+    budgets = [max(0, min(max_new_tokens, limit - len(tokens))) if limit else max_new_tokens for tokens in sequences]
+    written: list[list[int]] = [[] for _ in sequences]
+    caches = [DynamicCache() for _ in sequences]
+    feeding = {index: tokens for index, tokens in enumerate(sequences) if budgets[index] > 0}
+    for _ in range(max(budgets, default=0)):
+        if not feeding:
+            break
+        active = list(feeding)
+        hidden = [decoder.embed(feeding[index]) for index in active]
+        for layer in range(decoder.num_layers):
+            outputs = decoder.attend(layer, hidden, [caches[index] for index in active])
+            with torch.no_grad():
+                mlp_outputs, _ = decoder.mlp(layer, torch.cat([output.router_input for output in outputs]))
+            hidden = add_mlp_outputs(outputs, mlp_outputs)
+        with torch.no_grad():
+            next_tokens = decoder.greedy_tokens(torch.cat([state[0, -1:] for state in hidden])).tolist()
+        feeding = {}
+        for index, token in zip(active, next_tokens, strict=True):
+            if token in stop_tokens:
+                continue
+            written[index].append(token)
+            if len(written[index]) < budgets[index]:
+                feeding[index] = torch.tensor([token], dtype=torch.long)
+        if on_step is not None:
+            on_step()
+    return [torch.tensor(tokens, dtype=torch.long) for tokens in written]

@@ -28,6 +28,7 @@ from frankenmoe.routers.prompts import (
     pool,
     rows_from_prompt_vectors,
     scale_rows,
+    with_continuations,
 )
 from frankenmoe.routers.request import GateRequest
 
@@ -64,6 +65,10 @@ def hidden_rows(states: LayerStates, prompts: ExpertPrompts, request: GateReques
 def layerwise_gates(request: GateRequest, rows_for_layer: RowFunction) -> torch.Tensor:
     prompts = collect_expert_prompts(request.base, request.experts, request.router.lead_in)
     decoder = StreamedDecoder(request.base.config, request.base.tensors, request.device)
+    if request.router.continuation_tokens:
+        prompts = with_continuations(
+            prompts, request.base, decoder, request.router.continuation_tokens, request.show_progress
+        )
     gates = torch.empty(request.num_layers, len(request.experts), request.hidden_size)
     hidden = [decoder.embed(prompt.token_ids) for prompt in prompts.prompts]
     layers = tqdm(range(request.num_layers), desc="hidden-state pass", unit="layer", disable=not request.show_progress)

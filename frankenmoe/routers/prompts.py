@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from frankenmoe.architectures import TOKENIZER_FILES
 from frankenmoe.config import ExpertConfig, RouterConfig
 from frankenmoe.errors import ModelError
+from frankenmoe.layers import StreamedDecoder, greedy_continuations
 from frankenmoe.sources import SourceModel
 
 logger = logging.getLogger("frankenmoe")
@@ -108,6 +110,46 @@ def collect_expert_prompts(model: SourceModel, experts: Sequence[ExpertConfig], 
         texts.extend(expert.negative_prompts)
     encoded = encode_prompts(model.path, model.config, texts, lead_in)
     return ExpertPrompts(tuple(encoded), tuple(positive), tuple(negative))
+
+
+def with_continuations(
+    prompts: ExpertPrompts, model: SourceModel, decoder: StreamedDecoder, max_new_tokens: int, show_progress: bool
+) -> ExpertPrompts:
+    """Every prompt followed by up to `max_new_tokens` tokens the model writes after it (greedy), as content.
+
+    A keyword prompt says little about the text an expert will see: its one or two tokens sit where
+    in-sentence tokens never do. What the model itself writes after "python" or "storywriting" is
+    text of that topic, so rows built from it describe the tokens they will route.
+    """
+    tokenizer = load_tokenizer(model.path)
+    with tqdm(
+        total=max_new_tokens, desc="continuing prompts", unit="token", disable=not show_progress, leave=False
+    ) as bar:
+        continuations = greedy_continuations(
+            decoder,
+            [prompt.token_ids for prompt in prompts.prompts],
+            max_new_tokens,
+            stop_tokens(model.config, tokenizer),
+            on_step=bar.update,
+        )
+    continued = []
+    for prompt, continuation in zip(prompts.prompts, continuations, strict=True):
+        logger.info("Router prompt %r continued by the base model: %r", prompt.text, tokenizer.decode(continuation))
+        continued.append(
+            EncodedPrompt(
+                prompt.text,
+                torch.cat([prompt.token_ids, continuation]),
+                torch.cat([prompt.content_mask, torch.ones(len(continuation), dtype=torch.bool)]),
+            )
+        )
+    return ExpertPrompts(tuple(continued), prompts.positive, prompts.negative)
+
+
+def stop_tokens(config: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Token ids that end a model's text: config.json's eos_token_id (one or a list) and the tokenizer's."""
+    configured = config.get("eos_token_id")
+    ids = configured if isinstance(configured, list) else [configured]
+    return frozenset(int(token) for token in (*ids, tokenizer.eos_token_id) if isinstance(token, int))
 
 
 def pool(states: torch.Tensor, prompt: EncodedPrompt, pooling: str) -> torch.Tensor:
