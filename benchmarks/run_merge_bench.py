@@ -34,7 +34,7 @@ CACHE = BENCH_DIR / ".cache"
 README = BENCH_DIR / "README.md"
 TABLE_START = "<!-- merge-bench:start -->"
 TABLE_END = "<!-- merge-bench:end -->"
-GATE_MODES = ("random", "cheap_embed", "hidden")
+GATE_MODES = ("random", "cheap_embed", "hidden", "fit")
 PROMPTS = (
     ("write a python function that sorts a list", "fix this bug in my code"),
     ("once upon a time there was a dragon", "write a poem about the sea"),

@@ -29,7 +29,7 @@ from transformers import AutoTokenizer
 from benchmarks.quality.domains import CACHE, EVAL_DOMAINS, EXPERT_DOMAINS, EXPERTS, base_model, blocks
 from benchmarks.quality.evaluate import evaluate, gain_retained, load_model, relative_change
 from benchmarks.quality.training import TRAINING_LOG
-from frankenmoe.config import GATE_MODES, PROMPT_GATE_MODES, RouterConfig
+from frankenmoe.config import GATE_MODES, PROMPT_GATE_MODES, RouterConfig, parse_config
 from frankenmoe.errors import FrankenMoEError
 from frankenmoe.merge import MergeOptions, execute_merge, prepare_merge
 from frankenmoe.routers import GATE_FUNCTIONS
@@ -79,6 +79,8 @@ ROUTER_SWEEP: tuple[dict[str, Any], ...] = (
     {"input": "residual"},
     {"center": False},
     {"lead_in": False},
+    {"continuation_tokens": 0},
+    {"continuation_tokens": 32},
 )
 
 
@@ -109,6 +111,11 @@ class Variant:
             config["router"] = dict(self.router)
         return config
 
+    def resolved_router(self) -> RouterConfig:
+        """The router settings a merge of this variant runs with, defaults (per gate mode) filled in."""
+        placeholders = {domain: Path(domain) for domain in EXPERT_DOMAINS}
+        return parse_config(yaml.safe_dump(self.config(Path("base"), placeholders)), self.name).router
+
 
 def available_gate_modes() -> list[str]:
     """Every gate mode this frankenmoe build implements (the list grows as modes are added)."""
@@ -133,11 +140,14 @@ def variants(prompt_modes: list[str], free_modes: list[str]) -> list[Variant]:
     for mode in prompt_modes:
         if mode == "cheap_embed":
             continue
+        default = Variant("", MAIN_SET, mode, "keyword").resolved_router()
         for router in ROUTER_SWEEP:
             if mode == "fit" and "pooling" in router:
                 continue  # fit regresses on every prompt token; pooling does not enter it
             options = ", ".join(f"{key}={value}" for key, value in router.items())
-            chosen.append(Variant(f"{MAIN_SET} | {mode} | keyword | {options}", MAIN_SET, mode, "keyword", router))
+            variant = Variant(f"{MAIN_SET} | {mode} | keyword | {options}", MAIN_SET, mode, "keyword", router)
+            if variant.resolved_router() != default:  # a sweep value equal to the mode's default repeats its row
+                chosen.append(variant)
     for expert_set in other_sets:
         chosen += [*grid(expert_set, "sentence"), *prompt_free(expert_set)]
     return chosen
@@ -170,13 +180,14 @@ def expert_settings(domain: str) -> dict[str, Any]:
 
 def depends_on(job: str | Variant) -> dict[str, Any]:
     """What a cached result was computed from: the experts' training settings and, for a merge, the
-    router defaults of this frankenmoe build. A result whose record differs is stale and is redone."""
+    router settings it runs with in this frankenmoe build (its own options, the defaults filled in).
+    A result whose record differs is stale and is redone."""
     if isinstance(job, str):
         return {} if job == "base" else {"expert": expert_settings(job.removesuffix(" expert"))}
     domains = [domain for domain in EXPERT_SETS[job.expert_set][0] if domain in EXPERT_DOMAINS]
     return {
         "experts": {domain: expert_settings(domain) for domain in domains},
-        "router_defaults": asdict(RouterConfig()),
+        "router": asdict(job.resolved_router()),
     }
 
 
