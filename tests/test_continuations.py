@@ -13,11 +13,13 @@ from transformers import AutoModelForCausalLM
 from frankenmoe.config import AUTO_CONTINUATION_TOKENS, ExpertConfig, RouterConfig, parse_config
 from frankenmoe.errors import ConfigError
 from frankenmoe.layers import StreamedDecoder, greedy_continuations
+from frankenmoe.merge import MergeOptions, execute_merge, prepare_merge
 from frankenmoe.routers import GateRequest, compute_gates
 from frankenmoe.routers.hidden import LayerStates, layerwise_gates
 from frankenmoe.routers.prompts import ExpertPrompts, collect_expert_prompts, load_tokenizer, with_continuations
 from frankenmoe.sources import load_source
 from tests.conftest import TinyModels
+from tests.support import run_cli, write_config
 
 PROMPTS = ["red blue green", "seven", "the river ran past the mountain and the forest"]
 NO_STOP: frozenset[int] = frozenset()
@@ -189,3 +191,16 @@ def test_bad_continuation_tokens_are_refused_with_the_fix(mode: str, value: str,
     with pytest.raises(ConfigError, match=message) as error:
         parse_config(CONFIG.format(mode=mode) + f"router: {{continuation_tokens: {value}}}\n", "t.yaml")
     assert "router.continuation_tokens" in str(error.value)
+
+
+def test_dry_run_and_model_card_say_what_the_routers_are_built_from(tiny_models: TinyModels, tmp_path: Path) -> None:
+    prompts = [["red blue"], ["seven eight"], ["river"]]
+    fit = write_config(tmp_path / "fit.yaml", tiny_models.base, tiny_models.experts, prompts=prompts, gate_mode="fit")
+    hidden = write_config(tmp_path / "hidden.yaml", tiny_models.base, tiny_models.experts, prompts=prompts)
+    options = MergeOptions()
+    execute_merge(prepare_merge(fit, tmp_path / "out", options), tmp_path / "out", options)
+
+    continued = "3 positive, 0 negative; each continued by up to 32 tokens the base model writes after it (greedy)"
+    assert f"router prompts: {continued}" in run_cli("merge", fit, tmp_path / "dry", "--dry-run").output
+    assert "router prompts: 3 positive, 0 negative\n" in run_cli("merge", hidden, tmp_path / "dry", "--dry-run").output
+    assert f"| router prompts | {continued} |" in (tmp_path / "out" / "README.md").read_text()
