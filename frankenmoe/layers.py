@@ -24,6 +24,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer, Mi
 
 from frankenmoe.architectures import MLP_PARTS, OUTPUT_LAYOUTS, SOURCE_FAMILIES, OutputLayout
 from frankenmoe.errors import ModelError
+from frankenmoe.memory import reuse_large_buffers
 from frankenmoe.tensor_io import TensorLocation, read_rows, read_tensor
 
 DECODER_MODULES: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
@@ -396,25 +397,31 @@ def greedy_continuations(
     written: list[list[int]] = [[] for _ in sequences]
     caches = [DynamicCache() for _ in sequences]
     feeding = {index: tokens for index, tokens in enumerate(sequences) if budgets[index] > 0}
-    for _ in range(max(budgets, default=0)):
-        if not feeding:
-            break
-        active = list(feeding)
-        hidden = [decoder.embed(feeding[index]) for index in active]
-        for layer in range(decoder.num_layers):
-            outputs = decoder.attend(layer, hidden, [caches[index] for index in active])
-            with torch.no_grad():
-                mlp_outputs, _ = decoder.mlp(layer, torch.cat([output.router_input for output in outputs]))
-            hidden = add_mlp_outputs(outputs, mlp_outputs)
-        with torch.no_grad():
-            next_tokens = decoder.greedy_tokens(torch.cat([state[0, -1:] for state in hidden])).tolist()
-        feeding = {}
-        for index, token in zip(active, next_tokens, strict=True):
-            if token in stop_tokens:
-                continue
-            written[index].append(token)
-            if len(written[index]) < budgets[index]:
-                feeding[index] = torch.tensor([token], dtype=torch.long)
-        if on_step is not None:
-            on_step()
+    with reuse_large_buffers():
+        for _ in range(max(budgets, default=0)):
+            if not feeding:
+                break
+            active = list(feeding)
+            next_tokens = _greedy_step(decoder, [feeding[index] for index in active], [caches[index] for index in active])
+            feeding = {}
+            for index, token in zip(active, next_tokens, strict=True):
+                if token in stop_tokens:
+                    continue
+                written[index].append(token)
+                if len(written[index]) < budgets[index]:
+                    feeding[index] = torch.tensor([token], dtype=torch.long)
+            if on_step is not None:
+                on_step()
     return [torch.tensor(tokens, dtype=torch.long) for tokens in written]
+
+
+def _greedy_step(decoder: StreamedDecoder, new_tokens: list[torch.Tensor], caches: list[DynamicCache]) -> list[int]:
+    """Run each sequence's new tokens through every layer behind its cache; the next token of each."""
+    hidden = [decoder.embed(tokens) for tokens in new_tokens]
+    for layer in range(decoder.num_layers):
+        outputs = decoder.attend(layer, hidden, caches)
+        with torch.no_grad():
+            mlp_outputs, _ = decoder.mlp(layer, torch.cat([output.router_input for output in outputs]))
+        hidden = add_mlp_outputs(outputs, mlp_outputs)
+    with torch.no_grad():
+        return decoder.greedy_tokens(torch.cat([state[0, -1:] for state in hidden])).tolist()
