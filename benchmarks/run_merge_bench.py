@@ -6,7 +6,7 @@
 
 Each merge runs as its own process. For every run this records the wall time, the peak RSS
 (ru_maxrss from wait4), and the process's I/O counters from /proc/PID/io, read after the process
-exits but before it is reaped. In the same repetition, `cp` copies the same number of bytes from the
+exits but before it is reaped. Right after each merge, `cp` copies the same number of bytes from the
 same source files and `sync` flushes them, as the merge fsyncs its shards: that is the floor a merge
 cannot beat on this disk. The default is a warm page cache; --cold evicts the source files first.
 
@@ -153,7 +153,7 @@ def run_shape(shape: str, args: argparse.Namespace, work: Path) -> list[Row]:
     sources = [Path(folder) / "model.safetensors" for folder in [models["base"], *models["experts"]]]  # type: ignore[list-item]
     configs = {mode: write_config(work / f"{shape}-{mode}.yaml", models, mode) for mode in args.modes}
     runs: dict[str, list[Measurement]] = {mode: [] for mode in args.modes}
-    floors: list[float] = []
+    floors: dict[str, list[float]] = {mode: [] for mode in args.modes}
     output_bytes = 0
     out = work / "out"
     for repeat in range(args.repeats):
@@ -171,11 +171,14 @@ def run_shape(shape: str, args: argparse.Namespace, work: Path) -> list[Row]:
             shutil.rmtree(out)
             runs[mode].append(measurement)
             print(f"{shape} {mode} run {repeat + 1}: {_describe(measurement)}", flush=True)
-        if args.cold:
-            evict_from_page_cache(sources)
-        floors.append(copy_floor(sources, output_bytes, work / "floor", work / f"{shape}-floor-{repeat}.log"))
-        print(f"{shape} cp floor run {repeat + 1}: {floors[-1]:.2f} s for {output_bytes / 1e9:.2f} GB", flush=True)
-    return [Row(shape, mode, runs[mode], floors, output_bytes) for mode in args.modes]
+            # The floor is taken right after each merge, so both see the disk in the same state (a long
+            # compute-bound merge lets earlier writeback finish; a copy right after it runs faster).
+            if args.cold:
+                evict_from_page_cache(sources)
+            floor = copy_floor(sources, output_bytes, work / "floor", work / f"{shape}-{mode}-floor-{repeat}.log")
+            floors[mode].append(floor)
+            print(f"{shape} cp floor after {mode} run {repeat + 1}: {floor:.2f} s for {output_bytes / 1e9:.2f} GB")
+    return [Row(shape, mode, runs[mode], floors[mode], output_bytes) for mode in args.modes]
 
 
 def import_baseline(work: Path, repeats: int) -> Row:

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from frankenmoe.toymodels import ToyShape, write_toy_model
 from tests.support import write_config
 
@@ -58,11 +60,15 @@ def output_bytes(folder: Path) -> int:
     return sum(file.stat().st_size for file in folder.glob("*.safetensors"))
 
 
-def test_peak_memory_of_a_hidden_gate_merge_barely_grows_when_the_models_double(tmp_path: Path) -> None:
+# fit continues every prompt by 32 tokens first: text generation that streams the model once per token.
+@pytest.mark.parametrize("gate_mode", ["hidden", "fit"])
+def test_peak_memory_of_a_prompt_based_merge_barely_grows_when_the_models_triple(
+    tmp_path: Path, gate_mode: str
+) -> None:
     peaks, sizes = [], []
     for layers in (SMALLER_LAYERS, LARGER_LAYERS):
         base, experts = model_set(tmp_path / f"models{layers}", layers)
-        config = write_config(tmp_path / f"moe{layers}.yaml", base, experts, gate_mode="hidden", dtype="bfloat16")
+        config = write_config(tmp_path / f"moe{layers}.yaml", base, experts, gate_mode=gate_mode, dtype="bfloat16")
         out = tmp_path / f"out{layers}"
         peaks.append(merge_peak_rss(config, out, tmp_path / f"peak{layers}"))
         sizes.append(output_bytes(out))
