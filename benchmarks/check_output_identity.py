@@ -98,7 +98,7 @@ def check_mode(gate_mode: str, shape: str, experts: int, work: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="small", choices=("tiny", "small", "large"))
-    parser.add_argument("--mode", action="append", dest="modes", choices=("random", "cheap_embed", "hidden"))
+    parser.add_argument("--mode", action="append", dest="modes", choices=("random", "cheap_embed", "hidden", "fit"))
     parser.add_argument("--experts", type=int, default=4)
     args = parser.parse_args()
     work = CACHE / "identity"
