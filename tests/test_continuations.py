@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from frankenmoe.config import AUTO_CONTINUATION_TOKENS, ExpertConfig, RouterConfig, parse_config
 from frankenmoe.errors import ConfigError
 from frankenmoe.layers import StreamedDecoder, greedy_continuations
+from frankenmoe.memory import keep_large_buffers_out_of_the_heap, reuse_large_buffers
 from frankenmoe.merge import MergeOptions, execute_merge, prepare_merge
 from frankenmoe.routers import GateRequest, compute_gates
 from frankenmoe.routers.hidden import LayerStates, layerwise_gates
@@ -204,3 +205,15 @@ def test_dry_run_and_model_card_say_what_the_routers_are_built_from(tiny_models:
     assert f"router prompts: {continued}" in run_cli("merge", fit, tmp_path / "dry", "--dry-run").output
     assert "router prompts: 3 positive, 0 negative\n" in run_cli("merge", hidden, tmp_path / "dry", "--dry-run").output
     assert f"| router prompts | {continued} |" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_continuations_do_not_depend_on_the_large_buffer_policy(tiny_models: TinyModels) -> None:
+    prompts = [token_ids(tiny_models.base, text) for text in PROMPTS]
+    decoder = decoder_for(tiny_models.base)
+    with reuse_large_buffers():
+        reused = greedy_continuations(decoder, prompts, 4, NO_STOP)
+
+    keep_large_buffers_out_of_the_heap()
+    own_mappings = greedy_continuations(decoder, prompts, 4, NO_STOP)
+
+    assert [c.tolist() for c in own_mappings] == [c.tolist() for c in reused]
