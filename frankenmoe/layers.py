@@ -32,8 +32,9 @@ DECODER_MODULES: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
     "mistral": (MistralDecoderLayer, MistralRotaryEmbedding),
     "mixtral": (MixtralDecoderLayer, MixtralRotaryEmbedding),
 }
-MLP_ROWS_PER_SLICE = 1024
-"""Rows of an MLP matrix converted to float32 at a time."""
+SLICE_BYTES = 4 * 1024 * 1024
+"""Float32 bytes of a matrix (MLP or language-model head) converted at a time: small enough that,
+while text is generated, each slice's buffer is reused from the heap (see memory.py)."""
 
 
 @dataclass
@@ -65,9 +66,14 @@ class MatrixRows:
     def whole(cls, location: TensorLocation) -> MatrixRows:
         return cls(location, 0, location.shape[0])
 
+    @property
+    def slice_starts(self) -> range:
+        """First row of each slice that `read` returns, SLICE_BYTES of float32 at most (one row at least)."""
+        return range(0, self.num_rows, max(1, SLICE_BYTES // (self.location.shape[-1] * 4)))
+
     def read(self, start: int, device: torch.device) -> torch.Tensor:
-        """Rows start .. start + MLP_ROWS_PER_SLICE of this block, in float32."""
-        stop = min(start + MLP_ROWS_PER_SLICE, self.num_rows)
+        """The slice of this block that begins at row `start` (one of `slice_starts`), in float32."""
+        stop = min(start + self.slice_starts.step, self.num_rows)
         return read_rows(self.location, self.first_row + start, self.first_row + stop).to(device).float()
 
 
@@ -87,14 +93,14 @@ def sliced_mlp(tokens: torch.Tensor, weights: MLPWeights, activation: nn.Module)
     intermediate = torch.cat(
         [
             activation(tokens @ weights.gate_proj.read(start, device).T) * (tokens @ weights.up_proj.read(start, device).T)
-            for start in range(0, weights.gate_proj.num_rows, MLP_ROWS_PER_SLICE)
+            for start in weights.gate_proj.slice_starts
         ],
         dim=-1,
     )
     output = torch.cat(
         [
             intermediate @ weights.down_proj.read(start, device).T
-            for start in range(0, weights.down_proj.num_rows, MLP_ROWS_PER_SLICE)
+            for start in weights.down_proj.slice_starts
         ],
         dim=-1,
     )
@@ -280,7 +286,7 @@ class StreamedDecoder:
         head = MatrixRows.whole(self._head())
         best_logits = torch.full((len(hidden),), float("-inf"), device=self.device)
         best_tokens = torch.zeros(len(hidden), dtype=torch.long, device=self.device)
-        for start in range(0, head.num_rows, MLP_ROWS_PER_SLICE):
+        for start in head.slice_starts:
             slice_logits, slice_tokens = (normed @ head.read(start, self.device).T).max(dim=-1)
             better = slice_logits > best_logits  # strict: a tie keeps the lower token id, as argmax does
             best_logits = torch.where(better, slice_logits, best_logits)
