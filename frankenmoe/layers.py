@@ -205,9 +205,11 @@ class StreamedDecoder:
         module.load_state_dict(weights, assign=True, strict=True)
         return module.to(self.device).eval()
 
-    def forward_layer(self, layer: int, hidden: list[torch.Tensor]) -> LayerPass:
-        """Run every sequence ([1, T, hidden] each) through layer `layer`."""
-        outputs = self.attend(layer, hidden)
+    def forward_layer(
+        self, layer: int, hidden: list[torch.Tensor], caches: Sequence[DynamicCache] | None = None
+    ) -> LayerPass:
+        """Run every sequence ([1, T, hidden] each) through layer `layer` (behind its cache, see `attend`)."""
+        outputs = self.attend(layer, hidden, caches)
         router_inputs = [output.router_input for output in outputs]
         with torch.no_grad():
             mlp_outputs, logits = self.mlp(layer, torch.cat(router_inputs))
@@ -227,9 +229,8 @@ class StreamedDecoder:
         the keys and values their cache holds, which then gains theirs.
         """
         module = self.load_attention(layer)
-        if caches is None:
-            return [self.run_layer(module, state) for state in hidden]
-        return [self.run_layer(module, state, cache) for state, cache in zip(hidden, caches, strict=True)]
+        per_sequence = caches if caches is not None else [None] * len(hidden)
+        return [self.run_layer(module, state, cache) for state, cache in zip(hidden, per_sequence, strict=True)]
 
     def mlp(self, layer: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's MLP on `tokens` [N, hidden], and for a Mixtral layer its router logits [N, experts]."""
@@ -425,9 +426,6 @@ def _greedy_step(decoder: StreamedDecoder, new_tokens: list[torch.Tensor], cache
     """Run each sequence's new tokens through every layer behind its cache; the next token of each."""
     hidden = [decoder.embed(tokens) for tokens in new_tokens]
     for layer in range(decoder.num_layers):
-        outputs = decoder.attend(layer, hidden, caches)
-        with torch.no_grad():
-            mlp_outputs, _ = decoder.mlp(layer, torch.cat([output.router_input for output in outputs]))
-        hidden = add_mlp_outputs(outputs, mlp_outputs)
+        hidden = decoder.forward_layer(layer, hidden, caches).hidden
     with torch.no_grad():
         return decoder.greedy_tokens(torch.cat([state[0, -1:] for state in hidden])).tolist()
