@@ -174,14 +174,15 @@ def read_rows(location: TensorLocation, start: int, stop: int) -> torch.Tensor:
     stop = min(stop, math.prod(location.shape[:-1]))
     row_bytes = columns * item_size
     count = (stop - start) * row_bytes
+    buffer = bytearray(count)
     try:
         with location.file.open("rb", buffering=0) as handle:
-            data = os.pread(handle.fileno(), count, location.start + start * row_bytes)
+            filled = os.preadv(handle.fileno(), [buffer], location.start + start * row_bytes)
     except OSError as error:
         raise ModelError(f"Cannot read tensor {location.name!r} from {location.file}: {error}.") from None
-    if len(data) != count:
+    if filled != count:
         raise _corrupt(location.file, f"tensor {location.name!r} is cut short")
-    return torch.frombuffer(bytearray(data), dtype=torch_dtype).reshape(stop - start, columns)
+    return torch.frombuffer(buffer, dtype=torch_dtype).reshape(stop - start, columns)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
