@@ -30,7 +30,10 @@ from frankenmoe.toymodels import write_toy_model
 from tests.conftest import TinyModels
 from tests.support import run_cli
 
-BEYONDER_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "configs" / "beyonder-4x7b-v2.yaml"
+REPOSITORY = Path(__file__).resolve().parents[1]
+BEYONDER_CONFIG = REPOSITORY / "tests" / "data" / "beyonder-4x7b-v2.yaml"
+BEYONDER_SHA256 = "e290b2ba63cb7f53c04683fc893a15d1a1893f3c0d3e16ce4ac2e43481cf4a8d"
+"""The published recipe byte for byte, so a reformatted copy cannot pass for it."""
 BASE_ID = "mlabonne/Marcoro14-7B-slerp"
 EXPERT_IDS = (
     "openchat/openchat-3.5-1210",
@@ -44,8 +47,8 @@ PARTS = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 def beyonder_config_path() -> Path:
     if not BEYONDER_CONFIG.is_file():
         pytest.fail(
-            f"The shared Beyonder config is missing: expected it at {BEYONDER_CONFIG} "
-            "(shared/configs/beyonder-4x7b-v2.yaml beside the repository). Restore the shared folder."
+            f"The Beyonder config is missing: expected it at {BEYONDER_CONFIG}. Restore it from git "
+            "(tests/data/beyonder-4x7b-v2.yaml is part of the repository)."
         )
     return BEYONDER_CONFIG
 
@@ -113,6 +116,14 @@ def beyonder_checkpoint(hub_cache: HubCache, tmp_path_factory: pytest.TempPathFa
         result = run_cli("merge", beyonder_config_path(), out)
     assert result.exit_code == 0, result.output
     return out
+
+
+def test_beyonder_config_is_the_published_file_inside_the_repository() -> None:
+    # A fresh clone has nothing beside it, so the tests may only read files the repository holds.
+    path = beyonder_config_path()
+
+    assert path.resolve().is_relative_to(REPOSITORY)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == BEYONDER_SHA256
 
 
 def test_beyonder_config_parses_and_validates_unchanged() -> None:
