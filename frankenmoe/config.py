@@ -116,6 +116,11 @@ def parse_config(text: str, source_name: str = "<config>") -> MergeConfig:
     """Parse YAML text into a validated MergeConfig; every failure is a ConfigError."""
     try:
         data = yaml.load(text, Loader=_ConfigLoader)  # a SafeLoader: data only, never Python objects
+    except _DuplicateKeyError as error:
+        raise ConfigError(
+            f"{source_name}: the key {error.key_text} is given twice in the same mapping, {error.places}. YAML would "
+            "silently keep only the second value; remove the one you did not mean."
+        ) from None
     except yaml.YAMLError as error:
         problem = getattr(error, "problem", None) or (str(error).splitlines() or ["unreadable text"])[0]
         if isinstance(error, yaml.constructor.ConstructorError):
@@ -140,9 +145,41 @@ def parse_config(text: str, source_name: str = "<config>") -> MergeConfig:
     return _merge_config(data, source_name)
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    """A mapping names one key twice; `places` says where the two keys are, for the message."""
+
+    def __init__(self, key: Any, first: yaml.Mark, second: yaml.Mark) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key_text = f"`{key}`" if isinstance(key, str) else _bounded_repr(key)
+        if first.line == second.line:  # a flow mapping such as {a: 1, a: 2}
+            self.places = f"on line {first.line + 1} (columns {first.column + 1} and {second.column + 1})"
+        else:
+            self.places = f"on lines {first.line + 1} and {second.line + 1}"
+
+
 class _ConfigLoader(yaml.SafeLoader):
     """yaml.safe_load's loader, except that a value YAML cannot build (a date such as 2024-13-45, `!!int 0x`)
-    becomes a YAML error at that value's line and column instead of a bare ValueError."""
+    becomes a YAML error at that value's line and column instead of a bare ValueError, and a key given
+    twice in one mapping is an error instead of the last value silently winning."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        self._check_unique_keys(node)
+        return super().construct_mapping(node, deep)
+
+    def _check_unique_keys(self, node: yaml.MappingNode) -> None:
+        # Only the mapping's own keys count: a key written after `<<: *defaults` overrides the default
+        # by YAML's merge rule, which is what such a config means.
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise _DuplicateKeyError(key, seen[key], key_node.start_mark)
+                seen[key] = key_node.start_mark
+            except TypeError:
+                continue  # an unhashable key: SafeLoader's own construct_mapping reports it
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:

@@ -257,3 +257,41 @@ def test_load_config_reads_a_file_and_names_it_in_errors(tmp_path: Path) -> None
         load_config(bad)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        ("base_model: org/old" + MINIMAL, "base_model", (1, 2)),
+        (MINIMAL + "gate_mode: hidden\nrouter: {}\ngate_mode: random\n", "gate_mode", (8, 10)),
+        (
+            MINIMAL + "  - source_model: org/c\n    positive_prompts: [code]\n    positive_prompts: [maths]\n",
+            "positive_prompts",
+            (9, 10),
+        ),
+        (MINIMAL + "router:\n  pooling: mean\n  pooling: last\n", "pooling", (9, 10)),
+    ],
+)
+def test_a_key_given_twice_is_refused_with_both_lines(text: str, key: str, lines: tuple[int, int]) -> None:
+    message = config_error(text)
+
+    assert f"`{key}` is given twice" in message
+    assert f"lines {lines[0]} and {lines[1]}" in message
+
+
+def test_merge_keys_may_be_overridden_without_counting_as_duplicates() -> None:
+    # `<<: *defaults` then an explicit key is YAML's way to override a default, not a repeated key.
+    config = parse(
+        """
+        base_model: org/base
+        experts:
+          - &coder
+            source_model: org/coder
+            positive_prompts: ["write code"]
+          - <<: *coder
+            source_model: org/coder-2
+        """
+    )
+
+    assert [expert.source_model for expert in config.experts] == ["org/coder", "org/coder-2"]
+    assert config.experts[1].positive_prompts == ("write code",)
