@@ -1,53 +1,148 @@
-"""Tensor naming as data: where source families keep their tensors, where output layouts put them.
+"""Model families and MoE output architectures as data.
 
-Adding a source family or an output layout means adding an entry to one of the tables below.
+A source family says where a dense decoder keeps each weight, with its shape as a function of the
+model's dimensions. An output architecture says where a MoE keeps its routed experts, routers and
+shared expert, which families it can hold (and why not the others), how its config.json is built
+and how it routes. The plan, the writer, the streamed decoder and the read commands are generic
+over these entries: adding a family or an output is an entry in the tables below plus tests.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
 
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
+LAYER_PREFIX = "model.layers.{layer}."
+
+Dims = tuple[str, ...]
+"""A shape as names of model dimensions: hidden, intermediate, vocab, q_width, kv_width, head_dim."""
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One tensor: its name (relative to the layer prefix for per-layer weights) and its shape.
+
+    A weight with a `flag` exists exactly when the model's config.json sets that flag (Llama's
+    `attention_bias`); one without is always there.
+    """
+
+    name: str
+    shape: Dims
+    flag: str | None = None
+
+
+def _attention(*extras: Weight) -> tuple[Weight, ...]:
+    """A layer's weights outside the MLP, in checkpoint order: norm, attention (with `extras`), norm."""
+    return (
+        Weight("input_layernorm.weight", ("hidden",)),
+        Weight("self_attn.q_proj.weight", ("q_width", "hidden")),
+        Weight("self_attn.k_proj.weight", ("kv_width", "hidden")),
+        Weight("self_attn.v_proj.weight", ("kv_width", "hidden")),
+        Weight("self_attn.o_proj.weight", ("hidden", "q_width")),
+        *extras,
+        Weight("post_attention_layernorm.weight", ("hidden",)),
+    )
+
+
+def _qkv_biases(flag: str | None = None) -> tuple[Weight, ...]:
+    return (
+        Weight("self_attn.q_proj.bias", ("q_width",), flag),
+        Weight("self_attn.k_proj.bias", ("kv_width",), flag),
+        Weight("self_attn.v_proj.bias", ("kv_width",), flag),
+    )
+
+
+def _qk_norms() -> tuple[Weight, ...]:
+    return (Weight("self_attn.q_norm.weight", ("head_dim",)), Weight("self_attn.k_norm.weight", ("head_dim",)))
+
+
+DENSE_MLP = {
+    "gate_proj": Weight("mlp.gate_proj.weight", ("intermediate", "hidden")),
+    "up_proj": Weight("mlp.up_proj.weight", ("intermediate", "hidden")),
+    "down_proj": Weight("mlp.down_proj.weight", ("hidden", "intermediate")),
+}
+EMBEDDINGS = Weight("model.embed_tokens.weight", ("vocab", "hidden"))
+FINAL_NORM = Weight("model.norm.weight", ("hidden",))
+LM_HEAD = Weight("lm_head.weight", ("vocab", "hidden"))
+"""Absent when the config ties the head to the embeddings."""
+
+
+def transformers_class(path: str) -> type:
+    """'module:Class' of transformers, imported on first use (transformers is slow to import)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(f"transformers.models.{module}"), name)
 
 
 @dataclass(frozen=True)
 class SourceFamily:
     """A dense decoder family whose MLPs can become experts."""
 
+    name: str
     model_types: tuple[str, ...]
-    global_tensors: tuple[str, ...]
-    untied_lm_head: str
-    layer_tensors: tuple[str, ...]
-    mlp_tensors: dict[str, str]
-    layer_template: str = "model.layers.{layer}."
+    class_name: str
+    decoder_layer: str
+    rotary: str
+    natural_output: str
+    """What `architecture: auto` picks for this family's sources when nothing else decides."""
+    layer_weights: tuple[Weight, ...]
+    """Every per-layer weight outside the MLP."""
+    mlp: dict[str, Weight] = field(default_factory=lambda: dict(DENSE_MLP))
+    derivable: tuple[str, ...] = ("self_attn.rotary_emb.inv_freq",)
+    """Per-layer buffers older checkpoints carry that are recomputed from the config: skipped, documented."""
+    mlp_prefix: str = "mlp."
 
     def layer_name(self, layer: int, suffix: str) -> str:
-        return self.layer_template.format(layer=layer) + suffix
+        return LAYER_PREFIX.format(layer=layer) + suffix
 
     def mlp_name(self, layer: int, part: str) -> str:
-        return self.layer_name(layer, self.mlp_tensors[part])
+        return self.layer_name(layer, self.mlp[part].name)
 
 
-LLAMA_LIKE = SourceFamily(
-    model_types=("llama", "mistral"),
-    global_tensors=("model.embed_tokens.weight", "model.norm.weight"),
-    untied_lm_head="lm_head.weight",
-    layer_tensors=(
-        "input_layernorm.weight",
-        "self_attn.q_proj.weight",
-        "self_attn.k_proj.weight",
-        "self_attn.v_proj.weight",
-        "self_attn.o_proj.weight",
-        "post_attention_layernorm.weight",
+SOURCE_FAMILY_LIST = (
+    SourceFamily(
+        name="llama",
+        model_types=("llama",),
+        class_name="LlamaForCausalLM",
+        decoder_layer="llama.modeling_llama:LlamaDecoderLayer",
+        rotary="llama.modeling_llama:LlamaRotaryEmbedding",
+        natural_output="mixtral",
+        layer_weights=_attention(
+            *_qkv_biases("attention_bias"), Weight("self_attn.o_proj.bias", ("hidden",), "attention_bias")
+        ),
     ),
-    mlp_tensors={
-        "gate_proj": "mlp.gate_proj.weight",
-        "up_proj": "mlp.up_proj.weight",
-        "down_proj": "mlp.down_proj.weight",
-    },
+    SourceFamily(
+        name="mistral",
+        model_types=("mistral",),
+        class_name="MistralForCausalLM",
+        decoder_layer="mistral.modeling_mistral:MistralDecoderLayer",
+        rotary="mistral.modeling_mistral:MistralRotaryEmbedding",
+        natural_output="mixtral",
+        layer_weights=_attention(),
+    ),
+    SourceFamily(
+        name="qwen2",
+        model_types=("qwen2",),
+        class_name="Qwen2ForCausalLM",
+        decoder_layer="qwen2.modeling_qwen2:Qwen2DecoderLayer",
+        rotary="qwen2.modeling_qwen2:Qwen2RotaryEmbedding",
+        natural_output="qwen2_moe",
+        layer_weights=_attention(*_qkv_biases()),
+    ),
+    SourceFamily(
+        name="qwen3",
+        model_types=("qwen3",),
+        class_name="Qwen3ForCausalLM",
+        decoder_layer="qwen3.modeling_qwen3:Qwen3DecoderLayer",
+        rotary="qwen3.modeling_qwen3:Qwen3RotaryEmbedding",
+        natural_output="qwen3_moe",
+        layer_weights=_attention(*_qk_norms()),
+    ),
 )
-
-SOURCE_FAMILIES: dict[str, SourceFamily] = {model_type: LLAMA_LIKE for model_type in LLAMA_LIKE.model_types}
+SOURCE_FAMILIES: dict[str, SourceFamily] = {
+    model_type: family for family in SOURCE_FAMILY_LIST for model_type in family.model_types
+}
 
 
 @dataclass(frozen=True)
@@ -65,41 +160,83 @@ class ExpertTensor:
 
 @dataclass(frozen=True)
 class OutputLayout:
+    """Where one output architecture's routers and routed experts go, in one tensor naming."""
+
     name: str
     description: str
     router_template: str
     expert_tensors: tuple[ExpertTensor, ...]
+    moe_prefix: str
+    """What every MoE tensor of a layer starts with, after the layer prefix."""
 
     def router_name(self, layer: int) -> str:
         return self.router_template.format(layer=layer)
 
 
-OUTPUT_LAYOUTS: dict[str, OutputLayout] = {
-    "classic": OutputLayout(
-        name="classic",
-        description="block_sparse_moe.experts.E.w1/w2/w3 (transformers 4.x/5.x, vLLM, llama.cpp)",
-        router_template="model.layers.{layer}.block_sparse_moe.gate.weight",
-        expert_tensors=(
-            ExpertTensor("model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight", ("gate_proj",), False),
-            ExpertTensor("model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight", ("down_proj",), False),
-            ExpertTensor("model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight", ("up_proj",), False),
-        ),
-    ),
-    "fused": OutputLayout(
-        name="fused",
-        description="mlp.experts.gate_up_proj / down_proj (transformers 5.x only)",
-        router_template="model.layers.{layer}.mlp.gate.weight",
-        expert_tensors=(
-            ExpertTensor("model.layers.{layer}.mlp.experts.gate_up_proj", ("gate_proj", "up_proj"), True),
-            ExpertTensor("model.layers.{layer}.mlp.experts.down_proj", ("down_proj",), True),
-        ),
-    ),
-}
+@dataclass(frozen=True)
+class SharedExpertSlots:
+    """A shared expert every token goes through, scaled by sigmoid(x · gate) (Qwen2-MoE)."""
 
-MIXTRAL_CONFIG_FIELDS = (
+    mlp: dict[str, str]
+    gate: str
+    size_key: str
+    """The config field giving the shared expert's intermediate size."""
+    max_count: int = 1
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How router logits become expert weights: softmax over all experts in float32, then top-k.
+
+    The top-k weights are renormalised to sum to 1 when `renormalize_key` is None (always) or when
+    the config sets that key.
+    """
+
+    renormalize_key: str | None = None
+
+    def renormalizes(self, config: dict[str, Any]) -> bool:
+        return self.renormalize_key is None or bool(config.get(self.renormalize_key, False))
+
+
+@dataclass(frozen=True)
+class OutputArchitecture:
+    """A MoE format frankenmoe writes and reads."""
+
+    model_type: str
+    class_name: str
+    decoder_layer: str
+    rotary: str
+    accepts: tuple[str, ...]
+    """Source family names whose every weight has a place here."""
+    refuses: dict[str, str]
+    """Other families, each with why its weights cannot be held and what to use instead."""
+    layer_weights: tuple[Weight, ...]
+    """Per-layer non-MoE slots, filled from the base model."""
+    zero_filled: frozenset[str]
+    """Slots written as exact zeros when the base model lacks them (biases of bias-free sources)."""
+    layouts: dict[str, OutputLayout]
+    expert_count_key: str
+    expert_size_key: str
+    carried_fields: tuple[str, ...]
+    """Fields copied from the base model's config.json when present."""
+    carried_defaults: dict[str, Any]
+    """Fields copied from the base's config.json, or given this value when it lacks them (a reader's own
+    default would differ: Mixtral's config class defaults to a 4096-token sliding window in transformers 4)."""
+    fixed_fields: dict[str, Any]
+    routing: Routing
+    shared_expert: SharedExpertSlots | None = None
+
+    @property
+    def default_layout(self) -> str:
+        return next(iter(self.layouts))
+
+    def layer_slot_names(self) -> frozenset[str]:
+        return frozenset(weight.name for weight in self.layer_weights)
+
+
+COMMON_CONFIG_FIELDS = (
     "vocab_size",
     "hidden_size",
-    "intermediate_size",
     "num_hidden_layers",
     "num_attention_heads",
     "num_key_value_heads",
@@ -113,13 +250,139 @@ MIXTRAL_CONFIG_FIELDS = (
     "bos_token_id",
     "eos_token_id",
     "tie_word_embeddings",
-    "rope_theta",
-    "rope_scaling",
-    "rope_parameters",
-    "sliding_window",
     "attention_dropout",
 )
-"""Fields a Mixtral config shares with a Llama/Mistral config, carried over from the base."""
+"""Fields every output shares with its dense sources' configs; rope settings are written separately."""
+
+MIXTRAL_LAYOUTS = {
+    "classic": OutputLayout(
+        name="classic",
+        description="block_sparse_moe.experts.E.w1/w2/w3 (transformers 4.x/5.x, vLLM, llama.cpp)",
+        router_template="model.layers.{layer}.block_sparse_moe.gate.weight",
+        expert_tensors=(
+            ExpertTensor("model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight", ("gate_proj",), False),
+            ExpertTensor("model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight", ("down_proj",), False),
+            ExpertTensor("model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight", ("up_proj",), False),
+        ),
+        moe_prefix="block_sparse_moe.",
+    ),
+    "fused": OutputLayout(
+        name="fused",
+        description="mlp.experts.gate_up_proj / down_proj (transformers 5.x only)",
+        router_template="model.layers.{layer}.mlp.gate.weight",
+        expert_tensors=(
+            ExpertTensor("model.layers.{layer}.mlp.experts.gate_up_proj", ("gate_proj", "up_proj"), True),
+            ExpertTensor("model.layers.{layer}.mlp.experts.down_proj", ("down_proj",), True),
+        ),
+        moe_prefix="mlp.",
+    ),
+}
+
+
+def _qwen_layout() -> dict[str, OutputLayout]:
+    return {
+        "classic": OutputLayout(
+            name="classic",
+            description="mlp.experts.E.gate_proj/up_proj/down_proj (transformers, vLLM, llama.cpp)",
+            router_template="model.layers.{layer}.mlp.gate.weight",
+            expert_tensors=tuple(
+                ExpertTensor(f"model.layers.{{layer}}.mlp.experts.{{expert}}.{part}.weight", (part,), False)
+                for part in MLP_PARTS
+            ),
+            moe_prefix="mlp.",
+        )
+    }
+
+
+_BIASES_LOST = "its attention q/k/v biases have no place in {output}'s attention and would be lost"
+_NORMS_LOST = "its attention q_norm/k_norm have no place in {output}'s attention and would be lost"
+_NORMS_MISSING = "{output}'s attention applies q_norm/k_norm, which {family} models do not have"
+
+OUTPUT_ARCHITECTURE_LIST = (
+    OutputArchitecture(
+        model_type="mixtral",
+        class_name="MixtralForCausalLM",
+        decoder_layer="mixtral.modeling_mixtral:MixtralDecoderLayer",
+        rotary="mixtral.modeling_mixtral:MixtralRotaryEmbedding",
+        accepts=("llama", "mistral"),
+        refuses={
+            "qwen2": _BIASES_LOST.format(output="Mixtral") + "; use `architecture: qwen2_moe`",
+            "qwen3": _NORMS_LOST.format(output="Mixtral") + "; use `architecture: qwen3_moe`",
+        },
+        layer_weights=_attention(),
+        zero_filled=frozenset(),
+        layouts=MIXTRAL_LAYOUTS,
+        expert_count_key="num_local_experts",
+        expert_size_key="intermediate_size",
+        carried_fields=COMMON_CONFIG_FIELDS,
+        carried_defaults={"sliding_window": None},
+        fixed_fields={"output_router_logits": False, "router_aux_loss_coef": 0.001, "router_jitter_noise": 0.0},
+        routing=Routing(),
+    ),
+    OutputArchitecture(
+        model_type="qwen2_moe",
+        class_name="Qwen2MoeForCausalLM",
+        decoder_layer="qwen2_moe.modeling_qwen2_moe:Qwen2MoeDecoderLayer",
+        rotary="qwen2_moe.modeling_qwen2_moe:Qwen2MoeRotaryEmbedding",
+        accepts=("qwen2", "llama", "mistral"),
+        refuses={"qwen3": _NORMS_LOST.format(output="Qwen2-MoE") + "; use `architecture: qwen3_moe`"},
+        layer_weights=_attention(*_qkv_biases()),
+        zero_filled=frozenset(weight.name for weight in _qkv_biases()),
+        layouts=_qwen_layout(),
+        expert_count_key="num_experts",
+        expert_size_key="moe_intermediate_size",
+        carried_fields=(*COMMON_CONFIG_FIELDS, "sliding_window", "max_window_layers"),
+        carried_defaults={"use_sliding_window": False},
+        fixed_fields={
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "qkv_bias": True,
+            # With every top-k weight renormalised, identical routed experts sum to exactly one expert.
+            "norm_topk_prob": True,
+            "output_router_logits": False,
+            "router_aux_loss_coef": 0.001,
+        },
+        routing=Routing(renormalize_key="norm_topk_prob"),
+        shared_expert=SharedExpertSlots(
+            mlp={part: f"model.layers.{{layer}}.mlp.shared_expert.{part}.weight" for part in MLP_PARTS},
+            gate="model.layers.{layer}.mlp.shared_expert_gate.weight",
+            size_key="shared_expert_intermediate_size",
+        ),
+    ),
+    OutputArchitecture(
+        model_type="qwen3_moe",
+        class_name="Qwen3MoeForCausalLM",
+        decoder_layer="qwen3_moe.modeling_qwen3_moe:Qwen3MoeDecoderLayer",
+        rotary="qwen3_moe.modeling_qwen3_moe:Qwen3MoeRotaryEmbedding",
+        accepts=("qwen3",),
+        refuses={
+            "qwen2": _BIASES_LOST.format(output="Qwen3-MoE") + "; use `architecture: qwen2_moe`",
+            "llama": _NORMS_MISSING.format(output="Qwen3-MoE", family="llama")
+            + "; use `architecture: mixtral` or `qwen2_moe`",
+            "mistral": _NORMS_MISSING.format(output="Qwen3-MoE", family="mistral")
+            + "; use `architecture: mixtral` or `qwen2_moe`",
+        },
+        layer_weights=_attention(*_qk_norms()),
+        zero_filled=frozenset(),
+        layouts=_qwen_layout(),
+        expert_count_key="num_experts",
+        expert_size_key="moe_intermediate_size",
+        carried_fields=(*COMMON_CONFIG_FIELDS, "sliding_window", "max_window_layers"),
+        carried_defaults={"use_sliding_window": False},
+        fixed_fields={
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "attention_bias": False,
+            "norm_topk_prob": True,
+            "output_router_logits": False,
+            "router_aux_loss_coef": 0.001,
+        },
+        routing=Routing(renormalize_key="norm_topk_prob"),
+    ),
+)
+OUTPUT_ARCHITECTURES: dict[str, OutputArchitecture] = {arch.model_type: arch for arch in OUTPUT_ARCHITECTURE_LIST}
+ARCHITECTURE_NAMES = ("auto", *OUTPUT_ARCHITECTURES)
+LAYOUT_NAMES = tuple(dict.fromkeys(name for arch in OUTPUT_ARCHITECTURE_LIST for name in arch.layouts))
 
 TOKENIZER_FILES = (
     "tokenizer.json",

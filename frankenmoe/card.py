@@ -6,6 +6,7 @@ from frankenmoe import __version__
 from frankenmoe.config import PROMPT_GATE_MODES, MergeConfig
 from frankenmoe.laser import LaserResult
 from frankenmoe.plan import SAFETENSORS_TO_CONFIG_DTYPE, MergePlan
+from frankenmoe.sources import weight_formats_summary
 
 RECIPE_HEADING = "## Merge recipe"
 LASER_HEADING = "## Laser rank reduction"
@@ -18,18 +19,25 @@ def model_card(plan: MergePlan, config_text: str, extra_sections: tuple[str, ...
         for index, expert in enumerate(plan.experts)
     )
     sections = [
-        "---\nlibrary_name: transformers\ntags:\n- moe\n- frankenmoe\n- mixtral\n---\n",
+        f"---\nlibrary_name: transformers\ntags:\n- moe\n- frankenmoe\n- {plan.architecture.model_type}\n---\n",
         f"# {len(plan.experts)}-expert frankenMoE of `{plan.base.reference}`\n",
         f"Built with frankenmoe {__version__}: attention, embeddings and norms come from the base model "
         "`" + plan.base.reference + "`; each expert's MLP comes from its source model; routers were "
         f"initialised with gate mode `{config.gate_mode}`. No training was done.\n",
         "| | |\n|---|---|\n"
-        f"| architecture | MixtralForCausalLM ({plan.layout.name} tensor layout) |\n"
+        f"| architecture | {plan.architecture.class_name} ({plan.layout.name} tensor layout; {plan.architecture_reason}) |\n"
+        + (
+            f"| shared expert | `{plan.shared_expert.reference}`; gate: {plan.computed_origin('shared_expert_gate')} |\n"
+            if plan.shared_expert is not None
+            else ""
+        )
+        + f"| routers | {plan.computed_origin('router')} |\n"
         f"| experts | {len(plan.experts)}, {config.experts_per_token} per token |\n"
         f"| parameters | {plan.total_parameters:,} total, {plan.active_parameters:,} active per token |\n"
         f"| dtype | {SAFETENSORS_TO_CONFIG_DTYPE[plan.dtype]} |\n"
         f"| gate mode | {config.gate_mode} |\n"
-        f"| router prompts | {router_summary(config)} |\n",
+        f"| router prompts | {router_summary(config)} |\n"
+        f"| source weights | {weight_formats_summary((plan.base, *plan.experts))} |\n",
         "## Experts\n\n| # | source | positive prompts |\n|---|---|---|\n" + expert_lines + "\n",
         *extra_sections,
         f"{RECIPE_HEADING}\n\n```yaml\n{config_text.rstrip()}\n```\n",

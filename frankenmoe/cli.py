@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.text import Text
 
 from frankenmoe import __version__
-from frankenmoe.architectures import OUTPUT_LAYOUTS
+from frankenmoe.architectures import LAYOUT_NAMES
 from frankenmoe.card import router_summary
 from frankenmoe.config import DTYPES
 from frankenmoe.errors import ConfigError, FrankenMoEError, MergeInterruptedError, OutputError
@@ -53,6 +53,7 @@ from frankenmoe.routing import (
     routing_to_dict,
     summarise_routing,
 )
+from frankenmoe.sources import weight_formats_summary
 
 app = typer.Typer(
     help="Build Mixtral-format Mixture-of-Experts checkpoints from dense fine-tunes of one base model.",
@@ -128,8 +129,12 @@ def merge(
     ] = None,
     device: Annotated[str, typer.Option(help="Where the hidden-state pass runs: cpu or cuda.")] = "cpu",
     layout: Annotated[
-        str, typer.Option(help="Output tensor layout: classic (every Mixtral loader) or fused (transformers 5 only).")
-    ] = "classic",
+        str | None,
+        typer.Option(
+            help="Output tensor layout: classic (every loader; the default) or fused (Mixtral for transformers 5 only).",
+            show_default=False,
+        ),
+    ] = None,
     no_check: Annotated[
         bool, typer.Option("--no-check", help="Skip routing the experts' positive prompts through the result.")
     ] = False,
@@ -139,7 +144,7 @@ def merge(
 
     def action() -> None:
         options = MergeOptions(
-            layout=_choice(layout, tuple(OUTPUT_LAYOUTS), "--layout"),
+            layout=None if layout is None else _choice(layout, LAYOUT_NAMES, "--layout"),
             dtype=None if dtype is None else _choice(dtype, DTYPES, "--dtype"),
             shard_bytes=parse_size(shard_size),
             seed=seed,
@@ -174,9 +179,23 @@ def _print_plan(prepared: PreparedMerge, detailed: bool) -> None:
     typer.echo(f"base model: {plan.base.reference} ({plan.base.path})")
     for index, expert in enumerate(plan.experts):
         typer.echo(f"expert {index}: {expert.reference} ({expert.path})")
+    if plan.shared_expert is not None:
+        typer.echo(f"shared expert: {plan.shared_expert.reference} ({plan.shared_expert.path})")
+    typer.echo(
+        f"architecture: {plan.architecture.model_type} ({plan.architecture_reason}); "
+        f"tensor layout: {plan.layout.name}"
+    )
+    if plan.architecture.shared_expert is not None:
+        typer.echo(f"shared-expert gate: {plan.computed_origin('shared_expert_gate')}")
+    if plan.skipped_tensors:
+        typer.echo(
+            f"skipped: {len(plan.skipped_tensors)} rotary inv_freq buffer(s) of the base model, "
+            "recomputed from config.json by every loader"
+        )
+    typer.echo(f"source weights: {weight_formats_summary((plan.base, *plan.experts))}")
     typer.echo(
         f"gate mode: {plan.config.gate_mode}; experts per token: {plan.config.experts_per_token}; "
-        f"layout: {plan.layout.name}; dtype: {SAFETENSORS_TO_CONFIG_DTYPE[plan.dtype]}"
+        f"dtype: {SAFETENSORS_TO_CONFIG_DTYPE[plan.dtype]}"
     )
     typer.echo(f"router prompts: {router_summary(plan.config)}")
     typer.echo(f"parameters: {plan.total_parameters:,} total, {plan.active_parameters:,} active per token")
@@ -190,8 +209,10 @@ def _print_plan(prepared: PreparedMerge, detailed: bool) -> None:
         return
     typer.echo("\nshard  dtype  shape                 tensor  <-  source")
     for job in plan.jobs:
-        if job.router_layer is not None:
-            origin = f"router ({plan.config.gate_mode})"
+        if job.computed is not None:
+            origin = f"computed {job.computed.kind.replace('_', ' ')}: {plan.computed_origin(job.computed.kind)}"
+        elif job.origin == "zeros":
+            origin = "zeros (no source has this tensor)"
         else:
             origin = ", ".join(f"{piece.location.file.parent.name}/{piece.location.name}" for piece in job.pieces)
         shape = "x".join(map(str, job.shape))

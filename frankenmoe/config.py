@@ -25,7 +25,8 @@ AUTO_CONTINUATION_TOKENS = {"fit": 32}
 Chosen by benchmarks/routing (fit gains most with keyword prompts; hidden's mean rows get worse)."""
 MAX_CONTINUATION_TOKENS = 1024
 DTYPES = ("bfloat16", "float16", "float32")
-ARCHITECTURES = ("mixtral",)
+ARCHITECTURES = ("auto", "mixtral", "qwen2_moe", "qwen3_moe")
+"""`auto` picks the natural output for the sources (frankenmoe.plan.choose_architecture)."""
 POOLINGS = ("mean", "last")
 ROUTER_INPUTS = ("router", "residual")
 LASER_METHODS = ("snr", "fixed", "optimal")
@@ -92,7 +93,8 @@ class MergeConfig:
     gate_mode: str = "hidden"
     dtype: str | None = None
     experts_per_token: int = 2
-    architecture: str = "mixtral"
+    architecture: str = "auto"
+    shared_experts: tuple[ExpertConfig, ...] = ()
     router: RouterConfig = field(default_factory=RouterConfig)
     base_laser: LaserConfig | None = None
 
@@ -231,12 +233,11 @@ def _merge_config(data: Mapping[str, Any], source: str) -> MergeConfig:
             f"{source}: `experts_per_token` is {experts_per_token}, but with {len(experts)} expert(s) "
             f"it must be between 1 and {len(experts)}."
         )
-    architecture = _string(data.get("architecture", "mixtral"), "architecture", source)
-    if architecture not in ARCHITECTURES:
-        raise ConfigError(
-            f"{source}: `architecture: {architecture}` is not supported yet. "
-            f"Supported: {', '.join(ARCHITECTURES)}; remove the key or set it to `mixtral`."
-        )
+    architecture = _choice(data.get("architecture", "auto"), ARCHITECTURES, "architecture", source)
+    shared_experts = tuple(
+        _expert(item, f"shared_experts[{index}]", source, SHARED_EXPERT_KEYS)
+        for index, item in enumerate(_sequence(data.get("shared_experts", []), "shared_experts", source))
+    )
     router = _router(data.get("router", {}), "router", gate_mode, source)
     base_laser = _optional_laser(data.get("base_laser"), BASE_LASER_MATRICES, "base_laser", source)
 
@@ -255,14 +256,15 @@ def _merge_config(data: Mapping[str, Any], source: str) -> MergeConfig:
         dtype=dtype,
         experts_per_token=experts_per_token,
         architecture=architecture,
+        shared_experts=shared_experts,
         router=router,
         base_laser=base_laser,
     )
 
 
-def _expert(item: Any, path: str, source: str) -> ExpertConfig:
+def _expert(item: Any, path: str, source: str, keys: tuple[str, ...] = ()) -> ExpertConfig:
     data = _mapping(item, path, source)
-    _check_keys(data, EXPERT_KEYS, path, source)
+    _check_keys(data, keys or EXPERT_KEYS, path, source)
     _require(data, "source_model", path, source)
     return ExpertConfig(
         source_model=_string(data["source_model"], f"{path}.source_model", source),
@@ -425,10 +427,13 @@ MERGE_KEYS = (
     "dtype",
     "experts_per_token",
     "architecture",
+    "shared_experts",
     "router",
     "base_laser",
 )
 EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale", "laser")
+SHARED_EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "residual_scale")
+"""mergekit-moe's keys for a shared expert."""
 ROUTER_KEYS = (
     "pooling",
     "scale",

@@ -19,7 +19,6 @@ import yaml
 from frankenmoe.architectures import TOKENIZER_FILES, OutputLayout
 from frankenmoe.card import RECIPE_HEADING
 from frankenmoe.errors import ModelError
-from frankenmoe.layers import detect_layout
 from frankenmoe.routing import TOKENIZER_MARKERS, Checkpoint, load_checkpoint
 from frankenmoe.tensor_io import CONFIG_DTYPE_TO_SAFETENSORS, read_tensor
 
@@ -110,7 +109,7 @@ def inspect_checkpoint(path: Path) -> CheckpointReport:
     """Summarise a checkpoint and diagnose every layer's router (one router tensor in memory at a time)."""
     checkpoint = load_checkpoint(path)
     config = checkpoint.config
-    layout = detect_layout(checkpoint.tensors)
+    layout = checkpoint.layout
     total = sum(math.prod(location.shape) for location in checkpoint.tensors.values())
     expert_total = _expert_parameters(checkpoint, layout)
     unchosen = checkpoint.num_experts - int(config.get("num_experts_per_tok", 2))
@@ -126,7 +125,7 @@ def inspect_checkpoint(path: Path) -> CheckpointReport:
         num_experts=checkpoint.num_experts,
         experts_per_token=int(config.get("num_experts_per_tok", 2)),
         hidden_size=int(config["hidden_size"]),
-        intermediate_size=int(config["intermediate_size"]),
+        intermediate_size=int(config[checkpoint.architecture.expert_size_key]),
         vocab_size=int(config["vocab_size"]),
         dtype=str(
             config.get("dtype") or config.get("torch_dtype") or _config_dtype(max(stored, key=stored.__getitem__))

@@ -148,7 +148,7 @@ def resolve_layers(spec: str | tuple[int, ...], layer_count: int, path: str, sou
 
 
 def matrix_tensor_name(source: SourceModel, layer: int, matrix: str) -> str:
-    if matrix in source.family.mlp_tensors:
+    if matrix in source.family.mlp:
         return source.family.mlp_name(layer, matrix)
     return source.family.layer_name(layer, f"self_attn.{matrix}.weight")
 

@@ -18,20 +18,24 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-from transformers.models.mistral.modeling_mistral import MistralDecoderLayer, MistralRotaryEmbedding
-from transformers.models.mixtral.modeling_mixtral import MixtralDecoderLayer, MixtralRotaryEmbedding
 
-from frankenmoe.architectures import MLP_PARTS, OUTPUT_LAYOUTS, SOURCE_FAMILIES, OutputLayout
+from frankenmoe.architectures import (
+    EMBEDDINGS,
+    FINAL_NORM,
+    LAYER_PREFIX,
+    LM_HEAD,
+    MLP_PARTS,
+    OUTPUT_ARCHITECTURES,
+    SOURCE_FAMILIES,
+    OutputArchitecture,
+    OutputLayout,
+    SourceFamily,
+    transformers_class,
+)
 from frankenmoe.errors import ModelError
 from frankenmoe.memory import reuse_large_buffers
 from frankenmoe.tensor_io import TensorLocation, read_rows, read_tensor
 
-DECODER_MODULES: dict[str, tuple[type[nn.Module], type[nn.Module]]] = {
-    "llama": (LlamaDecoderLayer, LlamaRotaryEmbedding),
-    "mistral": (MistralDecoderLayer, MistralRotaryEmbedding),
-    "mixtral": (MixtralDecoderLayer, MixtralRotaryEmbedding),
-}
 SLICE_BYTES = 4 * 1024 * 1024
 """Float32 bytes of a matrix (MLP or language-model head) converted at a time: small enough that,
 while text is generated, each slice's buffer is reused from the heap (see memory.py)."""
@@ -107,14 +111,33 @@ def sliced_mlp(tokens: torch.Tensor, weights: MLPWeights, activation: nn.Module)
     return output if weights.down_scale is None else output * weights.down_scale
 
 
+@dataclass(frozen=True)
+class SharedExpert:
+    """An MLP every token goes through, its output scaled by sigmoid(tokens · gate) (Qwen2-MoE)."""
+
+    weights: MLPWeights
+    gate: torch.Tensor
+    """[1, hidden] float32."""
+
+
 def moe_forward(
-    tokens: torch.Tensor, logits: torch.Tensor, experts: Sequence[MLPWeights], top_k: int, activation: nn.Module
+    tokens: torch.Tensor,
+    logits: torch.Tensor,
+    experts: Sequence[MLPWeights],
+    top_k: int,
+    activation: nn.Module,
+    renormalize: bool = True,
+    shared: SharedExpert | None = None,
 ) -> torch.Tensor:
-    """Mixtral's sparse MLP: softmax over all experts in float32, top-k, weights renormalised to 1."""
+    """A sparse MoE MLP: softmax over all experts in float32, top-k (weights renormalised to 1 when
+    `renormalize`), plus the shared expert behind its sigmoid gate when there is one."""
     probabilities = torch.softmax(logits.float(), dim=-1)
     top_weights, top_experts = probabilities.topk(top_k, dim=-1)
-    top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
+    if renormalize:
+        top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
     output = torch.zeros_like(tokens)
+    if shared is not None and shared.weights.down_proj.num_rows and shared.weights.gate_proj.num_rows:
+        output += torch.sigmoid(tokens @ shared.gate.T) * sliced_mlp(tokens, shared.weights, activation)
     for index, weights in enumerate(experts):
         chosen = (top_experts == index).any(dim=-1).nonzero().squeeze(-1)
         if len(chosen):
@@ -144,7 +167,7 @@ def expert_mlp_weights(
 
 @dataclass
 class StreamedDecoder:
-    """A Llama, Mistral or Mixtral decoder whose layers are loaded one at a time on demand."""
+    """A decoder of any family or output architecture in the tables, its layers loaded one at a time."""
 
     config: dict[str, Any]
     tensors: dict[str, TensorLocation]
@@ -152,23 +175,25 @@ class StreamedDecoder:
 
     def __post_init__(self) -> None:
         model_type = str(self.config.get("model_type"))
-        if model_type not in DECODER_MODULES:
-            raise ModelError(
-                f"Cannot run a {model_type!r} model layer by layer; supported: {', '.join(DECODER_MODULES)}."
-            )
-        self.model_type = model_type
+        self.family: SourceFamily | None = SOURCE_FAMILIES.get(model_type)
+        self.moe: OutputArchitecture | None = OUTPUT_ARCHITECTURES.get(model_type)
+        entry = self.family or self.moe
+        if entry is None:
+            known = sorted({*SOURCE_FAMILIES, *OUTPUT_ARCHITECTURES})
+            raise ModelError(f"Cannot run a {model_type!r} model layer by layer; supported: {', '.join(known)}.")
         self.hf_config: PretrainedConfig = AutoConfig.for_model(**self.config)
         self.hf_config._attn_implementation = "sdpa"
         self.hf_config._experts_implementation = "eager"
-        layer_class, rotary_class = DECODER_MODULES[model_type]
+        layer_class, rotary_class = transformers_class(entry.decoder_layer), transformers_class(entry.rotary)
         self._layer_class = layer_class
+        self._attention_weights = tuple(weight.name for weight in entry.layer_weights)
         # transformers renamed the decoder layer's cache argument from past_key_values to cache.
         self._cache_argument = (
             "cache" if "cache" in inspect.signature(layer_class.forward).parameters else "past_key_values"
         )
         self._rotary = rotary_class(config=self.hf_config).to(self.device)
-        self._expert_count = int(self.config.get("num_local_experts", 0))
-        self._family = SOURCE_FAMILIES.get(model_type)
+        self.layout: OutputLayout | None = None if self.moe is None else detect_layout(self.moe, self.tensors)
+        self._expert_count = 0 if self.moe is None else int(self.config.get(self.moe.expert_count_key) or 0)
 
     @property
     def num_layers(self) -> int:
@@ -176,7 +201,7 @@ class StreamedDecoder:
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings of one sequence, shape [1, T, hidden], float32."""
-        table = read_tensor(self._tensor("model.embed_tokens.weight"))
+        table = read_tensor(self._tensor(EMBEDDINGS.name))
         return table[token_ids].float().unsqueeze(0).to(self.device)
 
     def load_layer(self, layer: int, overrides: dict[str, torch.Tensor] | None = None) -> nn.Module:
@@ -193,11 +218,12 @@ class StreamedDecoder:
 
         The MLP is the bulk of a layer; `mlp` computes it from the file in slices instead.
         """
-        prefix = f"model.layers.{layer}."
+        prefix = LAYER_PREFIX.format(layer=layer)
+        # Only the table's weights: buffers such as rotary_emb.inv_freq are recomputed from the config.
         weights = {
-            name[len(prefix) :]: read_tensor(location).float()
-            for name, location in self.tensors.items()
-            if name.startswith(prefix) and not self._is_mlp_tensor(name[len(prefix) :], layer)
+            name: read_tensor(self.tensors[prefix + name]).float()
+            for name in self._attention_weights
+            if prefix + name in self.tensors
         }
         with torch.device("meta"):
             module = self._layer_class(self.hf_config, layer_idx=layer)
@@ -233,22 +259,31 @@ class StreamedDecoder:
         return [self.run_layer(module, state, cache) for state, cache in zip(hidden, per_sequence, strict=True)]
 
     def mlp(self, layer: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The layer's MLP on `tokens` [N, hidden], and for a Mixtral layer its router logits [N, experts]."""
-        if self.model_type != "mixtral":
+        """The layer's MLP on `tokens` [N, hidden], and for a MoE layer its router logits [N, experts]."""
+        if self.moe is None or self.layout is None:
             return self.dense_mlp(layer, tokens), None
-        layout = detect_layout(self.tensors)
-        gate = read_tensor(self._tensor(layout.router_name(layer))).float().to(self.device)
-        experts = expert_mlp_weights(layout, self.tensors, layer, self._expert_count)
+        gate = read_tensor(self._tensor(self.layout.router_name(layer))).float().to(self.device)
+        experts = expert_mlp_weights(self.layout, self.tensors, layer, self._expert_count)
         top_k = int(self.config.get("num_experts_per_tok", 2))
         activation = ACT2FN[self.hf_config.hidden_act]
         logits = tokens @ gate.T
-        return moe_forward(tokens, logits, experts, top_k, activation), logits
+        renormalize = self.moe.routing.renormalizes(self.config)
+        return moe_forward(tokens, logits, experts, top_k, activation, renormalize, self._shared_expert(layer)), logits
+
+    def _shared_expert(self, layer: int) -> SharedExpert | None:
+        slots = None if self.moe is None else self.moe.shared_expert
+        if slots is None:
+            return None
+        weights = MLPWeights(*(MatrixRows.whole(self._tensor(slots.mlp[part].format(layer=layer))) for part in MLP_PARTS))
+        gate = read_tensor(self._tensor(slots.gate.format(layer=layer))).float().to(self.device)
+        return SharedExpert(weights, gate)
 
     def dense_mlp(self, layer: int, tokens: torch.Tensor) -> torch.Tensor:
         """A dense layer's MLP applied to `tokens` [N, hidden], reading its weights in row slices."""
-        weights = MLPWeights(
-            *(MatrixRows.whole(self._tensor(self._family.mlp_name(layer, part))) for part in MLP_PARTS)
-        )
+        if self.family is None:
+            raise ModelError("A MoE checkpoint has no dense MLP; use mlp, which routes to its experts.")
+        family = self.family
+        weights = MLPWeights(*(MatrixRows.whole(self._tensor(family.mlp_name(layer, part))) for part in MLP_PARTS))
         return sliced_mlp(tokens, weights, ACT2FN[self.hf_config.hidden_act])
 
     def run_layer(self, module: nn.Module, hidden: torch.Tensor, cache: DynamicCache | None = None) -> LayerOutputs:
@@ -267,7 +302,7 @@ class StreamedDecoder:
             with torch.no_grad():
                 output = module(
                     hidden,
-                    attention_mask=self._causal_mask(length, past),
+                    attention_mask=self._causal_mask(module.self_attn.layer_idx, length, past),
                     position_ids=position_ids,
                     position_embeddings=self._rotary(hidden, position_ids),
                     **{self._cache_argument: cache},
@@ -295,19 +330,26 @@ class StreamedDecoder:
         return best_tokens
 
     def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        norm_weight = read_tensor(self._tensor("model.norm.weight")).float().to(self.device)
+        norm_weight = read_tensor(self._tensor(FINAL_NORM.name)).float().to(self.device)
         variance = hidden.pow(2).mean(-1, keepdim=True)
         return hidden * torch.rsqrt(variance + float(self.config.get("rms_norm_eps", 1e-6))) * norm_weight
 
     def _head(self) -> TensorLocation:
-        return self._tensor("model.embed_tokens.weight" if self.config.get("tie_word_embeddings") else "lm_head.weight")
+        return self._tensor(EMBEDDINGS.name if self.config.get("tie_word_embeddings") else LM_HEAD.name)
 
-    def _causal_mask(self, length: int, past: int = 0) -> torch.Tensor:
-        """Additive mask of `length` new tokens over themselves and the `past` tokens before them."""
+    def _causal_mask(self, layer: int, length: int, past: int = 0) -> torch.Tensor:
+        """Additive mask of `length` new tokens over themselves and the `past` tokens before them.
+
+        The sliding window is the one transformers' config resolves for this layer (Qwen configs carry
+        a window that applies only with use_sliding_window, and only to some layers).
+        """
         queries = torch.arange(past, past + length, device=self.device)
         keys = torch.arange(past + length, device=self.device)
         allowed = keys[None, :] <= queries[:, None]
-        window = self.config.get("sliding_window")
+        window = getattr(self.hf_config, "sliding_window", None)
+        layer_types = getattr(self.hf_config, "layer_types", None)
+        if layer_types and layer_types[layer] != "sliding_attention":
+            window = None
         if window:
             allowed &= keys[None, :] > queries[:, None] - int(window)
         mask = torch.zeros(length, past + length, device=self.device)
@@ -320,20 +362,12 @@ class StreamedDecoder:
         except KeyError:
             raise ModelError(f"The checkpoint has no tensor {name!r}.") from None
 
-    def _is_mlp_tensor(self, name_in_layer: str, layer: int) -> bool:
-        if self.model_type == "mixtral":
-            return _belongs_to_moe(name_in_layer, detect_layout(self.tensors), layer)
-        return name_in_layer in {self._family.mlp_tensors[part] for part in MLP_PARTS}
-
     def _layer_weights(self, layer: int) -> dict[str, torch.Tensor]:
-        if self.model_type == "mixtral":
-            raise ModelError("A whole Mixtral layer is never loaded; use forward_layer, which streams the experts.")
-        prefix = f"model.layers.{layer}."
-        return {
-            name[len(prefix) :]: read_tensor(location).float()
-            for name, location in self.tensors.items()
-            if name.startswith(prefix)
-        }
+        if self.family is None:
+            raise ModelError("A whole MoE layer is never loaded; use forward_layer, which streams the experts.")
+        prefix = LAYER_PREFIX.format(layer=layer)
+        names = (*self._attention_weights, *(weight.name for weight in self.family.mlp.values()))
+        return {name: read_tensor(self.tensors[prefix + name]).float() for name in names if prefix + name in self.tensors}
 
 
 def add_mlp_outputs(outputs: list[LayerOutputs], mlp_outputs: torch.Tensor) -> list[torch.Tensor]:
@@ -352,23 +386,15 @@ class _NoMLP(nn.Module):
         return torch.zeros_like(hidden)
 
 
-def detect_layout(tensors: dict[str, TensorLocation]) -> OutputLayout:
-    """Which Mixtral tensor layout a checkpoint uses, judged by layer 0's router name."""
-    for layout in OUTPUT_LAYOUTS.values():
+def detect_layout(arch: OutputArchitecture, tensors: dict[str, TensorLocation]) -> OutputLayout:
+    """Which of `arch`'s tensor layouts a checkpoint uses, judged by layer 0's router name."""
+    for layout in arch.layouts.values():
         if layout.router_name(0) in tensors:
             return layout
     raise ModelError(
-        "The checkpoint has no Mixtral router tensor for layer 0 in any known layout; it is not a Mixtral MoE."
+        f"The checkpoint has no {arch.model_type} router tensor for layer 0 in any known layout "
+        f"({', '.join(layout.router_name(0) for layout in arch.layouts.values())}); it is not a {arch.model_type} MoE."
     )
-
-
-def _relative(name: str, layer: int) -> str:
-    return name.removeprefix(f"model.layers.{layer}.")
-
-
-def _belongs_to_moe(name: str, layout: OutputLayout, layer: int) -> bool:
-    moe_prefix = _relative(layout.router_name(layer), layer).split(".")[0]
-    return name.startswith(moe_prefix + ".")
 
 
 def router_inputs_by_layer(

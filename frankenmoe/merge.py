@@ -29,7 +29,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class MergeOptions:
-    layout: str = "classic"
+    layout: str | None = None
+    """None: the output architecture's first layout (classic)."""
     dtype: str | None = None
     shard_bytes: int = DEFAULT_SHARD_BYTES
     seed: int = 0
@@ -52,12 +53,13 @@ def prepare_merge(config_path: Path, out: Path, options: MergeOptions) -> Prepar
     """Validate everything that can be validated without writing, and plan every tensor."""
     config = load_config(config_path)
     resolve_device(options.device)
-    base, experts = load_sources(config)
+    base, experts, shared_expert = load_sources(config)
     check_output_target(out, [base.path, *(expert.path for expert in experts)], options.force)
     plan = build_plan(
         config,
         base,
         experts,
+        shared_expert=shared_expert,
         layout_name=options.layout,
         dtype_override=options.dtype,
         shard_bytes=options.shard_bytes,
@@ -69,28 +71,35 @@ def prepare_merge(config_path: Path, out: Path, options: MergeOptions) -> Prepar
     return PreparedMerge(config_path.read_text(encoding="utf-8"), plan, free)
 
 
-def load_sources(config: MergeConfig) -> tuple[SourceModel, tuple[SourceModel, ...]]:
-    """Load the base and every expert (headers only) and check they can be merged."""
+def load_sources(config: MergeConfig) -> tuple[SourceModel, tuple[SourceModel, ...], SourceModel | None]:
+    """Load the base, every expert and the shared expert (headers only) and check they can be merged."""
     base = load_source(config.base_model)
     base.check_tensors()
+    base.check_accounted()
     by_reference: dict[str, SourceModel] = {config.base_model: base}
     by_path: dict[Path, SourceModel] = {base.path: base}
-    experts = []
-    for index, expert_config in enumerate(config.experts):
-        reference = expert_config.source_model
+
+    def load(reference: str, label: str, shared: bool = False) -> SourceModel:
         if reference not in by_reference:
             loaded = load_source(reference)  # a model named twice has its headers read once
             by_reference[reference] = by_path.setdefault(loaded.path, loaded)
-        expert = by_reference[reference]
-        check_compatible(base, expert, f"experts[{index}]")
-        expert.check_tensors(expert.mlp_tensor_names())
-        experts.append(expert)
+        source = by_reference[reference]
+        check_compatible(base, source, label, shared_expert=shared)
+        source.check_tensors(source.mlp_tensor_names())
+        source.check_accounted()
+        return source
+
+    experts = tuple(load(expert.source_model, f"experts[{index}]") for index, expert in enumerate(config.experts))
+    shared = tuple(
+        load(expert.source_model, f"shared_experts[{index}]", shared=True)
+        for index, expert in enumerate(config.shared_experts)
+    )
     if all(expert.path == base.path for expert in experts):
         logger.warning(
             "Every expert is the base model itself: the MoE will compute exactly what the base model does. "
             "That is useful for testing routers, but it adds no new knowledge."
         )
-    return base, tuple(experts)
+    return base, experts, shared[0] if shared else None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -111,6 +120,9 @@ def gate_request(plan: MergePlan, options: MergeOptions) -> GateRequest:
         router=plan.config.router,
         expert_models=plan.experts,
         experts_per_token=plan.config.experts_per_token,
+        renormalize=plan.architecture.routing.renormalizes(plan.output_config),
+        shared_expert=plan.config.shared_experts[0] if plan.config.shared_experts else None,
+        shared_expert_model=plan.shared_expert,
         seed=options.seed,
         device=resolve_device(options.device),
         show_progress=options.show_progress,

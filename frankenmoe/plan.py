@@ -12,11 +12,19 @@ from pathlib import Path
 from typing import Any
 
 from frankenmoe import __version__
-from frankenmoe.architectures import MIXTRAL_CONFIG_FIELDS, OUTPUT_LAYOUTS, TOKENIZER_FILES, OutputLayout
-from frankenmoe.config import MergeConfig
-from frankenmoe.errors import ConfigError
+from frankenmoe.architectures import (
+    EMBEDDINGS,
+    FINAL_NORM,
+    LM_HEAD,
+    OUTPUT_ARCHITECTURES,
+    TOKENIZER_FILES,
+    OutputArchitecture,
+    OutputLayout,
+)
+from frankenmoe.config import ExpertConfig, MergeConfig
+from frankenmoe.errors import ConfigError, ModelError
 from frankenmoe.laser import LaserGroup, LaserTarget, laser_group
-from frankenmoe.sources import SourceModel
+from frankenmoe.sources import SourceModel, dims_shape
 from frankenmoe.tensor_io import CONFIG_DTYPE_TO_SAFETENSORS, TensorLocation, tensor_nbytes
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -40,11 +48,20 @@ class TensorPiece:
 
 
 @dataclass(frozen=True)
-class TensorJob:
-    """One output tensor: its pieces are concatenated along the first dimension, then reshaped.
+class Computed:
+    """A tensor whose rows the merge computes: a layer's router, or its shared expert's sigmoid gate."""
 
-    A job with no pieces is a router (gate). Routers come last in the plan, so the writer can copy
-    every other tensor while the router rows are still being computed.
+    kind: str
+    """"router" or "shared_expert_gate"."""
+    layer: int
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """One output tensor and how its bytes are made (see `origin`).
+
+    Pieces are concatenated along the first dimension, then reshaped. Computed tensors come last in
+    the plan, so the writer can copy every other tensor while their rows are still being computed.
     """
 
     name: str
@@ -52,7 +69,16 @@ class TensorJob:
     shape: tuple[int, ...]
     shard: int
     pieces: tuple[TensorPiece, ...] = ()
-    router_layer: int | None = None
+    computed: Computed | None = None
+
+    @property
+    def origin(self) -> str:
+        """copied (one source tensor), concatenated (several), computed, or zeros (a slot the source lacks)."""
+        if self.computed is not None:
+            return "computed"
+        if not self.pieces:
+            return "zeros"
+        return "copied" if len(self.pieces) == 1 else "concatenated"
 
     @property
     def nbytes(self) -> int:
@@ -68,6 +94,8 @@ class MergePlan:
     config: MergeConfig
     base: SourceModel
     experts: tuple[SourceModel, ...]
+    architecture: OutputArchitecture
+    architecture_reason: str
     layout: OutputLayout
     dtype: str
     jobs: tuple[TensorJob, ...]
@@ -76,6 +104,9 @@ class MergePlan:
     tokenizer_files: tuple[Path, ...]
     total_parameters: int
     active_parameters: int
+    shared_expert: SourceModel | None = None
+    skipped_tensors: tuple[str, ...] = ()
+    """Base-model buffers no output needs because they are recomputed from the config (inv_freq)."""
     laser_groups: tuple[LaserGroup, ...] = ()
 
     @property
@@ -88,23 +119,91 @@ class MergePlan:
     def shard_jobs(self, shard: int) -> list[TensorJob]:
         return [job for job in self.jobs if job.shard == shard]
 
+    def computed_origin(self, kind: str) -> str:
+        """How a computed tensor's rows are made, for the dry run and the model card."""
+        mode = self.config.gate_mode
+        if kind == "router":
+            return f"gate mode {mode} from the experts' prompts" if self.config.needs_prompts else f"gate mode {mode}"
+        shared = self.config.shared_experts[0] if self.config.shared_experts else None
+        if shared is None:
+            return "zeros (no shared expert: its slot is empty, 0 rows)"
+        if not self.config.needs_prompts:
+            return f"zeros (gate mode {mode} uses no prompts; sigmoid(0) = 0.5 on every token)"
+        if not shared.positive_prompts:
+            return "zeros (the shared expert has no positive_prompts; sigmoid(0) = 0.5 on every token)"
+        return f"gate mode {mode} from the shared expert's prompts, as one more expert, scaled like the routers"
+
+
+def choose_architecture(
+    requested: str, base: SourceModel, experts: tuple[SourceModel, ...], shared_count: int
+) -> tuple[OutputArchitecture, str]:
+    """The output architecture for these sources, and why; refuses one that cannot hold them.
+
+    `auto` takes the base family's natural output when it can hold every source, else the first
+    output in the table that can.
+    """
+    if requested != "auto":
+        arch = OUTPUT_ARCHITECTURES[requested]
+        problem = _why_not(arch, base, experts, shared_count)
+        if problem is None:
+            return arch, "set in the config"
+        fitting = [name for name, candidate in OUTPUT_ARCHITECTURES.items() if not _why_not(candidate, base, experts, shared_count)]
+        instead = f" Use `architecture: {fitting[0]}` (or `auto`)." if fitting else ""
+        raise ConfigError(f"`architecture: {requested}` cannot hold these sources: {problem}.{instead}")
+    natural = OUTPUT_ARCHITECTURES[base.family.natural_output]
+    problem = _why_not(natural, base, experts, shared_count)
+    if problem is None:
+        return natural, f"auto: the natural output for {base.family.name} sources"
+    for arch in OUTPUT_ARCHITECTURES.values():
+        if _why_not(arch, base, experts, shared_count) is None:
+            return arch, f"auto: {natural.model_type} cannot hold these sources ({problem})"
+    raise ConfigError(f"No output architecture can hold these sources: {natural.model_type}: {problem}.")
+
+
+def _why_not(
+    arch: OutputArchitecture, base: SourceModel, experts: tuple[SourceModel, ...], shared_count: int
+) -> str | None:
+    for role, source in (("the base model", base), *((f"expert {i}", e) for i, e in enumerate(experts))):
+        family = source.family.name
+        if family in arch.refuses:
+            return f"{role} ({source.reference}) is a {family} model: {arch.refuses[family]}"
+        if family not in arch.accepts:
+            return f"{role} ({source.reference}) is a {family} model, which {arch.model_type} does not take"
+    lost = sorted(weight.name for weight in base.layer_weights() if weight.name not in arch.layer_slot_names())
+    if lost:
+        return (
+            f"the base model's {', '.join(lost)} (every layer) would be lost: {arch.model_type}'s attention has no "
+            "place for them"
+        )
+    if shared_count and arch.shared_expert is None:
+        return f"the config has a shared expert, which {arch.model_type} has no slot for"
+    if arch.shared_expert is not None and shared_count > arch.shared_expert.max_count:
+        return (
+            f"the config has {shared_count} shared experts, but {arch.model_type} has "
+            f"{arch.shared_expert.max_count} shared-expert slot per layer; keep one"
+        )
+    return None
+
 
 def build_plan(
     config: MergeConfig,
     base: SourceModel,
     experts: tuple[SourceModel, ...],
     *,
-    layout_name: str = "classic",
+    shared_expert: SourceModel | None = None,
+    layout_name: str | None = None,
     dtype_override: str | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     seed: int = 0,
 ) -> MergePlan:
     """Decide every output tensor and its shard; reads nothing but the sources' indexes."""
-    layout = OUTPUT_LAYOUTS[layout_name]
+    arch, reason = choose_architecture(config.architecture, base, experts, len(config.shared_experts))
+    layout = _layout(arch, layout_name)
     dtype = CONFIG_DTYPE_TO_SAFETENSORS[dtype_override or config.dtype or _base_dtype(base)]
     shape = base.shape
     family = base.family
-    unsharded: list[tuple[str, tuple[int, ...], tuple[TensorPiece, ...], int | None]] = []
+    dims = shape.dims()
+    unsharded: list[tuple[str, tuple[int, ...], tuple[TensorPiece, ...], Computed | None]] = []
     expert_lasers = {
         index: laser_group(f"experts[{index}].laser", settings.laser, experts[index])
         for index, settings in enumerate(config.experts)
@@ -117,10 +216,16 @@ def build_plan(
         laser = None if base_laser is None else base_laser.target(name)
         unsharded.append((output_name or name, location.shape, (TensorPiece(location, laser=laser),), None))
 
-    copy_from_base("model.embed_tokens.weight")
+    copy_from_base(EMBEDDINGS.name)
     for layer in range(shape.num_hidden_layers):
-        for suffix in family.layer_tensors:
-            copy_from_base(family.layer_name(layer, suffix))
+        for weight in arch.layer_weights:
+            name = family.layer_name(layer, weight.name)
+            if name in base.tensors:
+                copy_from_base(name)
+            elif weight.name in arch.zero_filled:
+                unsharded.append((name, dims_shape(weight.shape, dims), (), None))
+            else:
+                base.tensor(name)  # raises, naming the missing tensor
         for tensor in layout.expert_tensors:
             groups = [range(len(experts))] if tensor.stacked else [[index] for index in range(len(experts))]
             for group in groups:
@@ -133,20 +238,32 @@ def build_plan(
                 columns = pieces[0].location.shape[1]
                 tensor_shape = (len(experts), rows // len(experts), columns) if tensor.stacked else (rows, columns)
                 unsharded.append((tensor.template.format(layer=layer, expert=group[0]), tensor_shape, pieces, None))
-    copy_from_base("model.norm.weight")
+        if arch.shared_expert is not None:
+            for part, template in arch.shared_expert.mlp.items():
+                name = template.format(layer=layer)
+                if shared_expert is None:
+                    empty = (0, shape.hidden_size) if part != "down_proj" else (shape.hidden_size, 0)
+                    unsharded.append((name, empty, (), None))
+                else:
+                    piece = _mlp_piece(shared_expert, config.shared_experts[0], layer, part, seed, "shared")
+                    unsharded.append((name, piece.location.shape, (piece,), None))
+    copy_from_base(FINAL_NORM.name)
     if not base.tie_word_embeddings:
-        copy_from_base(family.untied_lm_head)
+        copy_from_base(LM_HEAD.name)
     for layer in range(shape.num_hidden_layers):
-        unsharded.append((layout.router_name(layer), (len(experts), shape.hidden_size), (), layer))
+        unsharded.append((layout.router_name(layer), (len(experts), shape.hidden_size), (), Computed("router", layer)))
+        if arch.shared_expert is not None:
+            gate_name = arch.shared_expert.gate.format(layer=layer)
+            unsharded.append((gate_name, (1, shape.hidden_size), (), Computed("shared_expert_gate", layer)))
 
     jobs: list[TensorJob] = []
     shard, shard_fill = 0, 0
-    for name, tensor_shape, pieces, router_layer in unsharded:
+    for name, tensor_shape, pieces, computed in unsharded:
         size = tensor_nbytes(dtype, tensor_shape)
         if shard_fill and shard_fill + size > shard_bytes:
             shard, shard_fill = shard + 1, 0
         shard_fill += size
-        jobs.append(TensorJob(name, dtype, tensor_shape, shard, pieces, router_layer))
+        jobs.append(TensorJob(name, dtype, tensor_shape, shard, pieces, computed))
 
     total = sum(job.parameters for job in jobs)
     per_expert = shape.num_hidden_layers * 3 * shape.intermediate_size * shape.hidden_size
@@ -155,16 +272,32 @@ def build_plan(
         config=config,
         base=base,
         experts=experts,
+        architecture=arch,
+        architecture_reason=reason,
         layout=layout,
         dtype=dtype,
         jobs=tuple(jobs),
         shard_count=shard + 1,
-        output_config=mixtral_config(base, config, SAFETENSORS_TO_CONFIG_DTYPE[dtype], len(experts)),
+        output_config=output_config(
+            arch, base, config, SAFETENSORS_TO_CONFIG_DTYPE[dtype], len(experts), shared_expert
+        ),
         tokenizer_files=tuple(base.path / name for name in TOKENIZER_FILES if (base.path / name).is_file()),
         total_parameters=total,
         active_parameters=active,
+        shared_expert=shared_expert,
+        skipped_tensors=base.skipped_tensors(),
         laser_groups=(*expert_lasers.values(), *([base_laser] if base_laser else [])),
     )
+
+
+def _layout(arch: OutputArchitecture, layout_name: str | None) -> OutputLayout:
+    if layout_name is None:
+        return arch.layouts[arch.default_layout]
+    if layout_name not in arch.layouts:
+        raise ConfigError(
+            f"--layout {layout_name} is not a tensor layout of {arch.model_type}; it has: {', '.join(arch.layouts)}."
+        )
+    return arch.layouts[layout_name]
 
 
 def _expert_piece(
@@ -176,13 +309,25 @@ def _expert_piece(
     seed: int,
     laser: LaserGroup | None = None,
 ) -> TensorPiece:
-    settings = config.experts[index]
-    name = expert.family.mlp_name(layer, part)
+    return _mlp_piece(expert, config.experts[index], layer, part, seed, str(index), laser)
+
+
+def _mlp_piece(
+    source: SourceModel,
+    settings: ExpertConfig,
+    layer: int,
+    part: str,
+    seed: int,
+    noise_key: str,
+    laser: LaserGroup | None = None,
+) -> TensorPiece:
+    """One MLP matrix of an expert (routed or shared) with its residual_scale, noise and laser."""
+    name = source.family.mlp_name(layer, part)
     return TensorPiece(
-        location=expert.tensor(name),
+        location=source.tensor(name),
         noise_scale=settings.noise_scale,
         multiplier=settings.residual_scale if part == "down_proj" else None,
-        noise_seed=zlib.crc32(f"{seed}:{index}:{name}".encode()),
+        noise_seed=zlib.crc32(f"{seed}:{noise_key}:{name}".encode()),
         laser=None if laser is None else laser.target(name),
     )
 
@@ -191,30 +336,64 @@ def _base_dtype(base: SourceModel) -> str:
     declared = base.config.get("dtype") or base.config.get("torch_dtype")
     if declared in CONFIG_DTYPE_TO_SAFETENSORS:
         return str(declared)
-    stored = base.tensor("model.embed_tokens.weight").dtype
+    stored = base.tensor(EMBEDDINGS.name).dtype
     return SAFETENSORS_TO_CONFIG_DTYPE.get(stored, "float32")
 
 
-def mixtral_config(base: SourceModel, config: MergeConfig, dtype_name: str, expert_count: int) -> dict[str, Any]:
-    """A Mixtral config.json carrying every relevant field of the base model's config."""
-    output: dict[str, Any] = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}
-    for key in MIXTRAL_CONFIG_FIELDS:
+def rope_fields(base_config: dict[str, Any]) -> dict[str, Any]:
+    """The base model's rope settings in both spellings readers use, derived from one resolved value.
+
+    transformers 5 writes only `rope_parameters`; transformers 4.x, vLLM and other readers look for
+    `rope_theta` / `rope_scaling` and silently fall back to a default theta when they are missing.
+    transformers resolves what the base config means (its family's default theta included).
+    """
+    from transformers import AutoConfig
+
+    resolved = AutoConfig.for_model(**base_config)
+    parameters = dict(getattr(resolved, "rope_parameters", None) or {})
+    theta = parameters.get("rope_theta", getattr(resolved, "rope_theta", None))
+    if theta is None:
+        raise ModelError(f"The base model's config.json gives no rope theta that transformers can resolve ({parameters}).")
+    parameters = {"rope_type": "default", **parameters, "rope_theta": theta}
+    scaling = {key: value for key, value in parameters.items() if key != "rope_theta"}
+    return {
+        "rope_theta": theta,
+        "rope_scaling": None if scaling.get("rope_type") == "default" and len(scaling) == 1 else scaling,
+        "rope_parameters": parameters,
+    }
+
+
+def output_config(
+    arch: OutputArchitecture,
+    base: SourceModel,
+    config: MergeConfig,
+    dtype_name: str,
+    expert_count: int,
+    shared_expert: SourceModel | None = None,
+) -> dict[str, Any]:
+    """The output's config.json: the base's carried fields, rope in both spellings, and the MoE's own fields."""
+    output: dict[str, Any] = {"architectures": [arch.class_name], "model_type": arch.model_type}
+    for key in arch.carried_fields:
         if key in base.config:
             output[key] = base.config[key]
+    for key, default in arch.carried_defaults.items():
+        output[key] = base.config.get(key, default)
+    output.update(rope_fields(base.config))
+    output.update(arch.fixed_fields)
     output.update(
         num_key_value_heads=base.shape.num_key_value_heads,
         head_dim=base.shape.head_dim,
         hidden_act=base.shape.hidden_act,
         tie_word_embeddings=base.tie_word_embeddings,
-        sliding_window=base.config.get("sliding_window"),
-        num_local_experts=expert_count,
+        intermediate_size=base.shape.intermediate_size,
         num_experts_per_tok=config.experts_per_token,
-        output_router_logits=False,
-        router_aux_loss_coef=0.001,
-        router_jitter_noise=0.0,
         torch_dtype=dtype_name,
         frankenmoe_version=__version__,
     )
+    output[arch.expert_count_key] = expert_count
+    output[arch.expert_size_key] = base.shape.intermediate_size
+    if arch.shared_expert is not None:
+        output[arch.shared_expert.size_key] = 0 if shared_expert is None else shared_expert.shape.intermediate_size
     return output
 
 

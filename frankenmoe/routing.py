@@ -1,6 +1,6 @@
-"""Where tokens go in a Mixtral-format checkpoint: per-token router probabilities, layer by layer.
+"""Where tokens go in a MoE checkpoint: per-token router probabilities, layer by layer.
 
-Works on any Mixtral checkpoint (ours in either tensor layout, or one made by another tool); the
+Works on a checkpoint of any output architecture in the tables (ours, or one made by another tool); the
 model is streamed one decoder layer at a time, so memory stays at one layer plus activations.
 """
 
@@ -15,9 +15,10 @@ from typing import Any
 import torch
 import yaml
 
+from frankenmoe.architectures import OUTPUT_ARCHITECTURES, OutputArchitecture, OutputLayout
 from frankenmoe.config import ExpertConfig
 from frankenmoe.errors import ConfigError, ModelError
-from frankenmoe.layers import StreamedDecoder
+from frankenmoe.layers import StreamedDecoder, detect_layout
 from frankenmoe.routers.prompts import EncodedPrompt, encode_prompts, load_tokenizer
 from frankenmoe.sources import index_tensors, read_model_config
 from frankenmoe.tensor_io import TensorLocation
@@ -28,15 +29,17 @@ TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A Mixtral-format model folder: its config and an index of its tensors (nothing loaded)."""
+    """A MoE model folder: its config, architecture, tensor layout and tensor index (nothing loaded)."""
 
     path: Path
     config: dict[str, Any]
     tensors: dict[str, TensorLocation]
+    architecture: OutputArchitecture
+    layout: OutputLayout
 
     @property
     def num_experts(self) -> int:
-        return int(self.config["num_local_experts"])
+        return int(self.config[self.architecture.expert_count_key])
 
     @property
     def num_layers(self) -> int:
@@ -47,12 +50,15 @@ def load_checkpoint(path: Path) -> Checkpoint:
     if not path.is_dir():
         raise ModelError(f"Checkpoint folder {path} does not exist. Pass the folder a merge wrote.")
     config = read_model_config(str(path), path)
-    if config.get("model_type") != "mixtral" or not config.get("num_local_experts"):
+    architecture = OUTPUT_ARCHITECTURES.get(str(config.get("model_type")))
+    if architecture is None or not config.get(architecture.expert_count_key):
+        expected = ", ".join(f"{arch.model_type} with {arch.expert_count_key}" for arch in OUTPUT_ARCHITECTURES.values())
         raise ModelError(
-            f"{path} holds a {config.get('model_type')!r} model, not a Mixtral-format MoE "
-            "(config.json needs model_type mixtral and num_local_experts)."
+            f"{path} holds a {config.get('model_type')!r} model, not a MoE frankenmoe can read "
+            f"(config.json needs one of: {expected})."
         )
-    return Checkpoint(path, config, index_tensors(str(path), path))
+    tensors = index_tensors(str(path), path)
+    return Checkpoint(path, config, tensors, architecture, detect_layout(architecture, tensors))
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,33 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from frankenmoe.architectures import MLP_PARTS, SOURCE_FAMILIES, SourceFamily
+from frankenmoe.architectures import (
+    EMBEDDINGS,
+    FINAL_NORM,
+    LM_HEAD,
+    MLP_PARTS,
+    SOURCE_FAMILIES,
+    Dims,
+    SourceFamily,
+    Weight,
+)
 from frankenmoe.errors import ModelError
-from frankenmoe.tensor_io import FLOAT_DTYPES, TensorLocation, read_header
+from frankenmoe.tensor_io import FLOAT_DTYPES, TensorLocation, WeightFormat, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
+PICKLE_INDEX_FILE = "pytorch_model.bin.index.json"
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+# Pickle files read as weights when a folder has no safetensors, by preference. Other pickles beside them
+# (training_args.bin, optimizer.pt, *.ckpt) are training state, not weights, and are never opened.
+WEIGHT_PICKLE_PATTERNS = (("pytorch_model*.bin",), ("*.pt", "*.pth"))
+ADAPTER_CONFIG = "adapter_config.json"
+# A PEFT adapter's matrices (adapter_model.safetensors / .bin) are not a model's weights.
+ADAPTER_WEIGHTS_PREFIX = "adapter_model."
 HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
@@ -32,6 +49,21 @@ class ModelShape:
     intermediate_size: int
     vocab_size: int
     hidden_act: str
+
+    def dims(self) -> dict[str, int]:
+        """The named dimensions that the family tables' shapes are written in."""
+        return {
+            "hidden": self.hidden_size,
+            "intermediate": self.intermediate_size,
+            "vocab": self.vocab_size,
+            "head_dim": self.head_dim,
+            "q_width": self.num_attention_heads * self.head_dim,
+            "kv_width": self.num_key_value_heads * self.head_dim,
+        }
+
+
+def dims_shape(shape: Dims, dims: dict[str, int]) -> tuple[int, ...]:
+    return tuple(dims[name] for name in shape)
 
 
 @dataclass(frozen=True)
@@ -51,50 +83,81 @@ class SourceModel:
     def tie_word_embeddings(self) -> bool:
         return bool(self.config.get("tie_word_embeddings", False))
 
+    @property
+    def weight_format(self) -> WeightFormat:
+        """Whether the weights came from safetensors files or from torch pickles (a folder is read in one format)."""
+        pickled = any(location.file_format == "pickle" for location in self.tensors.values())
+        return "pickle" if pickled else "safetensors"
+
     def tensor(self, name: str) -> TensorLocation:
         try:
             return self.tensors[name]
         except KeyError:
             raise ModelError(
                 f"Model {self.reference} ({self.path}) has no tensor {name!r}, which the merge needs. "
-                "The checkpoint is incomplete or not a standard Llama/Mistral layout."
+                f"The checkpoint is incomplete or not a standard {self.family.name} layout."
             ) from None
 
+    def has_weight(self, weight: Weight) -> bool:
+        """Whether this model carries `weight`: always, or when its config sets the weight's flag."""
+        return weight.flag is None or bool(self.config.get(weight.flag))
+
+    def layer_weights(self) -> tuple[Weight, ...]:
+        """The per-layer weights outside the MLP that this model has."""
+        return tuple(weight for weight in self.family.layer_weights if self.has_weight(weight))
+
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor a merge reads from this model, with the shape its config implies."""
-        shape, family = self.shape, self.family
-        attention_width = shape.num_attention_heads * shape.head_dim
-        kv_width = shape.num_key_value_heads * shape.head_dim
-        per_layer = {
-            "input_layernorm.weight": (shape.hidden_size,),
-            "self_attn.q_proj.weight": (attention_width, shape.hidden_size),
-            "self_attn.k_proj.weight": (kv_width, shape.hidden_size),
-            "self_attn.v_proj.weight": (kv_width, shape.hidden_size),
-            "self_attn.o_proj.weight": (shape.hidden_size, attention_width),
-            "post_attention_layernorm.weight": (shape.hidden_size,),
-        }
-        mlp = {
-            "gate_proj": (shape.intermediate_size, shape.hidden_size),
-            "up_proj": (shape.intermediate_size, shape.hidden_size),
-            "down_proj": (shape.hidden_size, shape.intermediate_size),
-        }
-        expected: dict[str, tuple[int, ...]] = {
-            "model.embed_tokens.weight": (shape.vocab_size, shape.hidden_size),
-            "model.norm.weight": (shape.hidden_size,),
-        }
+        """Every tensor this model's files must hold, with the shape its config implies (from the family table)."""
+        dims = self.shape.dims()
+        expected = {EMBEDDINGS.name: dims_shape(EMBEDDINGS.shape, dims)}
+        for layer in range(self.shape.num_hidden_layers):
+            for weight in (*self.layer_weights(), *self.family.mlp.values()):
+                expected[self.family.layer_name(layer, weight.name)] = dims_shape(weight.shape, dims)
+        expected[FINAL_NORM.name] = dims_shape(FINAL_NORM.shape, dims)
         if not self.tie_word_embeddings:
-            expected[family.untied_lm_head] = (shape.vocab_size, shape.hidden_size)
-        for layer in range(shape.num_hidden_layers):
-            for suffix in family.layer_tensors:
-                expected[family.layer_name(layer, suffix)] = per_layer[suffix]
-            for part in MLP_PARTS:
-                expected[family.mlp_name(layer, part)] = mlp[part]
+            expected[LM_HEAD.name] = dims_shape(LM_HEAD.shape, dims)
         return expected
 
     def mlp_tensor_names(self) -> set[str]:
         return {
             self.family.mlp_name(layer, part) for layer in range(self.shape.num_hidden_layers) for part in MLP_PARTS
         }
+
+    def skipped_tensors(self) -> tuple[str, ...]:
+        """Tensors in the files that no merge needs because they are recomputed from the config (inv_freq)."""
+        derivable = {
+            self.family.layer_name(layer, suffix)
+            for layer in range(self.shape.num_hidden_layers)
+            for suffix in self.family.derivable
+        }
+        return tuple(sorted(name for name in self.tensors if name in derivable))
+
+    def check_accounted(self) -> None:
+        """Every tensor in the files is one the family table names for this config, or a derivable buffer.
+
+        A tensor outside the table would otherwise be dropped silently (or crash a forward pass late).
+        """
+        expected = self.expected_shapes()
+        unknown = sorted(set(self.tensors) - set(expected) - set(self.skipped_tensors()))
+        if not unknown:
+            return
+        flagged = {
+            self.family.layer_name(0, weight.name): weight.flag
+            for weight in self.family.layer_weights
+            if weight.flag is not None
+        }
+        hint = (
+            f" Its config.json does not set {flagged[unknown[0]]}: true, yet the files carry those weights; "
+            "fix config.json if the model really has them."
+            if unknown[0] in flagged
+            else ""
+        )
+        shown = ", ".join(repr(name) for name in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        raise ModelError(
+            f"Model {self.reference} ({self.path}) holds tensor(s) {shown} that a {self.family.name} model with this "
+            f"config.json does not have, so frankenmoe cannot place them and refuses rather than drop them.{hint} "
+            "Check that config.json's model_type matches the weights."
+        )
 
     def check_tensors(self, names: set[str] | None = None) -> None:
         """Every needed tensor exists with the expected shape and a floating-point dtype."""
@@ -122,17 +185,11 @@ def load_source(reference: str) -> SourceModel:
     family = SOURCE_FAMILIES.get(str(model_type))
     if family is None:
         raise ModelError(
-            f"Model {reference} ({path}) has model_type {model_type!r}, which frankenmoe cannot merge into Mixtral. "
+            f"Model {reference} ({path}) has model_type {model_type!r}, which frankenmoe cannot merge. "
             f"Supported source model types: {', '.join(sorted(SOURCE_FAMILIES))}."
         )
-    for flag in ("attention_bias", "mlp_bias"):
-        if config.get(flag):
-            raise ModelError(
-                f"Model {reference} ({path}) sets {flag}: true; Mixtral layers have no biases, so these weights "
-                "cannot be represented. Use a model without biases."
-            )
     return SourceModel(
-        reference, path, config, family, _model_shape(reference, path, config), index_tensors(reference, path)
+        reference, path, config, family, model_shape(reference, path, config), index_tensors(reference, path)
     )
 
 
@@ -181,7 +238,7 @@ def read_model_config(reference: str, path: Path) -> dict[str, Any]:
     return config
 
 
-def _model_shape(reference: str, path: Path, config: dict[str, Any]) -> ModelShape:
+def model_shape(reference: str, path: Path, config: dict[str, Any]) -> ModelShape:
     values: dict[str, Any] = {}
     for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         value = config.get(name)
@@ -197,32 +254,112 @@ def _model_shape(reference: str, path: Path, config: dict[str, Any]) -> ModelSha
     return ModelShape(**values)
 
 
+@dataclass(frozen=True)
+class _WeightFiles:
+    """The files a model folder's weights are read from, and the index's tensor-to-file map if it has one."""
+
+    file_format: WeightFormat
+    files: list[Path]
+    weight_map: dict[str, str] | None = None
+
+
 def index_tensors(reference: str, path: Path) -> dict[str, TensorLocation]:
-    index_path = path / INDEX_FILE
-    if index_path.is_file():
-        shard_files = _shards_from_index(reference, index_path)
-    else:
-        shard_files = sorted(path.glob("*.safetensors"))
-    if not shard_files:
-        pickles = sorted({match.name for pattern in PICKLE_PATTERNS for match in path.glob(pattern)})
-        if pickles:
-            raise ModelError(
-                f"Model {reference} ({path}) has only pickle weights ({', '.join(pickles)}). frankenmoe never "
-                "unpickles files, because loading a pickle can run arbitrary code. Convert the model to safetensors "
-                "first, e.g. load it once in a trusted environment and call save_pretrained(folder, safe_serialization=True)."
-            )
-        raise ModelError(
-            f"Model {reference} ({path}) has no weights: looked for {INDEX_FILE} and *.safetensors files. "
-            "Download or save the model's safetensors weights into that folder."
-        )
+    """Every tensor of a model folder as a byte range in its files; only headers (or pickle indexes) are read.
+
+    A tensor in two files is taken from the one the index names for it; with no index, it is refused,
+    because a stray old file would otherwise win or lose silently by its name's sort order.
+    """
+    weights = _weight_files(reference, path)
     tensors: dict[str, TensorLocation] = {}
-    for shard in shard_files:
-        for name, location in read_header(shard).items():
-            tensors.setdefault(name, location)
+    for file in weights.files:
+        for name, location in _file_tensors(file, weights.file_format).items():
+            earlier = tensors.get(name)
+            tensors[name] = location if earlier is None else _one_of(reference, path, earlier, location, weights)
     return tensors
 
 
-def _shards_from_index(reference: str, index_path: Path) -> list[Path]:
+def weight_formats_summary(models: Sequence[SourceModel]) -> str:
+    """Which source models were read from pickle-format weights, in one line (dry run and model card)."""
+    references = list(dict.fromkeys(model.reference for model in models))
+    pickled = list(dict.fromkeys(model.reference for model in models if model.weight_format == "pickle"))
+    if not pickled:
+        return "safetensors"
+    rest = "; the others safetensors" if len(pickled) < len(references) else ""
+    return f"pickle-format (read with torch's weights-only unpickler): {', '.join(pickled)}{rest}"
+
+
+def _weight_files(reference: str, path: Path) -> _WeightFiles:
+    """Safetensors files when the folder has any (they win over pickles beside them), else its pickle weights."""
+    if (path / INDEX_FILE).is_file():
+        return _WeightFiles("safetensors", *_shards_from_index(reference, path / INDEX_FILE))
+    safetensors = _model_files(path, ("*.safetensors",))
+    if safetensors:
+        return _WeightFiles("safetensors", safetensors)
+    if (path / PICKLE_INDEX_FILE).is_file():
+        return _WeightFiles("pickle", *_shards_from_index(reference, path / PICKLE_INDEX_FILE))
+    for patterns in WEIGHT_PICKLE_PATTERNS:
+        pickles = _model_files(path, patterns)
+        if pickles:
+            return _WeightFiles("pickle", pickles)
+    raise _no_weights(reference, path)
+
+
+def _model_files(path: Path, patterns: tuple[str, ...]) -> list[Path]:
+    matches = {match for pattern in patterns for match in path.glob(pattern)}
+    return sorted(match for match in matches if match.is_file() and not match.name.startswith(ADAPTER_WEIGHTS_PREFIX))
+
+
+def _file_tensors(file: Path, file_format: WeightFormat) -> dict[str, TensorLocation]:
+    if file_format == "safetensors":
+        return read_header(file)
+    # Imported here: only pickle-format sources need the unpickling machinery.
+    from frankenmoe.pickle_weights import read_pickle_index
+
+    return read_pickle_index(file)
+
+
+def _one_of(
+    reference: str, path: Path, earlier: TensorLocation, later: TensorLocation, weights: _WeightFiles
+) -> TensorLocation:
+    """The copy of a tensor found in two files that the index names; refused when there is no such copy."""
+    named = (weights.weight_map or {}).get(earlier.name)
+    for location in (earlier, later):
+        if named is not None and location.file == path / named:
+            return location
+    index = INDEX_FILE if weights.file_format == "safetensors" else PICKLE_INDEX_FILE
+    why = f"{index} names neither file for it" if weights.weight_map is not None else "the folder has no index file"
+    raise ModelError(
+        f"Model {reference} ({path}) has tensor {earlier.name!r} in two files, {earlier.file.name} and "
+        f"{later.file.name}, and {why}, so it is ambiguous which copy is the model's. One file is probably a stray "
+        "or outdated copy: remove it from the folder (or add the model's index file)."
+    )
+
+
+def _no_weights(reference: str, path: Path) -> ModelError:
+    """Why a folder without readable weights has none: an adapter, pickles that are not weights, or nothing."""
+    if (path / ADAPTER_CONFIG).is_file():
+        return ModelError(
+            f"Model {reference} ({path}) is a PEFT adapter ({ADAPTER_CONFIG}): its files hold LoRA matrices, not a "
+            "model's weights. Point source_model at the full model instead (the adapter's base model with the "
+            "adapter merged into it)."
+        )
+    pickles = sorted({match.name for pattern in PICKLE_PATTERNS for match in path.glob(pattern)})
+    if pickles:
+        return ModelError(
+            f"Model {reference} ({path}) has no weights frankenmoe reads, only {', '.join(pickles)}. It reads "
+            f"*.safetensors files, or pickle weights named pytorch_model*.bin (with {PICKLE_INDEX_FILE} when "
+            "sharded), *.pt or *.pth; other pickles hold training state or arbitrary objects and frankenmoe never "
+            "unpickles them. Save the model's weights with save_pretrained, or convert them to safetensors."
+        )
+    return ModelError(
+        f"Model {reference} ({path}) has no weights: looked for {INDEX_FILE}, *.safetensors files, "
+        f"{PICKLE_INDEX_FILE} and pytorch_model*.bin, *.pt or *.pth files. Download or save the model's weights "
+        "into that folder."
+    )
+
+
+def _shards_from_index(reference: str, index_path: Path) -> tuple[list[Path], dict[str, str]]:
+    """The shard files an index lists, checked to exist inside its folder, and its tensor-to-shard map."""
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
@@ -230,7 +367,7 @@ def _shards_from_index(reference: str, index_path: Path) -> list[Path]:
             raise TypeError
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         raise ModelError(
-            f"Model {reference}: {index_path} is not a valid safetensors index (a JSON object with a weight_map)."
+            f"Model {reference}: {index_path} is not a valid weights index (a JSON object with a weight_map)."
         ) from None
     shards: list[Path] = []
     for shard_name in sorted(set(map(str, weight_map.values()))):
@@ -243,12 +380,17 @@ def _shards_from_index(reference: str, index_path: Path) -> list[Path]:
                 f"{index_path.parent}. The download is incomplete; fetch the missing shard."
             )
         shards.append(shard)
-    return shards
+    return shards, {str(name): str(shard) for name, shard in weight_map.items()}
 
 
-def check_compatible(base: SourceModel, expert: SourceModel, expert_label: str) -> None:
-    """An expert's MLPs can replace the base's only if every dimension agrees."""
+def check_compatible(base: SourceModel, expert: SourceModel, expert_label: str, shared_expert: bool = False) -> None:
+    """An expert's MLPs can replace the base's only if every dimension agrees.
+
+    A shared expert has a slot of its own size, so only its intermediate size may differ.
+    """
     for field in fields(ModelShape):
+        if shared_expert and field.name == "intermediate_size":
+            continue
         base_value = getattr(base.shape, field.name)
         expert_value = getattr(expert.shape, field.name)
         if base_value != expert_value:

@@ -1,4 +1,4 @@
-"""Small random-weight Llama/Mistral models on disk, for the demo, the tests and the benchmarks.
+"""Small random-weight dense models of any source family on disk, for the demo, the tests and the benchmarks.
 
 Tensors are generated one at a time and streamed into the file, so even the benchmark's 1.1B
 shape is written without holding the model in memory. Every tensor is seeded by its name, so a
@@ -11,13 +11,14 @@ import importlib.util
 import json
 import shutil
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from frankenmoe.architectures import LLAMA_LIKE, MLP_PARTS
+from frankenmoe.architectures import SOURCE_FAMILIES
+from frankenmoe.sources import SourceModel, model_shape
 from frankenmoe.tensor_io import CONFIG_DTYPE_TO_SAFETENSORS, DTYPES, ShardEntry, ShardWriter, tensor_bytes
 
 TOKENIZER_CONFIG = {
@@ -69,15 +70,20 @@ def write_toy_model(
     mlp_seed: int | None = None,
     tie_word_embeddings: bool = False,
     weight_std: float = 0.02,
+    extra_config: dict[str, Any] | None = None,
 ) -> Path:
     """Write config.json, model.safetensors and a real tokenizer into `folder`.
 
-    Models sharing `base_seed` have identical attention, norms and embeddings; `mlp_seed`
-    (default: `base_seed`) seeds the MLP weights, so different values make different "fine-tunes".
+    Any source family of the tables can be written (`model_type`); its weights and their shapes come
+    from the family's entry, and `extra_config` (e.g. attention_bias, rope_parameters) is merged into
+    config.json before they are derived. Models sharing `base_seed` have identical attention, norms
+    and embeddings; `mlp_seed` (default: `base_seed`) seeds the MLP weights, so different values make
+    different "fine-tunes".
     """
+    family = SOURCE_FAMILIES[model_type]
     folder.mkdir(parents=True, exist_ok=True)
-    config = {
-        "architectures": ["MistralForCausalLM" if model_type == "mistral" else "LlamaForCausalLM"],
+    config: dict[str, Any] = {
+        "architectures": [family.class_name],
         "model_type": model_type,
         "hidden_size": shape.hidden_size,
         "intermediate_size": shape.intermediate_size,
@@ -94,15 +100,16 @@ def write_toy_model(
         "bos_token_id": 1,
         "eos_token_id": 2,
         "torch_dtype": dtype,
+        **(extra_config or {}),
     }
-    if model_type == "mistral":
-        config["sliding_window"] = None
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2) + "\n")
     shutil.copyfile(mistral_tokenizer_model(), folder / "tokenizer.model")
     (folder / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
 
-    tensors = list(_tensor_specs(shape, tie_word_embeddings))
+    source = SourceModel("toy", folder, config, family, model_shape("toy", folder, config), {})
+    tensors = list(source.expected_shapes().items())
+    mlp_names = source.mlp_tensor_names()
     safetensors_dtype = CONFIG_DTYPE_TO_SAFETENSORS[dtype]
     writer = ShardWriter(
         folder / "model.safetensors",
@@ -110,44 +117,12 @@ def write_toy_model(
         {"format": "pt"},
     )
     for name, tensor_shape in tensors:
-        is_mlp = ".mlp." in name
-        seed = mlp_seed if is_mlp and mlp_seed is not None else base_seed
+        seed = mlp_seed if name in mlp_names and mlp_seed is not None else base_seed
         writer.begin(name)
         values = _toy_tensor(name, tensor_shape, seed, weight_std)
         writer.write_bytes(tensor_bytes(values.to(DTYPES[safetensors_dtype][0])))
     writer.close()
     return folder
-
-
-def _tensor_specs(shape: ToyShape, tie_word_embeddings: bool) -> Iterator[tuple[str, tuple[int, ...]]]:
-    head_dim = shape.hidden_size // shape.num_attention_heads
-    hidden, attention, kv = (
-        shape.hidden_size,
-        shape.num_attention_heads * head_dim,
-        shape.num_key_value_heads * head_dim,
-    )
-    per_layer = {
-        "input_layernorm.weight": (hidden,),
-        "self_attn.q_proj.weight": (attention, hidden),
-        "self_attn.k_proj.weight": (kv, hidden),
-        "self_attn.v_proj.weight": (kv, hidden),
-        "self_attn.o_proj.weight": (hidden, attention),
-        "post_attention_layernorm.weight": (hidden,),
-    }
-    mlp = {
-        "gate_proj": (shape.intermediate_size, hidden),
-        "up_proj": (shape.intermediate_size, hidden),
-        "down_proj": (hidden, shape.intermediate_size),
-    }
-    yield "model.embed_tokens.weight", (shape.vocab_size, hidden)
-    for layer in range(shape.num_hidden_layers):
-        for suffix in LLAMA_LIKE.layer_tensors:
-            yield LLAMA_LIKE.layer_name(layer, suffix), per_layer[suffix]
-        for part in MLP_PARTS:
-            yield LLAMA_LIKE.mlp_name(layer, part), mlp[part]
-    yield "model.norm.weight", (hidden,)
-    if not tie_word_embeddings:
-        yield LLAMA_LIKE.untied_lm_head, (shape.vocab_size, hidden)
 
 
 def _toy_tensor(name: str, shape: tuple[int, ...], seed: int, weight_std: float) -> torch.Tensor:

@@ -13,18 +13,19 @@ from tqdm import tqdm
 from frankenmoe.errors import OutputError
 from frankenmoe.laser import apply_laser
 from frankenmoe.plan import MergePlan, TensorJob, TensorPiece
+from frankenmoe.routers.request import Gates
 from frankenmoe.tensor_io import DTYPES, ShardEntry, ShardWriter, read_header, read_tensor, tensor_bytes
 
 INDEX_NAME = "model.safetensors.index.json"
 
 
 def write_checkpoint(
-    plan: MergePlan, gates: Callable[[], torch.Tensor], folder: Path, card: str, show_progress: bool = False
+    plan: MergePlan, gates: Callable[[], Gates], folder: Path, card: str, show_progress: bool = False
 ) -> None:
     """Write the whole checkpoint into `folder` (which must exist and be empty).
 
-    `gates` returns the router rows [layers, experts, hidden]; it is called only when the first
-    router tensor is due, so the rows may still be computing while the other tensors are copied.
+    `gates` returns the computed rows; it is called only when the first computed tensor is due, so
+    the rows may still be computing while the other tensors are copied.
     """
     with tqdm(total=plan.output_bytes, desc="writing", unit="B", unit_scale=True, disable=not show_progress) as bar:
         for shard in range(plan.shard_count):
@@ -45,14 +46,17 @@ def write_checkpoint(
     _write_text(folder / "README.md", card)
 
 
-def _write_shard(plan: MergePlan, shard: int, gates: Callable[[], torch.Tensor], path: Path, bar: tqdm) -> None:
+def _write_shard(plan: MergePlan, shard: int, gates: Callable[[], Gates], path: Path, bar: tqdm) -> None:
     jobs = plan.shard_jobs(shard)
     writer = ShardWriter(path, [ShardEntry(job.name, job.dtype, job.shape) for job in jobs], {"format": "pt"})
     try:
         for job in jobs:
             writer.begin(job.name)
-            if job.router_layer is not None:
-                writer.write_bytes(tensor_bytes(gates()[job.router_layer].to(DTYPES[job.dtype][0])))
+            if job.computed is not None:
+                rows = gates().rows(job.computed.kind, job.computed.layer)
+                writer.write_bytes(tensor_bytes(rows.to(DTYPES[job.dtype][0])))
+            elif job.origin == "zeros":
+                writer.write_bytes(bytes(job.nbytes))
             for piece in job.pieces:
                 if piece.location.dtype == job.dtype and not piece.transformed:
                     writer.copy_bytes(piece.location)

@@ -138,4 +138,4 @@ def test_inspect_rejects_a_dense_model(tiny_models: TinyModels) -> None:
     result = run_cli("inspect", tiny_models.base)
 
     assert result.exit_code == ModelError.exit_code
-    assert "not a Mixtral-format MoE" in result.output
+    assert "not a MoE frankenmoe can read" in result.output

@@ -488,7 +488,7 @@ def test_dry_run_writes_nothing(tiny_models: TinyModels, tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
     assert "Dry run: nothing was written." in result.output
     assert "model.layers.1.block_sparse_moe.experts.2.w3.weight" in result.output
-    assert "router (hidden)" in result.output
+    assert "computed router: gate mode hidden" in result.output
     assert not (tmp_path / "out").exists()
     assert sorted(tmp_path.rglob("*")) == before
 

@@ -12,7 +12,7 @@ from transformers import AutoConfig
 
 from frankenmoe.config import MergeConfig, parse_config
 from frankenmoe.errors import ConfigError
-from frankenmoe.plan import DEFAULT_SHARD_BYTES, MergePlan, build_plan, parse_size
+from frankenmoe.plan import DEFAULT_SHARD_BYTES, Computed, MergePlan, build_plan, parse_size
 from frankenmoe.sources import load_source
 from tests.conftest import TinyModels
 
@@ -86,7 +86,7 @@ def test_expert_tensors_come_from_their_source_mlp_in_config_order(
             assert piece.location.name == f"model.layers.1.mlp.{part}.weight"
             assert not piece.transformed
     router = jobs["model.layers.1.block_sparse_moe.gate.weight"]
-    assert (router.pieces, router.router_layer, router.shape) == ((), 1, (3, HIDDEN))
+    assert (router.pieces, router.computed, router.shape) == ((), Computed("router", 1), (3, HIDDEN))
     attention = jobs["model.layers.0.self_attn.q_proj.weight"].pieces[0].location
     assert attention.file == tiny_models.base.resolve() / "model.safetensors"
 
@@ -226,7 +226,7 @@ def test_tied_base_gives_a_tied_output_without_lm_head(tiny_models: TinyModels) 
     assert plan.output_config["tie_word_embeddings"] is True
     assert plan.output_config["sliding_window"] is None
     assert "lm_head.weight" not in {job.name for job in plan.jobs}
-    last_copied = [job.name for job in plan.jobs if job.router_layer is None][-1]
+    last_copied = [job.name for job in plan.jobs if job.computed is None][-1]
     assert last_copied == "model.norm.weight"
 
 

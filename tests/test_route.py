@@ -22,7 +22,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
 
-from frankenmoe.architectures import OUTPUT_LAYOUTS
+from frankenmoe.architectures import MIXTRAL_LAYOUTS
 from frankenmoe.errors import ConfigError
 from frankenmoe.routing import resolve_expert
 from frankenmoe.toymodels import TOKENIZER_CONFIG, mistral_tokenizer_model
@@ -94,7 +94,7 @@ def convert_to_fused(classic: Path, fused: Path) -> Path:
     """The same weights in transformers 5's fused expert layout."""
     fused.mkdir()
     tensors = load_file(classic / "model.safetensors")
-    layouts = OUTPUT_LAYOUTS["classic"], OUTPUT_LAYOUTS["fused"]
+    layouts = MIXTRAL_LAYOUTS["classic"], MIXTRAL_LAYOUTS["fused"]
     for layer in range(LAYERS):
         tensors[layouts[1].router_name(layer)] = tensors.pop(layouts[0].router_name(layer))
         prefix = f"model.layers.{layer}.block_sparse_moe.experts."

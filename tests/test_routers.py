@@ -85,7 +85,7 @@ def test_fit_routes_separable_held_out_prompts_perfectly(tiny_models: TinyModels
 def test_fit_is_deterministic_and_finite_with_one_single_token_prompt_per_expert(tiny_models: TinyModels) -> None:
     request = gate_request(tiny_models, [["red"], ["seven"], ["river"]], RouterConfig(ridge_lambda=1e-6))
 
-    first, second = compute_gates("fit", request), compute_gates("fit", request)
+    first, second = compute_gates("fit", request).router, compute_gates("fit", request).router
 
     assert torch.isfinite(first).all()
     assert torch.equal(first, second)
@@ -95,8 +95,8 @@ def test_ridge_lambda_trades_fitting_the_tokens_for_the_weighted_class_means(tin
     fixed = RouterConfig(scale=1.0, center=False)
     strong = compute_gates(
         "fit", gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0, ridge_lambda=1e6, center=False))
-    )
-    weak = compute_gates("fit", gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0, ridge_lambda=1e-4)))
+    ).router
+    weak = compute_gates("fit", gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0, ridge_lambda=1e-4))).router
     request = gate_request(tiny_models, TRAINING_PROMPTS, fixed)
     prompts = collect_expert_prompts(request.base, request.experts)
     layer0 = base_router_inputs(request)[0]
@@ -119,7 +119,7 @@ def test_ridge_lambda_trades_fitting_the_tokens_for_the_weighted_class_means(tin
 def test_hidden_rows_are_the_normalised_mean_of_pooled_router_inputs(tiny_models: TinyModels) -> None:
     for pooling in ("mean", "last"):
         request = gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(pooling=pooling, scale=1.0, center=False))
-        gates = compute_gates("hidden", request)
+        gates = compute_gates("hidden", request).router
         prompts = collect_expert_prompts(request.base, request.experts)
         for layer, inputs in enumerate(base_router_inputs(request)):
             for expert, indices in enumerate(prompts.positive):
@@ -134,8 +134,8 @@ def test_hidden_rows_are_the_normalised_mean_of_pooled_router_inputs(tiny_models
 
 
 def test_pooling_last_and_mean_give_different_rows(tiny_models: TinyModels) -> None:
-    mean = compute_gates("hidden", gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(pooling="mean")))
-    last = compute_gates("hidden", gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(pooling="last")))
+    mean = compute_gates("hidden", gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(pooling="mean"))).router
+    last = compute_gates("hidden", gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(pooling="last"))).router
 
     assert not torch.allclose(mean, last, atol=1e-3)
 
@@ -144,7 +144,7 @@ def test_residual_input_uses_the_stream_entering_the_layer(tiny_models: TinyMode
     request = gate_request(
         tiny_models, TRAINING_PROMPTS, RouterConfig(input="residual", pooling="last", scale=1.0, center=False)
     )
-    gates = compute_gates("hidden", request)
+    gates = compute_gates("hidden", request).router
     prompts = collect_expert_prompts(request.base, request.experts)
     embeddings = load_source(str(tiny_models.base))
     decoder = StreamedDecoder(embeddings.config, embeddings.tensors)
@@ -161,14 +161,14 @@ def test_residual_input_uses_the_stream_entering_the_layer(tiny_models: TinyMode
 def test_scale_auto_sets_the_logit_spread_and_a_number_sets_the_row_norm(tiny_models: TinyModels, mode: str) -> None:
     auto = gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(logit_std=2.5))
     prompts = collect_expert_prompts(auto.base, auto.experts)
-    gates = compute_gates(mode, auto)
+    gates = compute_gates(mode, auto).router
     for layer, inputs in enumerate(base_router_inputs(auto)):
         tokens = torch.cat([state[prompt.content_mask] for state, prompt in zip(inputs, prompts.prompts, strict=True)])
         spread = (tokens @ gates[layer].T).std(dim=-1, unbiased=False).mean()
         assert float(spread) == pytest.approx(2.5, rel=1e-4)
 
-    fixed = compute_gates(mode, gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=3.0)))
-    unscaled = compute_gates(mode, gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0)))
+    fixed = compute_gates(mode, gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=3.0))).router
+    unscaled = compute_gates(mode, gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0))).router
     torch.testing.assert_close(fixed, unscaled * 3.0)
     if mode == "hidden":
         torch.testing.assert_close(fixed.norm(dim=-1), torch.full(fixed.shape[:2], 3.0))
@@ -205,7 +205,7 @@ def test_sequential_states_are_the_merged_models_own(tiny_models: TinyModels, tm
             torch.testing.assert_close(written[layer, expert], expected, atol=1e-5, rtol=1e-5)
 
     # The base model's states agree at layer 0 only; after it, the experts' MLPs make them differ.
-    base_states = compute_gates("hidden", request)
+    base_states = compute_gates("hidden", request).router
     torch.testing.assert_close(base_states[0], written[0], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(base_states[1], written[1], atol=1e-4)
 
@@ -231,8 +231,8 @@ def test_router_options_parse_and_reject_bad_values() -> None:
 @pytest.mark.parametrize("mode", ["hidden", "fit"])
 def test_center_makes_every_row_orthogonal_to_the_mean_prompt_token(tiny_models: TinyModels, mode: str) -> None:
     centred = gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0))
-    plain = compute_gates(mode, gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0, center=False)))
-    gates = compute_gates(mode, centred)
+    plain = compute_gates(mode, gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0, center=False))).router
+    gates = compute_gates(mode, centred).router
     prompts = collect_expert_prompts(centred.base, centred.experts)
     for layer, inputs in enumerate(base_router_inputs(centred)):
         mean_token = unit(
@@ -280,7 +280,7 @@ def test_lead_in_puts_a_newline_before_prompts_only_when_the_tokenizer_adds_no_s
     experts = tuple(ExpertConfig(str(no_bos), tuple(texts)) for texts in TRAINING_PROMPTS)
     base = load_source(str(no_bos))
     on, off = (
-        compute_gates("hidden", GateRequest(base=base, experts=experts, router=RouterConfig(lead_in=flag)))
+        compute_gates("hidden", GateRequest(base=base, experts=experts, router=RouterConfig(lead_in=flag))).router
         for flag in (True, False)
     )
     assert not torch.allclose(on, off, atol=1e-3)

@@ -38,11 +38,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from smollm2 import ensure_smollm2  # noqa: E402
 
-from frankenmoe.layers import (  # noqa: E402
-    StreamedDecoder,
-    detect_layout,
-    router_inputs_by_layer,
-)
+from frankenmoe.layers import StreamedDecoder, router_inputs_by_layer  # noqa: E402
 from frankenmoe.merge import MergeOptions, execute_merge, gate_request, prepare_merge  # noqa: E402
 from frankenmoe.routers import compute_gates  # noqa: E402
 from frankenmoe.routers.prompts import EncodedPrompt, encode_prompts  # noqa: E402
@@ -119,7 +115,7 @@ def variant_gates(model: Path, prompts: dict[str, list[str]], variant: Variant, 
     config.write_text(config_text(model, prompts, variant))
     options = MergeOptions(force=True)
     plan = prepare_merge(config, work / "unused-output", options).plan
-    return compute_gates(plan.config.gate_mode, gate_request(plan, options)).to(OUTPUT_TORCH_DTYPE)
+    return compute_gates(plan.config.gate_mode, gate_request(plan, options)).router.to(OUTPUT_TORCH_DTYPE)
 
 
 def shared_checkpoint(model: Path, prompts: dict[str, list[str]]) -> Checkpoint:
@@ -135,8 +131,7 @@ def shared_checkpoint(model: Path, prompts: dict[str, list[str]]) -> Checkpoint:
 
 
 def with_routers(checkpoint: Checkpoint, gates: torch.Tensor, file: Path) -> Checkpoint:
-    layout = detect_layout(checkpoint.tensors)
-    routers = {layout.router_name(layer): gates[layer].contiguous() for layer in range(checkpoint.num_layers)}
+    routers = {checkpoint.layout.router_name(layer): gates[layer].contiguous() for layer in range(checkpoint.num_layers)}
     save_file(routers, str(file))
     return replace(checkpoint, tensors={**checkpoint.tensors, **read_header(file)})
 

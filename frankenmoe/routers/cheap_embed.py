@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-import torch
-
 from frankenmoe.routers.prompts import collect_expert_prompts, pool, rows_from_prompt_vectors
-from frankenmoe.routers.request import GateRequest
+from frankenmoe.routers.random_init import zero_shared_gates
+from frankenmoe.routers.request import GateRequest, Gates
 from frankenmoe.tensor_io import read_tensor
 
 
-def cheap_embed_gates(request: GateRequest) -> torch.Tensor:
+def cheap_embed_gates(request: GateRequest) -> Gates:
     # Embeddings do not depend on position, so a lead-in (and the attention sink it moves) changes nothing here.
-    prompts = collect_expert_prompts(request.base, request.experts)
+    shared = (request.shared_expert,) if request.shared_gate_from_prompts and request.shared_expert else ()
+    prompts = collect_expert_prompts(request.base, (*request.experts, *shared))
     table = read_tensor(request.base.tensor("model.embed_tokens.weight"))
     vectors = [pool(table[prompt.token_ids], prompt, request.router.pooling) for prompt in prompts.prompts]
+    # Each row depends on its own expert's prompts only, so the shared expert's row can be built alongside.
     rows = rows_from_prompt_vectors(vectors, prompts)
     # One row set serves every layer, so there is no per-layer router input to calibrate against:
     # scale auto keeps unit-norm rows (mergekit's behaviour), a number multiplies them.
     if request.router.scale is not None:
         rows = rows * request.router.scale
-    return rows.unsqueeze(0).expand(request.num_layers, -1, -1).clone()
+    per_layer = rows.unsqueeze(0).expand(request.num_layers, -1, -1).clone()
+    expert_count = len(request.experts)
+    shared_rows = per_layer[:, expert_count:].clone() if shared else zero_shared_gates(request)
+    return Gates(per_layer[:, :expert_count].clone(), shared_rows)

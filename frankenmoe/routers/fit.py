@@ -25,10 +25,10 @@ import torch
 
 from frankenmoe.routers.hidden import LayerStates, layerwise_gates
 from frankenmoe.routers.prompts import ExpertPrompts, without_component
-from frankenmoe.routers.request import GateRequest
+from frankenmoe.routers.request import GateRequest, Gates
 
 
-def fit_gates(request: GateRequest) -> torch.Tensor:
+def fit_gates(request: GateRequest) -> Gates:
     return layerwise_gates(request, fit_rows)
 
 

@@ -201,9 +201,14 @@ def content_tokens(states: Sequence[torch.Tensor], prompts: ExpertPrompts) -> to
 
 
 def scale_rows(rows: torch.Tensor, router_inputs: torch.Tensor, router: RouterConfig) -> torch.Tensor:
-    """Multiply rows by `router.scale`, or with scale auto (None) by the factor that makes the router
-    logits of `router_inputs` ([tokens, hidden]: the prompts' tokens at this layer) have a mean
-    standard deviation across experts of `router.logit_std`.
+    """`rows` times `row_scale(rows, router_inputs, router)`."""
+    return rows * row_scale(rows, router_inputs, router)
+
+
+def row_scale(rows: torch.Tensor, router_inputs: torch.Tensor, router: RouterConfig) -> float:
+    """`router.scale`, or with scale auto (None) the factor that makes the router logits of
+    `router_inputs` ([tokens, hidden]: the prompts' tokens at this layer) have a mean standard
+    deviation across experts of `router.logit_std`.
 
     Why auto: rows built from hidden states differ from each other by a small fraction of the
     activation norm, so unit-norm rows give near-uniform routing, and a fixed number cannot suit
@@ -211,8 +216,8 @@ def scale_rows(rows: torch.Tensor, router_inputs: torch.Tensor, router: RouterCo
     the router is in one unit that means the same everywhere.
     """
     if router.scale is not None:
-        return rows * router.scale
+        return router.scale
     spread = float((router_inputs.float() @ rows.float().T).std(dim=-1, unbiased=False).mean())
     if spread < 1e-12 or len(rows) < 2:
-        return rows
-    return rows * (router.logit_std / spread)
+        return 1.0
+    return router.logit_std / spread

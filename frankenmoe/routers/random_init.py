@@ -1,4 +1,7 @@
-"""Gates that ignore the prompts: seeded Gaussian rows, or nn.Linear's default uniform init."""
+"""Gates that ignore the prompts: seeded Gaussian rows, or nn.Linear's default uniform init.
+
+A shared expert's gate is zeros here (sigmoid 0.5 on every token): these modes use no prompts.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +9,25 @@ import math
 
 import torch
 
-from frankenmoe.routers.request import GateRequest
+from frankenmoe.routers.request import GateRequest, Gates
 
 
-def random_gates(request: GateRequest) -> torch.Tensor:
+def random_gates(request: GateRequest) -> Gates:
     generator = torch.Generator().manual_seed(request.seed)
-    return torch.randn(request.num_layers, len(request.experts), request.hidden_size, generator=generator)
+    rows = torch.randn(request.num_layers, len(request.experts), request.hidden_size, generator=generator)
+    return Gates(rows, zero_shared_gates(request))
 
 
-def uniform_random_gates(request: GateRequest) -> torch.Tensor:
+def uniform_random_gates(request: GateRequest) -> Gates:
     """U(-1/sqrt(hidden), 1/sqrt(hidden)), the bound nn.Linear's kaiming-uniform init gives."""
     generator = torch.Generator().manual_seed(request.seed)
     bound = 1.0 / math.sqrt(request.hidden_size)
     shape = (request.num_layers, len(request.experts), request.hidden_size)
-    return (torch.rand(shape, generator=generator) * 2 - 1) * bound
+    return Gates((torch.rand(shape, generator=generator) * 2 - 1) * bound, zero_shared_gates(request))
+
+
+def zero_shared_gates(request: GateRequest) -> torch.Tensor | None:
+    """Zero gate rows for the shared expert, or None when the request has no shared expert."""
+    if request.shared_expert is None:
+        return None
+    return torch.zeros(request.num_layers, 1, request.hidden_size)

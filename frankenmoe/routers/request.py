@@ -1,4 +1,4 @@
-"""What every gate mode gets to work with."""
+"""What every gate mode gets to work with, and what it gives back."""
 
 from __future__ import annotations
 
@@ -18,6 +18,10 @@ class GateRequest:
     expert_models: tuple[SourceModel, ...] = ()
     """The experts' models, in `experts` order; sequential hidden states read their MLP weights."""
     experts_per_token: int = 2
+    renormalize: bool = True
+    """Whether the output architecture renormalises the top-k weights (router.sequential follows it)."""
+    shared_expert: ExpertConfig | None = None
+    shared_expert_model: SourceModel | None = None
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     show_progress: bool = False
@@ -29,3 +33,24 @@ class GateRequest:
     @property
     def hidden_size(self) -> int:
         return self.base.shape.hidden_size
+
+    @property
+    def shared_gate_from_prompts(self) -> bool:
+        """The shared expert's gate row is built from its prompts only when it has some."""
+        return self.shared_expert is not None and bool(self.shared_expert.positive_prompts)
+
+
+@dataclass(frozen=True)
+class Gates:
+    """Computed rows, float32: routers [layers, experts, hidden] and, for an output with a shared
+    expert, its sigmoid gates [layers, 1, hidden] (zeros when the shared expert has no prompts)."""
+
+    router: torch.Tensor
+    shared_expert_gate: torch.Tensor | None = None
+
+    def rows(self, kind: str, layer: int) -> torch.Tensor:
+        if kind == "router":
+            return self.router[layer]
+        if self.shared_expert_gate is None:
+            raise ValueError("these gates were computed without a shared expert")
+        return self.shared_expert_gate[layer]
