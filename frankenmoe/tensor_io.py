@@ -3,7 +3,9 @@
 The file format: 8 bytes little-endian header length N, N bytes of JSON mapping each tensor name to
 {dtype, shape, data_offsets: [begin, end]} (offsets relative to the end of the header), then the
 raw little-endian tensor bytes. Working at this level lets a merge copy bytes straight from source
-files to the output without materialising a tensor, and write a shard one tensor at a time.
+files to the output without materialising a tensor, and write a shard one tensor at a time. Tensors in
+torch's zip-pickle files are described the same way (frankenmoe.pickle_weights), so reading and copying
+them takes the same paths.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Literal
 
 import torch
 
@@ -41,13 +43,33 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "BOOL": (torch.bool, 1),
 }
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+# Valid safetensors dtypes that frankenmoe cannot merge: quantised floats (FP8, FP6, FP4), unsigned and complex.
+UNSUPPORTED_DTYPES = frozenset(
+    {
+        "F8_E4M3",
+        "F8_E4M3FNUZ",
+        "F8_E5M2",
+        "F8_E5M2FNUZ",
+        "F8_E8M0",
+        "F6_E2M3",
+        "F6_E3M2",
+        "F4",
+        "U16",
+        "U32",
+        "U64",
+        "C64",
+    }
+)
 TORCH_TO_SAFETENSORS = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
 CONFIG_DTYPE_TO_SAFETENSORS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
+WeightFormat = Literal["safetensors", "pickle"]
+
+
 @dataclass(frozen=True)
 class TensorLocation:
-    """Where one tensor's bytes live inside a safetensors file."""
+    """Where one tensor's raw little-endian bytes live: in a safetensors file, or a storage of a torch zip pickle."""
 
     name: str
     file: Path
@@ -55,6 +77,7 @@ class TensorLocation:
     shape: tuple[int, ...]
     start: int
     end: int
+    file_format: WeightFormat = "safetensors"
 
     @property
     def nbytes(self) -> int:
@@ -92,6 +115,9 @@ def read_header(path: Path) -> dict[str, TensorLocation]:
         header = json.loads(raw_header)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise _corrupt(path, "its header is not valid JSON") from None
+    except RecursionError:
+        # A real header nests three levels deep; thousands of levels only come from damage or malice.
+        raise _corrupt(path, "its header's JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "its header is not a JSON object")
     data_start = 8 + header_length
@@ -108,6 +134,8 @@ def _location(path: Path, name: str, entry: object, data_start: int, data_size: 
     if not isinstance(entry, dict):
         raise _corrupt(path, f"the entry for tensor {name!r} is not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype in UNSUPPORTED_DTYPES:
+        raise unsupported_dtype(path, str(dtype), name)
     if dtype not in DTYPES:
         raise _corrupt(path, f"tensor {name!r} has unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(dim, int) and dim >= 0 for dim in shape):
@@ -138,6 +166,25 @@ def _corrupt(path: Path, detail: str) -> ModelError:
     )
 
 
+def unsupported_dtype(path: Path, dtype: str, name: str | None = None) -> ModelError:
+    """A valid file holding tensors of a dtype frankenmoe cannot merge (FP8 and other quantised formats)."""
+    subject = f"Tensor {name!r} in {path} has" if name is not None else f"{path} holds tensors of"
+    return ModelError(
+        f"{subject} dtype {dtype}, which frankenmoe does not support. It merges weights in "
+        f"{', '.join(sorted(FLOAT_DTYPES))} (and reads {', '.join(sorted(DTYPES.keys() - FLOAT_DTYPES))} for other "
+        "tensors); FP8 and other quantised checkpoints cannot be merged. Use the model's unquantised weights."
+    )
+
+
+def _cut_short(location: TensorLocation) -> ModelError:
+    if location.file_format == "pickle":
+        return ModelError(
+            f"{location.file} is not a valid torch weights file: tensor {location.name!r} is cut short. The file is "
+            "probably truncated or damaged; download or convert it again."
+        )
+    return _corrupt(location.file, f"tensor {location.name!r} is cut short")
+
+
 def read_tensor(location: TensorLocation) -> torch.Tensor:
     """One tensor, mapped copy-on-write from its file: writable, and private to the caller.
 
@@ -151,7 +198,7 @@ def read_tensor(location: TensorLocation) -> torch.Tensor:
     try:
         with location.file.open("rb") as handle:
             if os.fstat(handle.fileno()).st_size < location.end:
-                raise _corrupt(location.file, f"tensor {location.name!r} is cut short")
+                raise _cut_short(location)
             mapped = mmap.mmap(handle.fileno(), location.end - map_start, access=mmap.ACCESS_COPY, offset=map_start)
     except OSError as error:
         raise ModelError(f"Cannot read tensor {location.name!r} from {location.file}: {error}.") from None
@@ -181,7 +228,7 @@ def read_rows(location: TensorLocation, start: int, stop: int) -> torch.Tensor:
     except OSError as error:
         raise ModelError(f"Cannot read tensor {location.name!r} from {location.file}: {error}.") from None
     if filled != count:
-        raise _corrupt(location.file, f"tensor {location.name!r} is cut short")
+        raise _cut_short(location)
     return torch.frombuffer(buffer, dtype=torch_dtype).reshape(stop - start, columns)
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from frankenmoe.errors import ModelError
@@ -126,3 +128,74 @@ def test_non_mlp_tensors_are_not_required_of_an_expert(tiny_models: TinyModels, 
     expert.check_tensors(expert.mlp_tensor_names())
     with pytest.raises(ModelError, match=r"model\.embed_tokens\.weight"):
         expert.check_tensors()
+
+
+def test_tensor_in_two_files_without_an_index_is_refused_naming_both(tiny_models: TinyModels, tmp_path: Path) -> None:
+    folder = shutil.copytree(tiny_models.experts[0], tmp_path / "with-stray-file")
+    stale = load_file(folder / "model.safetensors")["model.layers.1.mlp.up_proj.weight"] * 0
+    save_file({"model.layers.1.mlp.up_proj.weight": stale}, folder / "model-old.safetensors")
+
+    with pytest.raises(ModelError) as caught:
+        load_source(str(folder))
+
+    message = caught.value.message
+    assert "tensor 'model.layers.1.mlp.up_proj.weight' in two files" in message
+    assert "model-old.safetensors and model.safetensors" in message
+    assert "no index file" in message
+    assert caught.value.exit_code == 3
+
+
+def test_the_index_decides_which_copy_of_a_duplicated_tensor_is_read(tiny_models: TinyModels, tmp_path: Path) -> None:
+    folder = shutil.copytree(tiny_models.experts[0], tmp_path / "indexed")
+    tensors = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00002.safetensors")
+    name = "model.layers.0.mlp.down_proj.weight"
+    save_file({name: tensors[name]}, folder / "model-00002-of-00002.safetensors")
+    weight_map = dict.fromkeys(tensors, "model-00001-of-00002.safetensors") | {name: "model-00002-of-00002.safetensors"}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    model = load_source(str(folder))
+
+    assert model.tensors[name].file.name == "model-00002-of-00002.safetensors"
+    assert model.tensors["model.norm.weight"].file.name == "model-00001-of-00002.safetensors"
+
+
+def _adapter_files(folder: Path, weights_name: str) -> None:
+    """A PEFT LoRA adapter's files: its config and its A/B matrices."""
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    lora = {"base_model.model.model.layers.0.mlp.up_proj.lora_A.weight": torch.zeros(2, 64)}
+    if weights_name.endswith(".safetensors"):
+        save_file(lora, folder / weights_name)
+    else:
+        torch.save(lora, folder / weights_name)
+
+
+def test_pickle_weights_next_to_an_adapter_are_read_and_the_adapter_is_not(
+    tiny_models: TinyModels, tmp_path: Path
+) -> None:
+    folder = shutil.copytree(
+        tiny_models.experts[0], tmp_path / "bin-and-adapter", ignore=shutil.ignore_patterns("*.safetensors")
+    )
+    torch.save(load_file(tiny_models.experts[0] / "model.safetensors"), folder / "pytorch_model.bin")
+    _adapter_files(folder, "adapter_model.safetensors")
+
+    model = load_source(str(folder))
+
+    assert {location.file.name for location in model.tensors.values()} == {"pytorch_model.bin"}
+    model.check_tensors()
+
+
+@pytest.mark.parametrize("weights_name", ["adapter_model.safetensors", "adapter_model.bin"])
+def test_adapter_without_model_weights_is_named_as_an_adapter(
+    tiny_models: TinyModels, tmp_path: Path, weights_name: str
+) -> None:
+    folder = shutil.copytree(
+        tiny_models.experts[0], tmp_path / "adapter", ignore=shutil.ignore_patterns("*.safetensors")
+    )
+    _adapter_files(folder, weights_name)
+
+    with pytest.raises(ModelError) as caught:
+        load_source(str(folder))
+
+    assert f"({folder}) is a PEFT adapter (adapter_config.json)" in caught.value.message
+    assert "not a model's weights" in caught.value.message

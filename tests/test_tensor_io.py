@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from frankenmoe.errors import OutputError
+from frankenmoe.errors import ModelError, OutputError
 from frankenmoe.tensor_io import (
     ALIGNMENT,
     ShardEntry,
@@ -168,3 +168,32 @@ def test_shard_writer_never_overwrites_an_existing_file(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match=r"taken\.safetensors"):
         ShardWriter(existing, [ShardEntry("x", "F32", (1,))], {})
     assert existing.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "name"),
+    [(torch.float8_e4m3fn, "F8_E4M3"), (torch.float8_e5m2, "F8_E5M2"), (torch.uint16, "U16")],
+)
+def test_valid_but_unsupported_dtype_is_named_not_called_damage(tmp_path: Path, dtype: torch.dtype, name: str) -> None:
+    path = tmp_path / "quantised.safetensors"
+    save_file({"norm.weight": torch.ones(4), "layer.weight": torch.zeros(2, 2).to(dtype)}, path)
+
+    with pytest.raises(ModelError) as caught:
+        read_header(path)
+
+    message = caught.value.message
+    assert f"Tensor 'layer.weight' in {path} has dtype {name}, which frankenmoe does not support" in message
+    assert "It merges weights in BF16, F16, F32, F64" in message
+    assert "damaged" not in message
+
+
+def test_deeply_nested_header_is_a_corrupt_file_not_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "nested.safetensors"
+    header = b'{"x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+
+    with pytest.raises(ModelError) as caught:
+        read_header(path)
+
+    assert f"{path} is not a valid safetensors file: its header's JSON is nested too deeply" in caught.value.message
+    assert caught.value.exit_code == 3
