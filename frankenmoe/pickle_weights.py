@@ -83,7 +83,7 @@ class _Storage:
     nbytes: int
 
 
-def is_pickle_zip(path: Path) -> bool:
+def _is_zip(path: Path) -> bool:
     """Whether `path` starts like torch's zip format (as opposed to a bare or legacy pickle)."""
     with path.open("rb") as handle:
         return handle.read(len(ZIP_MAGIC)) == ZIP_MAGIC
@@ -93,7 +93,7 @@ def read_pickle_index(path: Path) -> dict[str, TensorLocation]:
     """Every tensor of a torch zip-format state dict, as byte ranges inside `path`; no tensor data is read."""
     require_safe_torch()
     try:
-        if not is_pickle_zip(path):
+        if not _is_zip(path):
             raise _legacy(path)
         with zipfile.ZipFile(path) as archive, path.open("rb", buffering=0) as handle:
             prefix = _archive_prefix(path, archive)
