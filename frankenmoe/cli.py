@@ -189,8 +189,9 @@ def _print_plan(prepared: PreparedMerge, detailed: bool) -> None:
         typer.echo(f"shared-expert gate: {plan.computed_origin('shared_expert_gate')}")
     if plan.skipped_tensors:
         typer.echo(
-            f"skipped: {len(plan.skipped_tensors)} rotary inv_freq buffer(s) of the base model, "
-            "recomputed from config.json by every loader"
+            f"skipped: {len(plan.skipped_tensors)} tensor(s) of the base model that every loader derives "
+            f"(rotary inv_freq buffers, a tied lm_head): {', '.join(plan.skipped_tensors[:3])}"
+            + (" ..." if len(plan.skipped_tensors) > 3 else "")
         )
     typer.echo(f"source weights: {weight_formats_summary((plan.base, *plan.experts))}")
     typer.echo(

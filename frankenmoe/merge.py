@@ -121,6 +121,7 @@ def gate_request(plan: MergePlan, options: MergeOptions) -> GateRequest:
         expert_models=plan.experts,
         experts_per_token=plan.config.experts_per_token,
         renormalize=plan.architecture.routing.renormalizes(plan.output_config),
+        shared_expert_slot=plan.architecture.shared_expert is not None,
         shared_expert=plan.config.shared_experts[0] if plan.config.shared_experts else None,
         shared_expert_model=plan.shared_expert,
         seed=options.seed,

@@ -124,12 +124,15 @@ class SourceModel:
         }
 
     def skipped_tensors(self) -> tuple[str, ...]:
-        """Tensors in the files that no merge needs because they are recomputed from the config (inv_freq)."""
+        """Tensors in the files that no merge needs: buffers recomputed from the config (inv_freq), and the
+        copy of the embeddings some tied checkpoints also store as lm_head (every loader ties it back)."""
         derivable = {
             self.family.layer_name(layer, suffix)
             for layer in range(self.shape.num_hidden_layers)
             for suffix in self.family.derivable
         }
+        if self.tie_word_embeddings:
+            derivable.add(LM_HEAD.name)
         return tuple(sorted(name for name in self.tensors if name in derivable))
 
     def check_accounted(self) -> None:

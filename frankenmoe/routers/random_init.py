@@ -27,7 +27,7 @@ def uniform_random_gates(request: GateRequest) -> Gates:
 
 
 def zero_shared_gates(request: GateRequest) -> torch.Tensor | None:
-    """Zero gate rows for the shared expert, or None when the request has no shared expert."""
-    if request.shared_expert is None:
+    """Zero gate rows for the shared expert, or None when the output has no shared-expert slot."""
+    if not request.shared_expert_slot:
         return None
     return torch.zeros(request.num_layers, 1, request.hidden_size)

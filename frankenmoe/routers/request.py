@@ -20,6 +20,8 @@ class GateRequest:
     experts_per_token: int = 2
     renormalize: bool = True
     """Whether the output architecture renormalises the top-k weights (router.sequential follows it)."""
+    shared_expert_slot: bool = False
+    """Whether the output has a shared-expert gate to fill (with zeros when there is no shared expert)."""
     shared_expert: ExpertConfig | None = None
     shared_expert_model: SourceModel | None = None
     seed: int = 0
