@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import torch
 
 from frankenmoe.card import laser_sections, model_card
 from frankenmoe.config import MergeConfig, load_config
-from frankenmoe.errors import ConfigError
+from frankenmoe.errors import ConfigError, ModelError
 from frankenmoe.laser import run_laser
 from frankenmoe.output import check_complete, check_free_space, check_output_target, staged_output
 from frankenmoe.plan import DEFAULT_SHARD_BYTES, MergePlan, build_plan
@@ -54,7 +57,8 @@ def prepare_merge(config_path: Path, out: Path, options: MergeOptions) -> Prepar
     config = load_config(config_path)
     resolve_device(options.device)
     base, experts, shared_expert = load_sources(config)
-    check_output_target(out, [base.path, *(expert.path for expert in experts)], options.force)
+    sources = [model.path for model in (base, *experts, shared_expert) if model is not None]
+    check_output_target(out, sources, config_path, options.force)
     plan = build_plan(
         config,
         base,
@@ -84,6 +88,11 @@ def load_sources(config: MergeConfig) -> tuple[SourceModel, tuple[SourceModel, .
             loaded = load_source(reference)  # a model named twice has its headers read once
             by_reference[reference] = by_path.setdefault(loaded.path, loaded)
         source = by_reference[reference]
+        if source.family.mlp != base.family.mlp:
+            raise ModelError(
+                f"{label} ({reference}) is a {source.family.name} model whose MLP weights are not laid out like the "
+                f"base model's ({base.family.name}); every expert must be a fine-tune of the same base architecture."
+            )
         check_compatible(base, source, label, shared_expert=shared)
         source.check_tensors(source.mlp_tensor_names())
         source.check_accounted()
@@ -161,30 +170,69 @@ class BackgroundResult(Generic[T]):
     The router computation runs this way so that its CPU work overlaps the writer's disk work. Its
     thread uses one intra-op thread, which keeps the router rows bit-identical whatever the
     machine's thread count; an exception in it is re-raised by `result()`.
+
+    When the caller stops early (Ctrl-C, SIGTERM, an error), the thread is cancelled and joined: by
+    `result()` if the wait itself is interrupted, otherwise at interpreter exit. It must not be left
+    running into the interpreter's finalisation: a thread stopped there inside torch makes the process
+    abort ("terminate called without an active exception", exit 134) instead of exiting as the CLI chose.
     """
+
+    class Cancelled(BaseException):
+        """Raised inside the thread by cancel(); not an Exception, so no `except Exception` in a router swallows it."""
+
+    JOIN_SECONDS = 30.0
+    """How long cancel() waits: the thread stops after its current torch call, which takes far less."""
 
     def __init__(self, compute: Callable[[], T]) -> None:
         self._compute = compute
         self._done = threading.Event()
         self._value: T | None = None
         self._error: BaseException | None = None
-        threading.Thread(target=self._run, name="frankenmoe-routers", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="frankenmoe-routers", daemon=True)
+        # atexit handlers run before finalisation, while the thread can still run to its end.
+        atexit.register(BackgroundResult._cancel_if_alive, weakref.ref(self))
+        self._thread.start()
 
     def _run(self) -> None:
-        torch.set_num_threads(1)
         try:
+            torch.set_num_threads(1)
             self._value = self._compute()
+        except BackgroundResult.Cancelled:
+            pass  # nobody waits for the value any more
         except BaseException as error:  # handed to the caller's thread by result()
             self._error = error
         finally:
             self._done.set()
 
     def result(self) -> T:
-        while not self._done.wait(timeout=0.1):
-            pass  # short waits keep the main thread responsive to Ctrl-C
+        try:
+            while not self._done.wait(timeout=0.1):
+                pass  # short waits keep the main thread responsive to Ctrl-C
+        except BaseException:
+            self.cancel()
+            raise
         if self._error is not None:
             raise self._error
         return cast(T, self._value)
+
+    def cancel(self) -> None:
+        """Stop the computation at its next Python instruction and wait for the thread to end.
+
+        The gate modes are Python loops over torch calls, so the exception lands between two calls,
+        where a cancellation flag would be polled, without every gate mode having to poll one.
+        """
+        if not self._thread.is_alive() or self._thread.ident is None:
+            return
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(
+            ctypes.c_ulong(self._thread.ident), ctypes.py_object(BackgroundResult.Cancelled)
+        )
+        self._thread.join(self.JOIN_SECONDS)
+
+    @staticmethod
+    def _cancel_if_alive(reference: weakref.ref[BackgroundResult[Any]]) -> None:
+        background = reference()
+        if background is not None:
+            background.cancel()
 
 
 def output_files(plan: MergePlan) -> list[str]:

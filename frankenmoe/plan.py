@@ -163,12 +163,12 @@ def choose_architecture(
 def _why_not(
     arch: OutputArchitecture, base: SourceModel, experts: tuple[SourceModel, ...], shared_count: int
 ) -> str | None:
-    for role, source in (("the base model", base), *((f"expert {i}", e) for i, e in enumerate(experts))):
-        family = source.family.name
-        if family in arch.refuses:
-            return f"{role} ({source.reference}) is a {family} model: {arch.refuses[family]}"
-        if family not in arch.accepts:
-            return f"{role} ({source.reference}) is a {family} model, which {arch.model_type} does not take"
+    # Only the base's attention, norms and embeddings enter the output; experts give their MLPs alone.
+    family = base.family.name
+    if family in arch.refuses:
+        return f"the base model ({base.reference}) is a {family} model: {arch.refuses[family]}"
+    if family not in arch.accepts:
+        return f"the base model ({base.reference}) is a {family} model, which {arch.model_type} does not take"
     lost = sorted(weight.name for weight in base.layer_weights() if weight.name not in arch.layer_slot_names())
     if lost:
         return (

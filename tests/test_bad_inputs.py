@@ -232,7 +232,7 @@ def test_expert_with_different_shape_names_both_models_the_field_and_both_values
     )
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("model_type", ["gpt2", "gemma3"])
 def test_unsupported_model_type_lists_what_is_supported(
     tmp_path: Path, tiny_models: TinyModels, model_type: str
 ) -> None:
@@ -243,7 +243,7 @@ def test_unsupported_model_type_lists_what_is_supported(
         tmp_path / "out",
         MODEL_ERROR,
         f"model_type '{model_type}'",
-        "Supported source model types: llama, mistral",
+        "Supported source model types: llama, mistral, qwen2, qwen3",
     )
 
 
