@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
+import yaml
+
 from frankenmoe import __version__
 from frankenmoe.config import PROMPT_GATE_MODES, MergeConfig
 from frankenmoe.laser import LaserResult
 from frankenmoe.plan import SAFETENSORS_TO_CONFIG_DTYPE, MergePlan
-from frankenmoe.sources import weight_formats_summary
+from frankenmoe.sources import SourceModel, weight_formats_summary
 
 RECIPE_HEADING = "## Merge recipe"
 LASER_HEADING = "## Laser rank reduction"
@@ -19,11 +24,11 @@ def model_card(plan: MergePlan, config_text: str, extra_sections: tuple[str, ...
         for index, expert in enumerate(plan.experts)
     )
     sections = [
-        f"---\nlibrary_name: transformers\ntags:\n- moe\n- frankenmoe\n- {plan.architecture.model_type}\n---\n",
+        card_header(plan),
         f"# {len(plan.experts)}-expert frankenMoE of `{plan.base.reference}`\n",
         f"Built with frankenmoe {__version__}: attention, embeddings and norms come from the base model "
         "`" + plan.base.reference + "`; each expert's MLP comes from its source model; routers were "
-        f"initialised with gate mode `{config.gate_mode}`. No training was done.\n",
+        f"initialised with gate mode `{config.gate_mode}`. No training was done.{_local_sources_note(plan)}\n",
         "| | |\n|---|---|\n"
         f"| architecture | {plan.architecture.class_name} ({plan.layout.name} tensor layout; {plan.architecture_reason}) |\n"
         + (
@@ -39,10 +44,82 @@ def model_card(plan: MergePlan, config_text: str, extra_sections: tuple[str, ...
         f"| router prompts | {router_summary(config)} |\n"
         f"| source weights | {weight_formats_summary((plan.base, *plan.experts))} |\n",
         "## Experts\n\n| # | source | positive prompts |\n|---|---|---|\n" + expert_lines + "\n",
+        *vocabulary_sections(plan),
         *extra_sections,
         f"{RECIPE_HEADING}\n\n```yaml\n{config_text.rstrip()}\n```\n",
     ]
     return "\n".join(sections)
+
+
+def card_header(plan: MergePlan) -> str:
+    """The YAML metadata block the Hugging Face hub reads from a model card.
+
+    `base_model` lists, by repo id, every source that was resolved from a Hugging Face cache (base first,
+    each once), with `base_model_relation: merge` as the hub asks of merges. Sources given as local
+    folders are left out: the hub accepts only repo ids there, and a folder does not say which repo it
+    was downloaded from. The card's text and Experts table still name them.
+    """
+    sources = _sources(plan)
+    metadata: dict[str, Any] = {"library_name": "transformers"}
+    repo_ids = _unique(repo_id for repo_id in map(hub_repo_id, sources) if repo_id is not None)
+    if repo_ids:
+        metadata["base_model"] = repo_ids
+        metadata["base_model_relation"] = "merge"
+    families = (plan.architecture.model_type, *(source.model_type for source in sources))
+    metadata["tags"] = _unique(("moe", "frankenmoe", "merge", *families))
+    return "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n"
+
+
+def hub_repo_id(source: SourceModel) -> str | None:
+    """`org/name` when the source's folder is a snapshot in a Hugging Face cache
+    (`models--org--name/snapshots/<commit>`), whether it was named by repo id or by that path."""
+    snapshots, repo = source.path.parent, source.path.parent.parent
+    if snapshots.name != "snapshots" or not repo.name.startswith("models--"):
+        return None
+    # Repo ids cannot contain "--", so the cache's "/" -> "--" folder naming reverses unambiguously.
+    return repo.name.removeprefix("models--").replace("--", "/")
+
+
+def _sources(plan: MergePlan) -> tuple[SourceModel, ...]:
+    shared = () if plan.shared_expert is None else (plan.shared_expert,)
+    return (plan.base, *plan.experts, *shared)
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _local_sources_note(plan: MergePlan) -> str:
+    local = _unique(source.reference for source in _sources(plan) if hub_repo_id(source) is None)
+    if not local:
+        return ""
+    return (
+        f" The {len(local)} source(s) given as local folders are not in the metadata's `base_model`, which takes "
+        "Hugging Face repo ids only."
+    )
+
+
+def vocabulary_sections(plan: MergePlan) -> tuple[str, ...]:
+    """A note on experts whose vocabulary differs from the base's; no section when none does."""
+    base_size = plan.base.shape.vocab_size
+    labelled = [(str(index), expert) for index, expert in enumerate(plan.experts)]
+    if plan.shared_expert is not None:
+        labelled.append(("shared", plan.shared_expert))
+    rows = "\n".join(
+        f"| {label} | `{expert.reference}` | {expert.shape.vocab_size} | "
+        f"{abs(expert.shape.vocab_size - base_size)} {'added' if expert.shape.vocab_size > base_size else 'fewer'} |"
+        for label, expert in labelled
+        if expert.shape.vocab_size != base_size
+    )
+    if not rows:
+        return ()
+    return (
+        f"## Vocabulary\n\nThe merged model has the base model's tokenizer and embeddings ({base_size} tokens). "
+        "These experts were fine-tuned with a different vocabulary; only their MLPs were merged, so the model "
+        "works. Tokens an expert added (often its chat template's special tokens) are not in the tokenizer and "
+        "cannot be written; tokens the base has beyond an expert's vocabulary were never seen by that expert.\n\n"
+        "| # | expert | vocabulary | tokens |\n|---|---|---|---|\n" + rows + "\n",
+    )
 
 
 def router_summary(config: MergeConfig) -> str:

@@ -6,6 +6,7 @@ Nothing here reads tensor data; only config.json and safetensors headers are par
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -387,11 +388,16 @@ def _shards_from_index(reference: str, index_path: Path) -> tuple[list[Path], di
 
 
 def check_compatible(base: SourceModel, expert: SourceModel, expert_label: str, shared_expert: bool = False) -> None:
-    """An expert's MLPs can replace the base's only if every dimension agrees.
+    """An expert's MLPs can replace the base's only if every dimension they touch agrees.
 
-    A shared expert has a slot of its own size, so only its intermediate size may differ.
+    A shared expert has a slot of its own size, so only its intermediate size may differ. The vocabulary
+    never has to agree: only an expert's MLPs are read, and the merged model keeps the base's embeddings
+    and tokenizer. Fine-tunes that added a token or two (32001, 32002) are common.
     """
     for field in fields(ModelShape):
+        if field.name == "vocab_size":
+            _warn_vocabulary(base, expert, expert_label)
+            continue
         if shared_expert and field.name == "intermediate_size":
             continue
         base_value = getattr(base.shape, field.name)
@@ -402,3 +408,26 @@ def check_compatible(base: SourceModel, expert: SourceModel, expert_label: str, 
                 f"{field.name} is {expert_value} in the expert but {base_value} in the base. Every expert must be a "
                 "fine-tune of the same base architecture."
             )
+
+
+def _warn_vocabulary(base: SourceModel, expert: SourceModel, expert_label: str) -> None:
+    extra = expert.shape.vocab_size - base.shape.vocab_size
+    if extra == 0:
+        return
+    if extra > 0:
+        consequence = (
+            f"its {extra} added tokens are not in the base model's tokenizer, which the merged model uses, so the "
+            "merged model cannot write them (often a chat template's special tokens)"
+        )
+    else:
+        consequence = f"the base model's last {-extra} tokens were never seen by this expert in training"
+    logging.getLogger("frankenmoe").warning(
+        "%s (%s) has a vocabulary of %d tokens, the base model (%s) %d: %s. Only the expert's MLPs are merged, "
+        "so the merge works; the model card records the difference.",
+        expert_label,
+        expert.reference,
+        expert.shape.vocab_size,
+        base.reference,
+        base.shape.vocab_size,
+        consequence,
+    )

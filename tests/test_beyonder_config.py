@@ -20,6 +20,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, MixtralForCausalLM
 
@@ -224,6 +225,14 @@ def test_beyonder_merge_loads_in_transformers_with_four_experts(beyonder_checkpo
     card = (beyonder_checkpoint / "README.md").read_text()
     assert BASE_ID in card
     assert beyonder_config_path().read_text().strip() in card
+
+
+def test_beyonder_card_header_names_the_hub_sources_as_base_models(beyonder_checkpoint: Path) -> None:
+    header = yaml.safe_load((beyonder_checkpoint / "README.md").read_text().split("---\n")[1])
+
+    assert header["base_model"] == [BASE_ID, *EXPERT_IDS]
+    assert header["base_model_relation"] == "merge"
+    assert {"moe", "frankenmoe", "mixtral", "mistral"} <= set(header["tags"])
 
 
 def test_beyonder_experts_come_from_the_cached_models_in_config_order(
