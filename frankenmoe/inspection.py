@@ -20,7 +20,7 @@ from frankenmoe.architectures import TOKENIZER_FILES, OutputLayout
 from frankenmoe.card import RECIPE_HEADING
 from frankenmoe.errors import ModelError
 from frankenmoe.routing import TOKENIZER_MARKERS, Checkpoint, load_checkpoint
-from frankenmoe.tensor_io import CONFIG_DTYPE_TO_SAFETENSORS, read_tensor
+from frankenmoe.tensor_io import CONFIG_DTYPE_TO_SAFETENSORS, TensorLocation, read_tensor
 
 NEAR_DUPLICATE_COSINE = 0.99
 """Two gate rows this aligned give their experts almost the same logit for every token."""
@@ -139,10 +139,20 @@ def inspect_checkpoint(path: Path) -> CheckpointReport:
         ),
         recipe=read_recipe(path),
         routers=tuple(
-            diagnose_router(layer, read_tensor(checkpoint.tensors[layout.router_name(layer)]))
+            diagnose_router(layer, read_tensor(_router(checkpoint, layout, layer)))
             for layer in range(checkpoint.num_layers)
         ),
     )
+
+
+def _router(checkpoint: Checkpoint, layout: OutputLayout, layer: int) -> TensorLocation:
+    name = layout.router_name(layer)
+    if name not in checkpoint.tensors:
+        raise ModelError(
+            f"{checkpoint.path} has no tensor {name!r} (layer {layer}'s router) although its layer 0 router uses the "
+            f"{layout.name} layout. The checkpoint is incomplete; re-download or re-merge it."
+        )
+    return checkpoint.tensors[name]
 
 
 def _config_dtype(safetensors_dtype: str) -> str:

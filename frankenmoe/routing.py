@@ -19,12 +19,9 @@ from frankenmoe.architectures import OUTPUT_ARCHITECTURES, OutputArchitecture, O
 from frankenmoe.config import ExpertConfig
 from frankenmoe.errors import ConfigError, ModelError
 from frankenmoe.layers import StreamedDecoder, detect_layout
-from frankenmoe.routers.prompts import EncodedPrompt, encode_prompts, load_tokenizer
+from frankenmoe.routers.prompts import TOKENIZER_MARKERS, EncodedPrompt, encode_prompts, load_tokenizer
 from frankenmoe.sources import index_tensors, read_model_config
 from frankenmoe.tensor_io import TensorLocation
-
-TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
-"""Files of which at least one must exist for a tokenizer to load (the rest only configure it)."""
 
 
 @dataclass(frozen=True)

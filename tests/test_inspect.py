@@ -139,3 +139,22 @@ def test_inspect_rejects_a_dense_model(tiny_models: TinyModels) -> None:
 
     assert result.exit_code == ModelError.exit_code
     assert "not a MoE frankenmoe can read" in result.output
+
+
+def test_a_missing_later_router_is_a_model_error_naming_the_tensor(merged: dict[str, Path], tmp_path: Path) -> None:
+    checkpoint = tmp_path / "no-second-router"
+    shutil.copytree(merged["classic"], checkpoint)
+    shard = checkpoint / "model-00001-of-00001.safetensors"
+    tensors = load_file(shard)
+    del tensors["model.layers.1.block_sparse_moe.gate.weight"]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index = checkpoint / "model.safetensors.index.json"
+    index_data = json.loads(index.read_text())
+    del index_data["weight_map"]["model.layers.1.block_sparse_moe.gate.weight"]
+    index.write_text(json.dumps(index_data))
+
+    result = run_cli("inspect", checkpoint)
+
+    assert result.exit_code == ModelError.exit_code
+    assert "no tensor 'model.layers.1.block_sparse_moe.gate.weight' (layer 1's router)" in result.output
+    assert "incomplete" in result.output

@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
 
 from frankenmoe.architectures import MIXTRAL_LAYOUTS
-from frankenmoe.errors import ConfigError
+from frankenmoe.errors import ConfigError, ModelError
 from frankenmoe.routing import resolve_expert
 from frankenmoe.toymodels import TOKENIZER_CONFIG, mistral_tokenizer_model
 from tests.conftest import TinyModels
@@ -338,3 +338,61 @@ def test_merge_without_prompts_notes_that_the_check_was_skipped(tiny_models: Tin
     assert result.exit_code == 0, result.output
     assert "routing check skipped: no expert has positive prompts to route." in result.output
     assert "## Routing check" not in (tmp_path / "out" / "README.md").read_text()
+
+
+# --- prompts and tokenizers that cannot route ----------------------------------------------------------------------
+
+
+def test_a_checkpoint_without_tokenizer_files_says_so(hand_routed: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "no-tokenizer"
+    shutil.copytree(hand_routed, bare)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        (bare / name).unlink()
+
+    result = run_cli("route", bare, "--prompt", "hello")
+
+    assert result.exit_code == ModelError.exit_code
+    assert f"{bare.resolve()} has no tokenizer files" in result.output
+    assert "tokenizer.json, tokenizer.model or vocab.json" in result.output
+    assert "sentencepiece" not in result.output and "tiktoken" not in result.output
+
+
+@pytest.mark.parametrize("empty", ["", "   \n\t"])
+def test_an_empty_prompt_is_refused(hand_routed: Path, empty: str) -> None:
+    result = run_cli("route", hand_routed, "--prompt", PROMPTS[0], "--prompt", empty)
+
+    assert result.exit_code == ConfigError.exit_code
+    assert "Prompt 2 of 2 is empty" in result.output
+
+
+def test_a_prompt_of_special_tokens_only_routes_with_a_warning(hand_routed: Path) -> None:
+    result = run_cli("route", hand_routed, "--prompt", "<s></s>", "--json")
+
+    assert result.exit_code == 0, result.output
+    assert "Prompt '<s></s>' is made only of special tokens (<s>, </s>)" in result.stderr
+
+
+def test_a_long_prompt_is_truncated_with_one_warning(hand_routed: Path) -> None:
+    # A text of its own: the warning is given once per prompt per process.
+    long_prompt = "route this long prompt please " * 200
+
+    result = run_cli("route", hand_routed, "--prompt", long_prompt, "--json")
+
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING: ")]
+    assert len(warnings) == 1
+    assert "more than the model's context of 512; it was truncated to the first 512 tokens" in warnings[0]
+
+
+def test_a_merge_warns_once_per_long_or_special_only_prompt(tiny_models: TinyModels, tmp_path: Path) -> None:
+    # The routers tokenise the prompts and the routing check tokenises them again; each says so once.
+    long_prompt = "merge this long prompt please " * 200
+    prompts = [[long_prompt, "<s>"], [long_prompt, "once upon a time"]]
+    config = write_config(tmp_path / "config.yaml", tiny_models.base, tiny_models.experts[:2], prompts=prompts)
+
+    result = run_cli("merge", config, tmp_path / "out")
+
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("WARNING: ")]
+    assert sum("it was truncated to the first 512 tokens" in line for line in warnings) == 1
+    assert sum("Prompt '<s>' is made only of special tokens (<s>)" in line for line in warnings) == 1

@@ -15,12 +15,14 @@ from transformers import PreTrainedTokenizerBase
 
 from frankenmoe.architectures import TOKENIZER_FILES
 from frankenmoe.config import ExpertConfig, RouterConfig
-from frankenmoe.errors import ModelError
+from frankenmoe.errors import ConfigError, ModelError
 from frankenmoe.layers import StreamedDecoder, greedy_continuations
 from frankenmoe.sources import SourceModel
 
 logger = logging.getLogger("frankenmoe")
 
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer.model", "vocab.json")
+"""Files of which at least one must exist for a tokenizer to load (the rest only configure it)."""
 LEAD_IN_TEXT = "\n"
 """What `router.lead_in` puts before a prompt: a newline reads as a line break in any tokenizer and
 carries no topic of its own."""
@@ -57,6 +59,13 @@ def _load_tokenizer(folder: Path, stamp: tuple[tuple[str, int], ...]) -> PreTrai
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except Exception as error:  # transformers raises many unrelated types for a missing or broken tokenizer
+        if not any((folder / name).is_file() for name in TOKENIZER_MARKERS):
+            # transformers then blames a missing sentencepiece or tiktoken, which would not help.
+            raise ModelError(
+                f"The model folder {folder} has no tokenizer files: none of {', '.join(TOKENIZER_MARKERS[:-1])} "
+                f"or {TOKENIZER_MARKERS[-1]} is there. Copy the tokenizer files of the model it was made from into "
+                "it (a merged checkpoint takes them from its base model folder)."
+            ) from None
         raise ModelError(
             f"The model folder {folder} has no usable tokenizer ({type(error).__name__}: {error}). "
             "It needs its tokenizer files (tokenizer.json or tokenizer.model)."
@@ -73,20 +82,25 @@ def encode_prompts(
     its attention sink, whose states are unlike any later position's; a one-word keyword prompt would
     be nothing but that position, and rows built from it say little about the tokens they route.
     """
+    check_not_empty(texts)
     tokenizer = load_tokenizer(folder)
     limit = int(config.get("max_position_embeddings") or 0)
     lead_ids = list(tokenizer(LEAD_IN_TEXT, add_special_tokens=False)["input_ids"]) if lead_in else []
+    special_ids = frozenset(tokenizer.all_special_ids)
     encoded: list[EncodedPrompt] = []
     for text in texts:
         result = tokenizer(text, add_special_tokens=True, return_special_tokens_mask=True)
         ids = list(result["input_ids"])
         special = list(result["special_tokens_mask"])
+        if special_ids.issuperset(ids):
+            _warn_special_only(text, tokenizer.convert_ids_to_tokens(ids))
         if lead_ids and ids and not special[0]:
             ids, special = lead_ids + ids, [1] * len(lead_ids) + special
         if limit and len(ids) > limit:
-            logger.warning(
+            _warn_once(
+                ("truncated", text, limit),
                 "Prompt %r is %d tokens long, more than the model's context of %d; it was truncated to the first %d tokens.",
-                text[:40] + ("..." if len(text) > 40 else ""),
+                _short(text),
                 len(ids),
                 limit,
                 limit,
@@ -97,6 +111,49 @@ def encode_prompts(
             content = torch.ones(len(ids), dtype=torch.bool)
         encoded.append(EncodedPrompt(text, torch.tensor(ids, dtype=torch.long), content))
     return encoded
+
+
+def check_not_empty(texts: Sequence[str]) -> None:
+    """Refuse empty and whitespace-only prompts: tokenised, they are nothing but the start token."""
+    for index, text in enumerate(texts):
+        if not text.strip():
+            raise ConfigError(
+                f"Prompt {index + 1} of {len(texts)} is empty{' (only whitespace)' if text else ''}: it would be "
+                "nothing but the start token, so its routing says nothing. Remove it or write some text."
+            )
+
+
+def _warn_special_only(text: str, tokens: Sequence[str]) -> None:
+    _warn_once(
+        ("special only", text),
+        "Prompt %r is made only of special tokens (%s): it has no text of its own, so its routing says nothing "
+        "about any text, and experts given such prompts get near-identical router rows (a rank-deficient router). "
+        "Write the prompt as plain text.",
+        _short(text),
+        ", ".join(dict.fromkeys(tokens)),
+    )
+
+
+_WARNED: set[tuple[object, ...]] = set()
+_WARNED_LIMIT = 4096
+
+
+def _warn_once(key: tuple[object, ...], message: str, *args: object) -> None:
+    """Log a warning about a prompt the first time this process meets `key`.
+
+    A merge tokenises its prompts for the routers and again for the routing check, and one prompt can
+    serve several experts; the user needs to read about each prompt once.
+    """
+    if key in _WARNED:
+        return
+    if len(_WARNED) >= _WARNED_LIMIT:  # a long-running process routing many prompts must not grow without end
+        _WARNED.clear()
+    _WARNED.add(key)
+    logger.warning(message, *args)
+
+
+def _short(text: str) -> str:
+    return text[:40] + ("..." if len(text) > 40 else "")
 
 
 def collect_expert_prompts(model: SourceModel, experts: Sequence[ExpertConfig], lead_in: bool = False) -> ExpertPrompts:
