@@ -1,10 +1,10 @@
 """Laser: denoise weight matrices by rank reduction during the merge (formulas in the README).
 
-Planning decides which matrices each `laser` block considers (`laser_group`). After planning, the
-analysis (`run_laser`) reads the considered matrices one at a time, keeps only a few scalars per
-matrix (its SNR, rank and proposed rank), chooses the reductions, optionally checks each one
-against a calibration text's perplexity, and returns a plan whose pieces carry the rank to keep.
-The writer applies that rank with `apply_laser`.
+Planning decides which matrices each `laser` block considers (`plan.laser_group`). After planning,
+the analysis (`analyse_lasers`) reads the considered matrices one at a time, keeps only a few scalars
+per matrix (its SNR, rank and proposed rank), chooses the reductions, optionally checks each one
+against a calibration text's perplexity, and returns the ranks to keep, which the plan takes
+(`MergePlan.with_laser_ranks`). The writer applies a piece's rank with `apply_laser`.
 
 SVD cost: the analysis needs only singular values (`svdvals`); the writer computes the full SVD of
 each reduced matrix once more when it writes it. The calibration check also builds the reduced
@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -26,12 +25,10 @@ from tqdm import tqdm
 from frankenmoe.config import LaserConfig
 from frankenmoe.errors import ConfigError
 from frankenmoe.layers import StreamedDecoder
+from frankenmoe.plan import LaserGroup, LaserTarget, MergePlan
 from frankenmoe.routers.prompts import load_tokenizer
 from frankenmoe.sources import SourceModel
-from frankenmoe.tensor_io import TensorLocation, read_tensor
-
-if TYPE_CHECKING:
-    from frankenmoe.plan import MergePlan
+from frankenmoe.tensor_io import read_tensor
 
 logger = logging.getLogger("frankenmoe")
 
@@ -41,50 +38,6 @@ CALIBRATION_WINDOW = 512
 """Calibration text is split into windows of at most this many tokens (or the model's context)."""
 IQR_TO_SIGMA = 1.349
 """The interquartile range of a normal distribution is 1.349 standard deviations."""
-
-
-@dataclass(frozen=True)
-class LaserTarget:
-    """Marks a piece as considered by a laser block; `keep_rank` is set once the analysis reduces it."""
-
-    group: str
-    layer: int
-    matrix: str
-    keep_rank: int | None = None
-    device: str = "cpu"
-
-    @property
-    def reduces(self) -> bool:
-        return self.keep_rank is not None
-
-
-@dataclass(frozen=True)
-class LaserMatrix:
-    layer: int
-    matrix: str
-    location: TensorLocation
-    layer_prefix: str
-
-    @property
-    def name_in_layer(self) -> str:
-        """The parameter name inside its decoder layer, as StreamedDecoder.load_layer overrides expect."""
-        return self.location.name.removeprefix(self.layer_prefix)
-
-
-@dataclass(frozen=True)
-class LaserGroup:
-    """One `laser` block: its config path, settings, the model it reads and every matrix it considers."""
-
-    path: str
-    settings: LaserConfig
-    source: SourceModel
-    matrices: tuple[LaserMatrix, ...]
-
-    def target(self, tensor_name: str) -> LaserTarget | None:
-        for matrix in self.matrices:
-            if matrix.location.name == tensor_name:
-                return LaserTarget(self.path, matrix.layer, matrix.matrix)
-        return None
 
 
 @dataclass(frozen=True)
@@ -109,48 +62,6 @@ class LaserResult:
     rank_after: int
     reduced: bool
     note: str
-
-
-def laser_group(path: str, settings: LaserConfig, source: SourceModel) -> LaserGroup:
-    """The matrices a laser block considers in `source`; layer indices are checked here."""
-    layers = resolve_layers(settings.layers, source.shape.num_hidden_layers, f"{path}.layers", source)
-    if settings.calibration is not None and not Path(settings.calibration).expanduser().is_file():
-        raise ConfigError(
-            f"`{path}.calibration` names {settings.calibration!r}, which is not a file "
-            f"(looked for {Path(settings.calibration).expanduser().resolve()}). Point it at a plain-text file, "
-            "or remove the key to apply every selected reduction unchecked."
-        )
-    matrices = tuple(
-        LaserMatrix(
-            layer,
-            matrix,
-            source.tensor(matrix_tensor_name(source, layer, matrix)),
-            source.family.layer_name(layer, ""),
-        )
-        for layer in layers
-        for matrix in settings.matrices
-    )
-    return LaserGroup(path, settings, source, matrices)
-
-
-def resolve_layers(spec: str | tuple[int, ...], layer_count: int, path: str, source: SourceModel) -> tuple[int, ...]:
-    if spec == "all":
-        return tuple(range(layer_count))
-    if spec == "last_half":
-        return tuple(range(layer_count // 2, layer_count))
-    outside = [layer for layer in spec if layer >= layer_count]
-    if outside:
-        raise ConfigError(
-            f"`{path}` selects layer {outside[0]}, but model {source.reference} has {layer_count} layers "
-            f"(indices 0-{layer_count - 1}). Use indices in that range, `all` or `last_half`."
-        )
-    return tuple(spec)
-
-
-def matrix_tensor_name(source: SourceModel, layer: int, matrix: str) -> str:
-    if matrix in source.family.mlp:
-        return source.family.mlp_name(layer, matrix)
-    return source.family.layer_name(layer, f"self_attn.{matrix}.weight")
 
 
 def describe_group(group: LaserGroup, detailed: bool) -> str:
@@ -227,33 +138,26 @@ def truncate(weight: torch.Tensor, rank: int, device: torch.device) -> torch.Ten
     return ((left[:, :rank] * values[:rank]) @ right[:rank]).cpu()
 
 
-def apply_laser(tensor: torch.Tensor, target: LaserTarget | None) -> torch.Tensor:
+def apply_laser(tensor: torch.Tensor, target: LaserTarget | None, device: torch.device) -> torch.Tensor:
     """The writer's step: reduce a piece's float32 tensor when the analysis decided to."""
     if target is None or target.keep_rank is None:
         return tensor
-    return truncate(tensor, target.keep_rank, torch.device(target.device))
+    return truncate(tensor, target.keep_rank, device)
 
 
-def run_laser(
+def analyse_lasers(
     plan: MergePlan, device: torch.device, show_progress: bool = False
-) -> tuple[MergePlan, tuple[LaserResult, ...]]:
-    """Decide every laser reduction; return the plan with the kept ranks and a result per matrix."""
-    if not plan.laser_groups:
-        return plan, ()
+) -> tuple[LaserResult, ...]:
+    """Measure and decide every matrix of every laser block; `kept_ranks` turns the results into what the plan takes."""
     results: list[LaserResult] = []
     for group in plan.laser_groups:
         results.extend(analyse_group(group, plan.base, device, show_progress))
-    ranks = {(result.group, result.layer, result.matrix): result.rank_after for result in results if result.reduced}
+    return tuple(results)
 
-    def decided(target: LaserTarget | None) -> LaserTarget | None:
-        rank = None if target is None else ranks.get((target.group, target.layer, target.matrix))
-        return target if rank is None else replace(target, keep_rank=rank, device=str(device))
 
-    jobs = tuple(
-        replace(job, pieces=tuple(replace(piece, laser=decided(piece.laser)) for piece in job.pieces))
-        for job in plan.jobs
-    )
-    return replace(plan, jobs=jobs), tuple(results)
+def kept_ranks(results: tuple[LaserResult, ...]) -> dict[tuple[str, int, str], int]:
+    """(block path, layer, matrix) -> the rank to keep, for every reduced matrix."""
+    return {(result.group, result.layer, result.matrix): result.rank_after for result in results if result.reduced}
 
 
 def analyse_group(

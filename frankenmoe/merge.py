@@ -17,7 +17,7 @@ import torch
 from frankenmoe.card import laser_sections, model_card
 from frankenmoe.config import MergeConfig, load_config
 from frankenmoe.errors import ConfigError, ModelError
-from frankenmoe.laser import run_laser
+from frankenmoe.laser import analyse_lasers, kept_ranks
 from frankenmoe.output import check_complete, check_free_space, check_output_target, staged_output
 from frankenmoe.plan import DEFAULT_SHARD_BYTES, MergePlan, build_plan
 from frankenmoe.routers import GateRequest, compute_gates
@@ -147,12 +147,13 @@ def execute_merge(prepared: PreparedMerge, out: Path, options: MergeOptions) -> 
     """
     plan = prepared.plan
     request = gate_request(plan, options)
-    plan, laser_results = run_laser(plan, request.device, options.show_progress)
+    laser_results = analyse_lasers(plan, request.device, options.show_progress)
+    plan = plan.with_laser_ranks(kept_ranks(laser_results))
     card_sections = laser_sections(laser_results)
     card = model_card(plan, prepared.config_text, card_sections)
     with staged_output(out) as staging:
         gates = BackgroundResult(lambda: compute_gates(plan.config.gate_mode, request))
-        write_checkpoint(plan, gates.result, staging, card, options.show_progress)
+        write_checkpoint(plan, gates.result, staging, card, request.device, options.show_progress)
         verify_checkpoint(plan, staging)
         routing_check = None
         if options.check_routing:

@@ -7,7 +7,7 @@ input runs here, before a byte is written. The plan is a pure value; `write.py` 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +21,100 @@ from frankenmoe.architectures import (
     OutputArchitecture,
     OutputLayout,
 )
-from frankenmoe.config import ExpertConfig, MergeConfig
+from frankenmoe.config import ExpertConfig, LaserConfig, MergeConfig
 from frankenmoe.errors import ConfigError, ModelError
-from frankenmoe.laser import LaserGroup, LaserTarget, laser_group
 from frankenmoe.sources import SourceModel, dims_shape
 from frankenmoe.tensor_io import CONFIG_DTYPE_TO_SAFETENSORS, TensorLocation, tensor_nbytes
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 SAFETENSORS_TO_CONFIG_DTYPE = {value: key for key, value in CONFIG_DTYPE_TO_SAFETENSORS.items()}
+
+
+@dataclass(frozen=True)
+class LaserTarget:
+    """Marks a piece as considered by a laser block; `keep_rank` is set once the analysis reduces it."""
+
+    group: str
+    layer: int
+    matrix: str
+    keep_rank: int | None = None
+
+    @property
+    def reduces(self) -> bool:
+        return self.keep_rank is not None
+
+
+@dataclass(frozen=True)
+class LaserMatrix:
+    layer: int
+    matrix: str
+    location: TensorLocation
+    layer_prefix: str
+
+    @property
+    def name_in_layer(self) -> str:
+        """The parameter name inside its decoder layer, as StreamedDecoder.load_layer overrides expect."""
+        return self.location.name.removeprefix(self.layer_prefix)
+
+
+@dataclass(frozen=True)
+class LaserGroup:
+    """One `laser` block: its config path, settings, the model it reads and every matrix it considers."""
+
+    path: str
+    settings: LaserConfig
+    source: SourceModel
+    matrices: tuple[LaserMatrix, ...]
+
+    def target(self, tensor_name: str) -> LaserTarget | None:
+        for matrix in self.matrices:
+            if matrix.location.name == tensor_name:
+                return LaserTarget(self.path, matrix.layer, matrix.matrix)
+        return None
+
+
+
+
+def laser_group(path: str, settings: LaserConfig, source: SourceModel) -> LaserGroup:
+    """The matrices a laser block considers in `source`; layer indices are checked here."""
+    layers = resolve_layers(settings.layers, source.shape.num_hidden_layers, f"{path}.layers", source)
+    if settings.calibration is not None and not Path(settings.calibration).expanduser().is_file():
+        raise ConfigError(
+            f"`{path}.calibration` names {settings.calibration!r}, which is not a file "
+            f"(looked for {Path(settings.calibration).expanduser().resolve()}). Point it at a plain-text file, "
+            "or remove the key to apply every selected reduction unchecked."
+        )
+    matrices = tuple(
+        LaserMatrix(
+            layer,
+            matrix,
+            source.tensor(matrix_tensor_name(source, layer, matrix)),
+            source.family.layer_name(layer, ""),
+        )
+        for layer in layers
+        for matrix in settings.matrices
+    )
+    return LaserGroup(path, settings, source, matrices)
+
+
+def resolve_layers(spec: str | tuple[int, ...], layer_count: int, path: str, source: SourceModel) -> tuple[int, ...]:
+    if spec == "all":
+        return tuple(range(layer_count))
+    if spec == "last_half":
+        return tuple(range(layer_count // 2, layer_count))
+    outside = [layer for layer in spec if layer >= layer_count]
+    if outside:
+        raise ConfigError(
+            f"`{path}` selects layer {outside[0]}, but model {source.reference} has {layer_count} layers "
+            f"(indices 0-{layer_count - 1}). Use indices in that range, `all` or `last_half`."
+        )
+    return tuple(spec)
+
+
+def matrix_tensor_name(source: SourceModel, layer: int, matrix: str) -> str:
+    if matrix in source.family.mlp:
+        return source.family.mlp_name(layer, matrix)
+    return source.family.layer_name(layer, f"self_attn.{matrix}.weight")
 
 
 @dataclass(frozen=True)
@@ -118,6 +204,19 @@ class MergePlan:
 
     def shard_jobs(self, shard: int) -> list[TensorJob]:
         return [job for job in self.jobs if job.shard == shard]
+
+    def with_laser_ranks(self, ranks: dict[tuple[str, int, str], int]) -> MergePlan:
+        """This plan with the ranks laser's analysis chose, (block path, layer, matrix) -> rank to keep."""
+
+        def decided(target: LaserTarget | None) -> LaserTarget | None:
+            rank = None if target is None else ranks.get((target.group, target.layer, target.matrix))
+            return target if rank is None else replace(target, keep_rank=rank)
+
+        jobs = tuple(
+            replace(job, pieces=tuple(replace(piece, laser=decided(piece.laser)) for piece in job.pieces))
+            for job in self.jobs
+        )
+        return replace(self, jobs=jobs)
 
     def computed_origin(self, kind: str) -> str:
         """How a computed tensor's rows are made, for the dry run and the model card."""

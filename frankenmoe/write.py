@@ -20,16 +20,23 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 def write_checkpoint(
-    plan: MergePlan, gates: Callable[[], Gates], folder: Path, card: str, show_progress: bool = False
+    plan: MergePlan,
+    gates: Callable[[], Gates],
+    folder: Path,
+    card: str,
+    device: torch.device | None = None,
+    show_progress: bool = False,
 ) -> None:
     """Write the whole checkpoint into `folder` (which must exist and be empty).
 
     `gates` returns the computed rows; it is called only when the first computed tensor is due, so
-    the rows may still be computing while the other tensors are copied.
+    the rows may still be computing while the other tensors are copied. Laser's reductions run on
+    `device` (the CPU by default).
     """
+    device = device or torch.device("cpu")
     with tqdm(total=plan.output_bytes, desc="writing", unit="B", unit_scale=True, disable=not show_progress) as bar:
         for shard in range(plan.shard_count):
-            _write_shard(plan, shard, gates, folder / plan.shard_name(shard), bar)
+            _write_shard(plan, shard, gates, folder / plan.shard_name(shard), bar, device)
     _write_json(
         folder / INDEX_NAME,
         {
@@ -46,7 +53,9 @@ def write_checkpoint(
     _write_text(folder / "README.md", card)
 
 
-def _write_shard(plan: MergePlan, shard: int, gates: Callable[[], Gates], path: Path, bar: tqdm) -> None:
+def _write_shard(
+    plan: MergePlan, shard: int, gates: Callable[[], Gates], path: Path, bar: tqdm, device: torch.device
+) -> None:
     jobs = plan.shard_jobs(shard)
     writer = ShardWriter(path, [ShardEntry(job.name, job.dtype, job.shape) for job in jobs], {"format": "pt"})
     try:
@@ -61,7 +70,7 @@ def _write_shard(plan: MergePlan, shard: int, gates: Callable[[], Gates], path: 
                 if piece.location.dtype == job.dtype and not piece.transformed:
                     writer.copy_bytes(piece.location)
                 else:
-                    writer.write_bytes(tensor_bytes(produce_piece(piece, job)))
+                    writer.write_bytes(tensor_bytes(produce_piece(piece, job, device)))
             bar.update(job.nbytes)
         writer.close()
     except BaseException:
@@ -69,11 +78,11 @@ def _write_shard(plan: MergePlan, shard: int, gates: Callable[[], Gates], path: 
         raise
 
 
-def produce_piece(piece: TensorPiece, job: TensorJob) -> torch.Tensor:
+def produce_piece(piece: TensorPiece, job: TensorJob, device: torch.device) -> torch.Tensor:
     """A source tensor with its expert transforms applied, in the job's dtype."""
     tensor = read_tensor(piece.location)
     if piece.transformed:
-        tensor = apply_laser(tensor.float(), piece.laser)
+        tensor = apply_laser(tensor.float(), piece.laser, device)
         if piece.noise_scale:
             generator = torch.Generator().manual_seed(piece.noise_seed)
             tensor += torch.randn(tensor.shape, generator=generator) * piece.noise_scale

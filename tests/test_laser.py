@@ -19,8 +19,8 @@ from frankenmoe.config import LaserConfig, parse_config
 from frankenmoe.errors import ConfigError
 from frankenmoe.laser import (
     LaserResult,
+    analyse_lasers,
     optimal_threshold,
-    run_laser,
     signal_to_noise,
     singular_values,
     snr_threshold,
@@ -77,7 +77,7 @@ def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
 
 def laser_results(config: Path, out: Path) -> tuple[LaserResult, ...]:
     prepared = prepare_merge(config, out, MergeOptions(layout="classic"))
-    return run_laser(prepared.plan, CPU)[1]
+    return analyse_lasers(prepared.plan, CPU)
 
 
 # The formulas
