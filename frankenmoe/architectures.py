@@ -33,14 +33,24 @@ class Weight:
     flag: str | None = None
 
 
+ATTENTION_PROJECTIONS: dict[str, Dims] = {
+    "q_proj": ("q_width", "hidden"),
+    "k_proj": ("kv_width", "hidden"),
+    "v_proj": ("kv_width", "hidden"),
+    "o_proj": ("hidden", "q_width"),
+}
+"""Every family's attention matrices (what `base_laser` can reduce), at self_attn.NAME.weight."""
+
+
+def attention_projection_name(projection: str) -> str:
+    return f"self_attn.{projection}.weight"
+
+
 def _attention(*extras: Weight) -> tuple[Weight, ...]:
     """A layer's weights outside the MLP, in checkpoint order: norm, attention (with `extras`), norm."""
     return (
         Weight("input_layernorm.weight", ("hidden",)),
-        Weight("self_attn.q_proj.weight", ("q_width", "hidden")),
-        Weight("self_attn.k_proj.weight", ("kv_width", "hidden")),
-        Weight("self_attn.v_proj.weight", ("kv_width", "hidden")),
-        Weight("self_attn.o_proj.weight", ("hidden", "q_width")),
+        *(Weight(attention_projection_name(name), shape) for name, shape in ATTENTION_PROJECTIONS.items()),
         *extras,
         Weight("post_attention_layernorm.weight", ("hidden",)),
     )

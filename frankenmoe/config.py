@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from frankenmoe.architectures import ARCHITECTURE_NAMES, ATTENTION_PROJECTIONS, MLP_PARTS
 from frankenmoe.errors import ConfigError
 
 GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random", "fit")
@@ -25,15 +26,13 @@ AUTO_CONTINUATION_TOKENS = {"fit": 32}
 Chosen by benchmarks/routing (fit gains most with keyword prompts; hidden's mean rows get worse)."""
 MAX_CONTINUATION_TOKENS = 1024
 DTYPES = ("bfloat16", "float16", "float32")
-ARCHITECTURES = ("auto", "mixtral", "qwen2_moe", "qwen3_moe")
-"""`auto` picks the natural output for the sources (frankenmoe.plan.choose_architecture)."""
 POOLINGS = ("mean", "last")
 ROUTER_INPUTS = ("router", "residual")
 LASER_METHODS = ("snr", "fixed", "optimal")
 LASER_LAYER_WORDS = ("all", "last_half")
 MAX_LASER_RANGE = 10_000
-EXPERT_LASER_MATRICES = {"mlp": ("gate_proj", "up_proj", "down_proj")}
-BASE_LASER_MATRICES = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj")}
+EXPERT_LASER_MATRICES = {"mlp": MLP_PARTS}
+BASE_LASER_MATRICES = {"attention": tuple(ATTENTION_PROJECTIONS)}
 
 T = TypeVar("T")
 
@@ -233,7 +232,7 @@ def _merge_config(data: Mapping[str, Any], source: str) -> MergeConfig:
             f"{source}: `experts_per_token` is {experts_per_token}, but with {len(experts)} expert(s) "
             f"it must be between 1 and {len(experts)}."
         )
-    architecture = _choice(data.get("architecture", "auto"), ARCHITECTURES, "architecture", source)
+    architecture = _choice(data.get("architecture", "auto"), ARCHITECTURE_NAMES, "architecture", source)
     shared_experts = tuple(
         _expert(item, f"shared_experts[{index}]", source, SHARED_EXPERT_KEYS)
         for index, item in enumerate(_sequence(data.get("shared_experts", []), "shared_experts", source))

@@ -20,6 +20,7 @@ from frankenmoe.architectures import (
     TOKENIZER_FILES,
     OutputArchitecture,
     OutputLayout,
+    attention_projection_name,
 )
 from frankenmoe.config import ExpertConfig, LaserConfig, MergeConfig
 from frankenmoe.errors import ConfigError, ModelError
@@ -114,7 +115,7 @@ def resolve_layers(spec: str | tuple[int, ...], layer_count: int, path: str, sou
 def matrix_tensor_name(source: SourceModel, layer: int, matrix: str) -> str:
     if matrix in source.family.mlp:
         return source.family.mlp_name(layer, matrix)
-    return source.family.layer_name(layer, f"self_attn.{matrix}.weight")
+    return source.family.layer_name(layer, attention_projection_name(matrix))
 
 
 @dataclass(frozen=True)
