@@ -22,6 +22,7 @@ from pathlib import Path
 
 from synthetic_models import CACHE, model_set
 
+from frankenmoe.manifest import MANIFEST_NAME
 from frankenmoe.tensor_io import read_header
 
 SHARD_SIZES = ("5GB", "300MB", "70MB")
@@ -64,7 +65,12 @@ def tensor_digests(folder: Path) -> dict[str, str]:
 
 
 def file_digests(folder: Path) -> dict[str, str]:
-    return {file.name: hashlib.sha256(file.read_bytes()).hexdigest() for file in sorted(folder.iterdir())}
+    # The build record holds the run's timings and peak RSS, so it differs from run to run by design.
+    return {
+        file.name: hashlib.sha256(file.read_bytes()).hexdigest()
+        for file in sorted(folder.iterdir())
+        if file.name != MANIFEST_NAME
+    }
 
 
 def check_mode(gate_mode: str, shape: str, experts: int, work: Path) -> bool:

@@ -1,3 +1,44 @@
-"""Build Mixtral-format Mixture-of-Experts checkpoints from dense fine-tunes of one base model."""
+"""Build Mixture-of-Experts checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE) from dense fine-tunes of one base model.
 
-__version__ = "0.1.0"
+The public API (frankenmoe.api) is imported on first use, so `import frankenmoe` and
+`frankenmoe --version` stay fast:
+
+    >>> import frankenmoe
+    >>> result = frankenmoe.merge("configs/toy-2x.yaml", "out/")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.2.0"
+
+_API = {
+    "load_config": "frankenmoe.api",
+    "plan_merge": "frankenmoe.api",
+    "run_merge": "frankenmoe.api",
+    "merge": "frankenmoe.api",
+    "inspect": "frankenmoe.api",
+    "route": "frankenmoe.api",
+    "verify": "frankenmoe.api",
+    "build": "frankenmoe.api",
+    "MergeResult": "frankenmoe.api",
+    "PreparedMerge": "frankenmoe.api",
+    "RouteResult": "frankenmoe.api",
+    "VerifyReport": "frankenmoe.api",
+    "BuildReport": "frankenmoe.api",
+    "FrankenMoEError": "frankenmoe.errors",
+    "ConfigError": "frankenmoe.errors",
+    "ModelError": "frankenmoe.errors",
+    "OutputError": "frankenmoe.errors",
+    "MergeInterruptedError": "frankenmoe.errors",
+}
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'frankenmoe' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_API[name]), name)

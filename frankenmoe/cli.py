@@ -5,55 +5,30 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
-from rich.console import Console
-from rich.text import Text
 
 from frankenmoe import __version__
 from frankenmoe.architectures import LAYOUT_NAMES
-from frankenmoe.card import router_summary
 from frankenmoe.config import DTYPES
 from frankenmoe.errors import ConfigError, FrankenMoEError, MergeInterruptedError, OutputError
-from frankenmoe.inspection import (
-    DEGENERATE_CONDITION,
-    NEAR_DUPLICATE_COSINE,
-    CheckpointReport,
-    inspect_checkpoint,
-    read_recipe,
-    report_to_dict,
-)
-from frankenmoe.laser import describe_group
 from frankenmoe.memory import keep_large_buffers_out_of_the_heap
-from frankenmoe.merge import MergeOptions, PreparedMerge, execute_merge, prepare_merge, resolve_device
-from frankenmoe.output import format_bytes
-from frankenmoe.plan import SAFETENSORS_TO_CONFIG_DTYPE, parse_size
-from frankenmoe.plot import require_matplotlib, write_routing_heatmap
-from frankenmoe.routing import (
-    PromptRouting,
-    RoutingAccuracy,
-    RoutingSummary,
-    accuracy_to_dict,
-    content_probabilities,
-    content_tokens,
-    expert_names,
-    load_checkpoint,
-    load_labels,
-    preferred_expert,
-    read_prompts_file,
-    route_prompts,
-    routing_accuracy,
-    routing_check_lines,
-    routing_check_skip_reason,
-    routing_to_dict,
-    summarise_routing,
-)
-from frankenmoe.sources import weight_formats_summary
+from frankenmoe.output import SigtermInterrupt, format_bytes, interrupt_scope
+
+# torch, transformers and everything built on them load in the commands that use them, not here:
+# `--version` and `--help` stay instant, and Ctrl-C while they load is reported like any other.
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from frankenmoe.inspection import CheckpointReport
+    from frankenmoe.merge import PreparedMerge
+    from frankenmoe.routing import PromptRouting, RoutingAccuracy, RoutingSummary
 
 app = typer.Typer(
     help="Build Mixtral-format Mixture-of-Experts checkpoints from dense fine-tunes of one base model.",
@@ -80,10 +55,17 @@ def main(
     keep_large_buffers_out_of_the_heap()
 
 
-def run_reporting_errors(action: Callable[[], T], verbose: bool) -> T:
-    """Run `action`; turn the tool's errors, I/O failures and Ctrl-C into one message and an exit code.
+class TerminatedError(MergeInterruptedError):
+    """SIGTERM (`timeout`, `docker stop`, a CI cancel): cleaned up like Ctrl-C; 143 is 128 + 15, as shells report it."""
 
-    Without --verbose the user sees only the message; with it, the traceback comes first.
+    exit_code = 143
+
+
+def run_reporting_errors(action: Callable[[], T], verbose: bool) -> T:
+    """Run `action`; turn the tool's errors, I/O failures, Ctrl-C and SIGTERM into one message and an exit code.
+
+    Without --verbose the user sees only the message; with it, the traceback comes first. A signal
+    that arrives once a merge has put its checkpoint in place stops nothing: the command succeeds.
     """
     logger = logging.getLogger("frankenmoe")
     handler = logging.StreamHandler(sys.stderr)
@@ -91,12 +73,13 @@ def run_reporting_errors(action: Callable[[], T], verbose: bool) -> T:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO if verbose else logging.WARNING)
     try:
-        return action()
+        with interrupt_scope() as signals_after_commit:
+            value = action()
+            _note_late_signals(signals_after_commit())
+        return value
     except KeyboardInterrupt as caught:
         failure: BaseException = caught
-        error: FrankenMoEError = MergeInterruptedError(
-            "Interrupted by Ctrl-C. Any partial output was removed; the output folder is as it was before."
-        )
+        error: FrankenMoEError = _interruption(caught)
     except FrankenMoEError as caught:
         failure = error = caught
     except OSError as caught:
@@ -114,13 +97,33 @@ def run_reporting_errors(action: Callable[[], T], verbose: bool) -> T:
     raise typer.Exit(error.exit_code)
 
 
+def _interruption(caught: KeyboardInterrupt) -> MergeInterruptedError:
+    outcome = "Any partial output was removed; the output folder is as it was before."
+    if isinstance(caught, SigtermInterrupt):
+        return TerminatedError(f"Stopped by SIGTERM. {outcome}")
+    return MergeInterruptedError(f"Interrupted by Ctrl-C. {outcome}")
+
+
+def _note_late_signals(signals: Sequence[int]) -> None:
+    if signals:
+        names = " and ".join(sorted({"SIGTERM" if signum == signal.SIGTERM else "Ctrl-C" for signum in signals}))
+        typer.secho(
+            f"note: {names} arrived after the new checkpoint was in place; the merge had already completed.",
+            err=True,
+            fg=typer.colors.YELLOW,
+        )
+
+
 @app.command()
 def merge(
     config: Annotated[Path, typer.Argument(help="The merge config (mergekit-moe YAML schema).", show_default=False)],
     out: Annotated[Path, typer.Argument(help="Output folder for the Mixtral checkpoint.", show_default=False)],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the plan; write nothing.")] = False,
     force: Annotated[
-        bool, typer.Option("--force", help="Replace a non-empty OUT (only once the new checkpoint is complete).")
+        bool,
+        typer.Option(
+            "--force", help="Replace the checkpoint a previous merge wrote to OUT (once the new one is complete)."
+        ),
     ] = False,
     seed: Annotated[int, typer.Option(help="Seed for random gates and expert noise.")] = 0,
     shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB, 2GiB.")] = "5GB",
@@ -143,6 +146,10 @@ def merge(
     """Merge the models named in CONFIG into a Mixtral-format checkpoint in OUT."""
 
     def action() -> None:
+        from frankenmoe.merge import MergeOptions, execute_merge, prepare_merge
+        from frankenmoe.plan import parse_size
+        from frankenmoe.routing import routing_check_lines, routing_check_skip_reason
+
         options = MergeOptions(
             layout=None if layout is None else _choice(layout, LAYOUT_NAMES, "--layout"),
             dtype=None if dtype is None else _choice(dtype, DTYPES, "--dtype"),
@@ -158,7 +165,7 @@ def merge(
         if dry_run:
             typer.echo("Dry run: nothing was written.")
             return
-        routing_check = execute_merge(prepared, out, options)
+        routing_check = execute_merge(prepared).routing_check
         typer.echo(f"Wrote {format_bytes(prepared.plan.output_bytes)} in {prepared.plan.shard_count} shard(s) to {out}")
         if routing_check is not None:
             typer.echo("\n".join(routing_check_lines(routing_check)))
@@ -175,12 +182,17 @@ def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
 
 
 def _print_plan(prepared: PreparedMerge, detailed: bool) -> None:
+    from frankenmoe.card import router_summary
+    from frankenmoe.laser import describe_group
+    from frankenmoe.plan import SAFETENSORS_TO_CONFIG_DTYPE
+    from frankenmoe.sources import weight_formats_summary
+
     plan = prepared.plan
     typer.echo(f"base model: {plan.base.reference} ({plan.base.path})")
     for index, expert in enumerate(plan.experts):
-        typer.echo(f"expert {index}: {expert.reference} ({expert.path})")
+        typer.echo(f"expert {index}: {expert.reference} ({expert.path}){expert.adapter_note}")
     if plan.shared_expert is not None:
-        typer.echo(f"shared expert: {plan.shared_expert.reference} ({plan.shared_expert.path})")
+        typer.echo(f"shared expert: {plan.shared_expert.reference} ({plan.shared_expert.path}){plan.shared_expert.adapter_note}")
     typer.echo(
         f"architecture: {plan.architecture.model_type} ({plan.architecture_reason}); "
         f"tensor layout: {plan.layout.name}"
@@ -229,6 +241,8 @@ def inspect_command(
     """Summarise CHECKPOINT and diagnose its routers (reads headers and router tensors only)."""
 
     def action() -> None:
+        from frankenmoe.inspection import inspect_checkpoint, report_to_dict
+
         report = inspect_checkpoint(checkpoint)
         if as_json:
             typer.echo(json.dumps(report_to_dict(report), indent=2))
@@ -239,6 +253,8 @@ def inspect_command(
 
 
 def _print_inspection(report: CheckpointReport) -> None:
+    from frankenmoe.inspection import DEGENERATE_CONDITION, NEAR_DUPLICATE_COSINE
+
     typer.echo(f"checkpoint: {report.path}")
     typer.echo(f"architecture: {report.architecture} ({report.layout} tensor layout)")
     typer.echo(
@@ -312,6 +328,23 @@ def route(
     """Run prompts through CHECKPOINT and show which expert each token goes to, layer by layer."""
 
     def action() -> None:
+        from rich.console import Console
+
+        from frankenmoe.inspection import read_recipe
+        from frankenmoe.merge import resolve_device
+        from frankenmoe.plot import require_matplotlib, write_routing_heatmap
+        from frankenmoe.routing import (
+            accuracy_to_dict,
+            expert_names,
+            load_checkpoint,
+            load_labels,
+            read_prompts_file,
+            route_prompts,
+            routing_accuracy,
+            routing_to_dict,
+            summarise_routing,
+        )
+
         if png is not None:
             require_matplotlib()
         loaded = load_checkpoint(checkpoint)
@@ -376,6 +409,10 @@ def _expert_style(expert: int) -> str:
 def _print_routing(
     console: Console, routings: Sequence[PromptRouting], summary: RoutingSummary, names: Sequence[str]
 ) -> None:
+    from rich.text import Text
+
+    from frankenmoe.routing import content_probabilities, content_tokens, summarise_routing
+
     layers, experts = summary.utilisation.shape
     legend = Text("experts: ")
     for expert, name in enumerate(names):
@@ -426,6 +463,8 @@ def _print_accuracy(
     labels: Sequence[int],
     names: Sequence[str],
 ) -> None:
+    from frankenmoe.routing import preferred_expert
+
     hits = round(accuracy.prompt_accuracy * len(labels))
     console.print(f"\nrouting accuracy on {len(labels)} labelled prompt(s):")
     console.print(f"  prompts reaching their labelled expert: {hits}/{len(labels)} ({accuracy.prompt_accuracy:.0%})")

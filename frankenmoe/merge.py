@@ -6,25 +6,29 @@ import atexit
 import ctypes
 import logging
 import threading
+import time
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
 import torch
+import yaml
 
 from frankenmoe.card import laser_sections, model_card
-from frankenmoe.config import MergeConfig, load_config
+from frankenmoe.config import MergeConfig, load_config, parse_config
 from frankenmoe.errors import ConfigError, ModelError
-from frankenmoe.laser import analyse_lasers, kept_ranks
+from frankenmoe.laser import LaserResult, analyse_lasers, kept_ranks
+from frankenmoe.lora import load_adapter, split_reference
+from frankenmoe.manifest import FileRecord, build_manifest, source_record, write_manifest
 from frankenmoe.output import check_complete, check_free_space, check_output_target, staged_output
-from frankenmoe.plan import DEFAULT_SHARD_BYTES, MergePlan, build_plan
+from frankenmoe.plan import DEFAULT_SHARD_BYTES, SAFETENSORS_TO_CONFIG_DTYPE, MergePlan, build_plan
 from frankenmoe.routers import GateRequest, compute_gates
 from frankenmoe.routers.prompts import load_tokenizer
 from frankenmoe.routing import RoutingCheck, check_positive_prompts, routing_check_markdown
 from frankenmoe.sources import SourceModel, check_compatible, load_source
-from frankenmoe.write import INDEX_NAME, verify_checkpoint, write_checkpoint
+from frankenmoe.write import INDEX_NAME, verify_checkpoint, write_checkpoint, write_text_file
 
 logger = logging.getLogger("frankenmoe")
 T = TypeVar("T")
@@ -32,6 +36,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class MergeOptions:
+    """Every option of a merge, with the CLI's defaults."""
+
     layout: str | None = None
     """None: the output architecture's first layout (classic)."""
     dtype: str | None = None
@@ -41,20 +47,97 @@ class MergeOptions:
     force: bool = False
     show_progress: bool = False
     check_routing: bool = True
+    hash_sources: bool = False
+    """Record each source weight file's full sha256 in the manifest (it reads every source byte once more)."""
+
+    def recorded(self, plan: MergePlan) -> dict[str, Any]:
+        """The options that change the output's bytes, resolved, as the manifest records them."""
+        return {
+            **self.requested(),
+            "dtype": SAFETENSORS_TO_CONFIG_DTYPE[plan.dtype],
+            "layout": plan.layout.name,
+            "architecture": plan.architecture.model_type,
+        }
+
+    def requested(self) -> dict[str, Any]:
+        """The byte-changing options as given (before the plan resolves defaults)."""
+        return {
+            "seed": self.seed,
+            "shard_bytes": self.shard_bytes,
+            "device": self.device,
+            "requested_dtype": self.dtype,
+            "requested_layout": self.layout,
+        }
 
 
 @dataclass(frozen=True)
 class PreparedMerge:
-    """Everything decided before writing: the validated config, its text, the plan, free space."""
+    """Everything decided before writing: the validated config, its text, the plan, where it goes, how."""
 
     config_text: str
     plan: MergePlan
     free_bytes: int
+    out: Path
+    options: MergeOptions
+    config_path: Path | None = None
+    planning_seconds: float = 0.0
 
 
-def prepare_merge(config_path: Path, out: Path, options: MergeOptions) -> PreparedMerge:
+@dataclass(frozen=True)
+class MergeResult:
+    """What a finished merge made: OUT's files with sizes and hashes, the plan's figures, the checks."""
+
+    out: Path
+    architecture: str
+    files: tuple[FileRecord, ...]
+    total_parameters: int
+    active_parameters: int
+    timings: dict[str, float]
+    """Seconds per stage: planning, laser, writing (routers included), verifying, routing_check, total."""
+    routing_check: RoutingCheck | None
+    laser_results: tuple[LaserResult, ...]
+    manifest: dict[str, Any]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(file.size for file in self.files)
+
+
+ConfigInput = MergeConfig | Path | str | Mapping[str, Any]
+"""A config file's path, YAML text, a mapping of the YAML's data, or an already parsed MergeConfig."""
+
+
+def read_config_input(config: ConfigInput) -> tuple[MergeConfig, str, Path | None]:
+    """The validated config, its YAML text (for the model card and manifest) and its file, if any.
+
+    A `str` naming an existing file is that file; any other `str` is YAML text.
+    """
+    if isinstance(config, MergeConfig):
+        raise ConfigError(
+            "A parsed MergeConfig has lost its YAML text, which the model card and manifest record. Pass the "
+            "config file's path, its YAML text or a dict instead."
+        )
+    if isinstance(config, Mapping):
+        text = yaml.safe_dump(dict(config), sort_keys=False)
+        return parse_config(text, "<dict config>"), text, None
+    path = Path(config) if isinstance(config, Path) or _names_a_file(config) else None
+    if path is None:
+        return parse_config(str(config), "<config text>"), str(config), None
+    parsed = load_config(path)
+    return parsed, path.read_text(encoding="utf-8"), path
+
+
+def _names_a_file(text: str) -> bool:
+    try:
+        return "\n" not in text and Path(text).expanduser().is_file()
+    except OSError:
+        return False
+
+
+def prepare_merge(config_input: ConfigInput, out: Path, options: MergeOptions) -> PreparedMerge:
     """Validate everything that can be validated without writing, and plan every tensor."""
-    config = load_config(config_path)
+    started = time.monotonic()
+    config, config_text, config_path = read_config_input(config_input)
     resolve_device(options.device)
     base, experts, shared_expert = load_sources(config)
     sources = [model.path for model in (base, *experts, shared_expert) if model is not None]
@@ -72,22 +155,36 @@ def prepare_merge(config_path: Path, out: Path, options: MergeOptions) -> Prepar
     if config.needs_prompts:
         load_tokenizer(base.path)  # fail now, not after the writer has copied every other tensor
     free = check_free_space(out, plan.output_bytes)
-    return PreparedMerge(config_path.read_text(encoding="utf-8"), plan, free)
+    return PreparedMerge(
+        config_text, plan, free, Path(out), options, config_path, planning_seconds=time.monotonic() - started
+    )
 
 
 def load_sources(config: MergeConfig) -> tuple[SourceModel, tuple[SourceModel, ...], SourceModel | None]:
-    """Load the base, every expert and the shared expert (headers only) and check they can be merged."""
+    """Load the base, every expert and the shared expert (headers only) and check they can be merged.
+
+    A `model+adapter` expert is its model's SourceModel carrying the adapter: experts that share a model
+    and differ by adapter share its headers, read once, and their pieces read its tensors' bytes.
+    """
+    if split_reference(config.base_model)[1] is not None:
+        raise ModelError(
+            f"base_model {config.base_model!r} names a LoRA adapter (`model+adapter`), but the base model gives the "
+            "MoE its attention, embeddings and norms unchanged, so it cannot carry one. Merge the adapter into the "
+            "model with peft first, or give it to an expert (`source_model: model+adapter`)."
+        )
     base = load_source(config.base_model)
     base.check_tensors()
     base.check_accounted()
     by_reference: dict[str, SourceModel] = {config.base_model: base}
     by_path: dict[Path, SourceModel] = {base.path: base}
+    with_adapters: dict[str, SourceModel] = {}
 
     def load(reference: str, label: str, shared: bool = False) -> SourceModel:
-        if reference not in by_reference:
-            loaded = load_source(reference)  # a model named twice has its headers read once
-            by_reference[reference] = by_path.setdefault(loaded.path, loaded)
-        source = by_reference[reference]
+        model_reference, adapter_reference = split_reference(reference)
+        if model_reference not in by_reference:
+            loaded = load_source(model_reference)  # a model named twice has its headers read once
+            by_reference[model_reference] = by_path.setdefault(loaded.path, loaded)
+        source = by_reference[model_reference]
         if source.family.mlp != base.family.mlp:
             raise ModelError(
                 f"{label} ({reference}) is a {source.family.name} model whose MLP weights are not laid out like the "
@@ -96,14 +193,19 @@ def load_sources(config: MergeConfig) -> tuple[SourceModel, tuple[SourceModel, .
         check_compatible(base, source, label, shared_expert=shared)
         source.check_tensors(source.mlp_tensor_names())
         source.check_accounted()
-        return source
+        if adapter_reference is None:
+            return source
+        if reference not in with_adapters:
+            adapter = load_adapter(adapter_reference, source, label)
+            with_adapters[reference] = replace(source, reference=reference, adapter=adapter)
+        return with_adapters[reference]
 
     experts = tuple(load(expert.source_model, f"experts[{index}]") for index, expert in enumerate(config.experts))
     shared = tuple(
         load(expert.source_model, f"shared_experts[{index}]", shared=True)
         for index, expert in enumerate(config.shared_experts)
     )
-    if all(expert.path == base.path for expert in experts):
+    if all(expert.path == base.path and expert.adapter is None for expert in experts):
         logger.warning(
             "Every expert is the base model itself: the MoE will compute exactly what the base model does. "
             "That is useful for testing routers, but it adds no new knowledge."
@@ -139,30 +241,78 @@ def gate_request(plan: MergePlan, options: MergeOptions) -> GateRequest:
     )
 
 
-def execute_merge(prepared: PreparedMerge, out: Path, options: MergeOptions) -> RoutingCheck | None:
+def execute_merge(prepared: PreparedMerge) -> MergeResult:
     """Compute the routers, write the checkpoint into a staging folder, verify it, move it to OUT.
 
     Unless `options.check_routing` is off, the experts' positive prompts are routed through the staged
-    checkpoint and the result is added to its model card and returned (None when it did not run).
+    checkpoint and the result is added to its model card. The build record (MANIFEST_NAME) is the
+    last file written before the swap.
     """
-    plan = prepared.plan
+    plan, options, out = prepared.plan, prepared.options, prepared.out
+    timings = {"planning": prepared.planning_seconds}
+    clock = _Stopwatch(timings)
     request = gate_request(plan, options)
     laser_results = analyse_lasers(plan, request.device, options.show_progress)
     plan = plan.with_laser_ranks(kept_ranks(laser_results))
+    clock.lap("laser")
     card_sections = laser_sections(laser_results)
     card = model_card(plan, prepared.config_text, card_sections)
     with staged_output(out) as staging:
         gates = BackgroundResult(lambda: compute_gates(plan.config.gate_mode, request))
-        write_checkpoint(plan, gates.result, staging, card, request.device, options.show_progress)
+        records = write_checkpoint(plan, gates.result, staging, card, request.device, options.show_progress)
+        clock.lap("writing")
         verify_checkpoint(plan, staging)
+        clock.lap("verifying")
         routing_check = None
         if options.check_routing:
             routing_check = check_positive_prompts(staging, plan.config.experts, request.device)
         if routing_check is not None:
             card = model_card(plan, prepared.config_text, (*card_sections, routing_check_markdown(routing_check)))
-            (staging / "README.md").write_text(card, encoding="utf-8")
+            records["README.md"] = write_text_file(staging / "README.md", card)
+        clock.lap("routing_check")
         check_complete(staging, output_files(plan))
-    return routing_check
+        timings["total"] = sum(timings.values())
+        manifest = build_manifest(
+            config_text=prepared.config_text,
+            sources=source_records(plan, options.hash_sources),
+            options=options.recorded(plan),
+            architecture=plan.architecture.model_type,
+            files=list(records.values()),
+            timings=timings,
+        )
+        write_manifest(staging, manifest)
+    return MergeResult(
+        out=out,
+        architecture=plan.architecture.model_type,
+        files=tuple(records.values()),
+        total_parameters=plan.total_parameters,
+        active_parameters=plan.active_parameters,
+        timings=timings,
+        routing_check=routing_check,
+        laser_results=laser_results,
+        manifest=manifest,
+    )
+
+
+def source_records(plan: MergePlan, full_hash: bool = False) -> list[dict[str, Any]]:
+    """The manifest's record of every source, in config order (a model named twice is listed twice)."""
+    roles = [("base", plan.base), *((f"experts[{i}]", expert) for i, expert in enumerate(plan.experts))]
+    if plan.shared_expert is not None:
+        roles.append(("shared_experts[0]", plan.shared_expert))
+    return [source_record(role, source, full_hash) for role, source in roles]
+
+
+class _Stopwatch:
+    """Adds the seconds since the last lap to `timings[name]` at each lap."""
+
+    def __init__(self, timings: dict[str, float]) -> None:
+        self._timings = timings
+        self._last = time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self._timings[name] = self._timings.get(name, 0.0) + now - self._last
+        self._last = now
 
 
 class BackgroundResult(Generic[T]):

@@ -4,24 +4,59 @@ A merge writes into `.OUT.frankenmoe-partial` next to OUT and renames it to OUT 
 file is written, verified and flushed to disk, so OUT is always either the previous checkpoint,
 absent, or complete. A partial folder left by a killed run is recognised by its owner file (the
 pid of the merge writing it) and removed only when that process is gone and the user asks.
+
+What a merge may replace is one rule, applied when it starts and again at the swap: without
+--force OUT must be absent or empty; with --force it may also be a checkpoint a frankenmoe merge
+wrote (see `not_a_checkpoint_reason`). A folder that is, or contains, a source model, the merge
+config, the current directory or a home directory is never used.
+
+Ctrl-C and SIGTERM raise in the main thread (see `interrupt_scope`) until the new checkpoint is in
+place, so the staging folder is removed on the way out; from the swap on they are held, because the
+merge has succeeded by then.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import os
+import re
 import shutil
 import signal
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from frankenmoe.architectures import TOKENIZER_FILES
 from frankenmoe.errors import FrankenMoEError, OutputError
 
 PARTIAL_SUFFIX = ".frankenmoe-partial"
 REPLACED_SUFFIX = ".frankenmoe-replaced"
 OWNER_FILE = ".frankenmoe-owner"
 SPACE_MARGIN_BYTES = 16 * 1024 * 1024
+NAME_MAX = 255
+"""The longest file name, in bytes, that the common Linux and macOS file systems accept."""
+NAME_HASH_CHARS = 12
+
+CHECKPOINT_FILES = frozenset(
+    {"config.json", "model.safetensors.index.json", "README.md", "frankenmoe-manifest.json", *TOKENIZER_FILES}
+)
+"""What a merge writes besides its shards: config, index, model card, build manifest, the base's tokenizer files.
+
+Names, not imports, so that this module loads without torch; a test merges and checks that the output
+passes not_a_checkpoint_reason, which catches a file the writer adds and this list misses.
+"""
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+CARD_MARKS = ("Built with frankenmoe", "## Merge recipe")
+"""Two phrases of every frankenmoe model card (card.py); another tool's README.md has not both."""
+CARD_READ_LIMIT = 1024 * 1024
+SHOWN_NAMES = 5
+
+_forced_targets: set[Path] = set()
+"""OUTs that check_output_target accepted with --force: at the swap they may still replace a checkpoint."""
 
 
 def absolute_target(out: Path) -> Path:
@@ -30,39 +65,150 @@ def absolute_target(out: Path) -> Path:
 
 
 def partial_folder(out: Path) -> Path:
-    target = absolute_target(out)
-    return target.parent / f".{target.name}{PARTIAL_SUFFIX}"
+    return _sibling(out, PARTIAL_SUFFIX)
 
 
 def replaced_folder(out: Path) -> Path:
+    return _sibling(out, REPLACED_SUFFIX)
+
+
+def _sibling(out: Path, suffix: str) -> Path:
+    """`.OUT<suffix>` next to OUT; a long OUT name is cut and tagged with its hash so the name fits NAME_MAX."""
     target = absolute_target(out)
-    return target.parent / f".{target.name}{REPLACED_SUFFIX}"
+    name = f".{target.name}{suffix}"
+    if len(os.fsencode(name)) <= NAME_MAX:
+        return target.parent / name
+    tag = "~" + hashlib.sha256(os.fsencode(target.name)).hexdigest()[:NAME_HASH_CHARS]
+    kept = target.name
+    while len(os.fsencode(f".{kept}{tag}{suffix}")) > NAME_MAX:
+        kept = kept[:-1]
+    return target.parent / f".{kept}{tag}{suffix}"
 
 
-def check_output_target(out: Path, source_folders: Sequence[Path], force: bool) -> None:
-    """Refuse targets that would destroy a source, clobber a checkpoint unasked, or collide with a run."""
-    if not absolute_target(out).name:
+def check_output_target(out: Path, source_folders: Sequence[Path], config_path: Path | None, force: bool) -> None:
+    """Refuse, before any work, an OUT the merge may not write or replace (the rule is in the module docstring)."""
+    target = absolute_target(out)
+    if not target.name:
         raise OutputError(f"The output folder {out} is a filesystem root. Choose a folder to create, e.g. {out}/moe.")
-    target = out.resolve()
+    _check_name_lengths(out, target)
+    _refuse_protected(out, target.resolve(), source_folders, config_path)
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"The output path {out} exists and is not a folder. Remove it or choose another path.")
+    _check_parent_writable(out, target)
+    _check_leftovers(out, force)
+    if _has_entries(target):
+        _refuse_unless_replaceable(out, target, force)
+    if force:
+        _forced_targets.add(target)
+    else:
+        _forced_targets.discard(target)
+
+
+def not_a_checkpoint_reason(folder: Path) -> str | None:
+    """Why `folder` is not recognisably a checkpoint a frankenmoe merge wrote; None when it is one.
+
+    It must hold config.json, safetensors shards and frankenmoe's model card, and nothing a merge
+    does not write: any other file or folder may be someone's work, which replacing OUT would delete.
+    """
+    entries = sorted(folder.iterdir())
+    foreign = [entry.name for entry in entries if not _written_by_a_merge(entry)]
+    if foreign:
+        return f"it holds {_list_names(foreign)}, which a merge does not write"
+    names = {entry.name for entry in entries}
+    if "config.json" not in names:
+        return "it has no config.json"
+    if not any(SHARD_NAME.fullmatch(name) for name in names):
+        return "it has no safetensors shards"
+    if "README.md" not in names:
+        return "it has no frankenmoe model card (README.md)"
+    if not _is_frankenmoe_card(folder / "README.md"):
+        return "its README.md is not a frankenmoe model card"
+    return None
+
+
+def _check_name_lengths(out: Path, target: Path) -> None:
+    for part in target.parts[1:]:
+        size = len(os.fsencode(part))
+        if size > NAME_MAX:
+            raise OutputError(
+                f"The output path {out} has a name {size} bytes long ({part[:24]}...); file systems limit a name "
+                f"to {NAME_MAX} bytes. Choose a shorter name."
+            )
+
+
+def _refuse_protected(out: Path, resolved: Path, source_folders: Sequence[Path], config_path: Path | None) -> None:
+    """Folders a merge never writes or replaces, whatever they hold and with --force or not."""
     for source in source_folders:
         source = source.resolve()
-        if target == source:
+        if resolved == source:
             raise OutputError(
                 f"The output folder {out} is the source model folder {source}. Writing there would destroy the "
                 "model being read; choose an output folder outside every source model."
             )
-        if source in target.parents:
+        if source in resolved.parents:
             raise OutputError(
                 f"The output folder {out} is inside source model folder {source}. Writing there could corrupt "
                 "the model being read; choose an output folder outside every source model."
             )
-        if target in source.parents and force:
+        if resolved in source.parents:
             raise OutputError(
-                f"The output folder {out} contains source model {source}; --force would delete it. "
-                "Choose another output folder."
+                f"The output folder {out} contains source model {source}; replacing it would delete that model. "
+                "Choose an output folder outside every source model."
             )
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"The output path {out} exists and is not a folder. Remove it or choose another path.")
+    if config_path is not None and resolved in config_path.resolve().parents:
+        raise OutputError(
+            f"The output folder {out} holds the merge config {config_path}; replacing it would delete the config. "
+            f"Choose a folder of its own for the checkpoint, e.g. {out / 'moe'}."
+        )
+    for folder, what in _protected_folders():
+        if resolved == folder or resolved in folder.parents:
+            relation = "is" if resolved == folder else "contains"
+            raise OutputError(
+                f"The output folder {out} {relation} {what} {folder}, which a merge never replaces. "
+                f"Choose a folder of its own for the checkpoint, e.g. {out / 'moe'}."
+            )
+
+
+def _protected_folders() -> list[tuple[Path, str]]:
+    """The current directory and this user's home directory (from $HOME and from the password database)."""
+    protected = []
+    with contextlib.suppress(OSError):  # a deleted current directory protects nothing
+        protected.append((Path.cwd(), "the current working directory"))
+    homes = {os.path.expanduser("~")}
+    with contextlib.suppress(ImportError, KeyError):
+        import pwd
+
+        homes.add(pwd.getpwuid(os.getuid()).pw_dir)
+    protected += [(Path(home).resolve(), "the home directory") for home in sorted(homes) if os.path.isabs(home)]
+    return protected
+
+
+def _check_parent_writable(out: Path, target: Path) -> None:
+    """The staging folder and OUT are made in OUT's parent (created if missing): its nearest existing folder must allow it."""
+    anchor = target.parent
+    while not anchor.exists():
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise OutputError(
+            f"Cannot write the output folder {out}: {anchor} is a file, not a folder. Choose another path."
+        )
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        why = "is on a read-only file system" if _on_read_only_file_system(anchor) else "is not writable by this user"
+        raise OutputError(
+            f"Cannot write the output folder {out}: {anchor} {why}, and the merge must create its staging folder "
+            "there. Choose an output folder on a writable disk, or fix the folder's permissions."
+        )
+
+
+def _on_read_only_file_system(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _check_leftovers(out: Path, force: bool) -> None:
+    """A partial folder of a merge that is running, or was killed, and a previous checkpoint a killed swap moved aside."""
     partial = partial_folder(out)
     if partial.exists():
         _refuse_if_owned_by_live_merge(partial, out)
@@ -77,11 +223,44 @@ def check_output_target(out: Path, source_folders: Sequence[Path], force: bool) 
             f"A merge was killed while swapping in a new {out}: the previous checkpoint is still at {replaced}. "
             f"Rename it back to {out} to keep it, or pass --force to delete it and merge again."
         )
-    if out.is_dir() and any(out.iterdir()) and not force:
+
+
+def _refuse_unless_replaceable(out: Path, target: Path, force: bool) -> None:
+    reason = not_a_checkpoint_reason(target)
+    if reason is not None:
         raise OutputError(
-            f"The output folder {out} already exists and is not empty. Pass --force to replace it (it is replaced "
-            "only after the new checkpoint is complete), or choose another folder."
+            f"The output folder {out} is not empty and is not a checkpoint a frankenmoe merge wrote: {reason}. "
+            "A merge replaces nothing else, even with --force, so that it cannot delete anyone's files. Choose a "
+            "new or empty folder, or move those files out of the way yourself."
         )
+    if not force:
+        raise OutputError(
+            f"The output folder {out} already holds a checkpoint from an earlier merge. Pass --force to replace it "
+            "(it is replaced only once the new checkpoint is complete), or choose another folder."
+        )
+
+
+def _written_by_a_merge(entry: Path) -> bool:
+    name = entry.name
+    return entry.is_file() and not entry.is_symlink() and (name in CHECKPOINT_FILES or bool(SHARD_NAME.fullmatch(name)))
+
+
+def _is_frankenmoe_card(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            text = handle.read(CARD_READ_LIMIT).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    return all(mark in text for mark in CARD_MARKS)
+
+
+def _list_names(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:SHOWN_NAMES])
+    return shown if len(names) <= SHOWN_NAMES else f"{shown} and {len(names) - SHOWN_NAMES} more"
+
+
+def _has_entries(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
 
 
 def check_free_space(out: Path, needed_bytes: int) -> int:
@@ -115,8 +294,13 @@ def check_complete(folder: Path, expected_files: Iterable[str]) -> None:
 
 @contextlib.contextmanager
 def staged_output(out: Path) -> Iterator[Path]:
-    """Yield an empty staging folder; on success it becomes OUT, on any failure (Ctrl-C too) it is removed."""
+    """Yield an empty staging folder; on success it becomes OUT, on any failure (Ctrl-C, SIGTERM too) it is removed.
+
+    At the swap OUT must still be what check_output_target accepted: absent or empty or, if it was
+    accepted with --force, a checkpoint a merge wrote. Whatever else another run put there meanwhile is kept.
+    """
     target = absolute_target(out)
+    replace_checkpoint = target in _forced_targets
     partial = partial_folder(out)
     if partial.exists():
         # check_output_target refused a stale folder unless --force was given, so one left here is ours to remove.
@@ -131,8 +315,7 @@ def staged_output(out: Path) -> Iterator[Path]:
             raise OutputError(
                 f"Another frankenmoe merge started writing {out} at the same moment ({partial}). Wait for it to finish."
             ) from None
-        with _sigint_ignored():
-            shutil.rmtree(partial, ignore_errors=True)
+        _discard(partial)
         raise OutputError(
             f"Cannot create the staging folder {partial} next to {out}: {error.strerror or error}. "
             "Check that the parent folder exists and is writable."
@@ -141,17 +324,21 @@ def staged_output(out: Path) -> Iterator[Path]:
         yield partial
         (partial / OWNER_FILE).unlink()
         _flush_to_disk(partial)
-        with _sigint_ignored():
-            _swap_into_place(partial, target)
+        with _interrupts_held():
+            _swap_into_place(partial, target, out, replace_checkpoint)
+            _mark_committed()
     except FrankenMoEError as error:
-        with _sigint_ignored():
-            shutil.rmtree(partial, ignore_errors=True)
+        _discard(partial)
         explained = type(error)(f"{error.message} The partial output was removed; {out} was not changed.")
         raise explained.with_traceback(error.__traceback__) from None
     except BaseException:
-        with _sigint_ignored():
-            shutil.rmtree(partial, ignore_errors=True)
+        _discard(partial)
         raise
+
+
+def _discard(partial: Path) -> None:
+    with _interrupts_held():
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _refuse_if_owned_by_live_merge(partial: Path, out: Path) -> None:
@@ -174,24 +361,45 @@ def _flush_to_disk(folder: Path) -> None:
         raise OutputError(f"Flushing {folder} to disk failed: {error.strerror or error}.") from None
 
 
-def _swap_into_place(partial: Path, out: Path) -> None:
-    """Move the previous OUT aside, the new one in, then delete the old; undo the first move if the second fails."""
-    replaced = replaced_folder(out)
+def _swap_into_place(partial: Path, target: Path, out: Path, replace_checkpoint: bool) -> None:
+    """Rename the staged checkpoint to OUT, re-checking OUT: another run may have written it since the start.
+
+    Without --force the rename itself enforces "absent or empty": it fails on a non-empty folder or a
+    file. With --force a checkpoint there is first moved aside, and deleted once the new one is in place.
+    """
+    replaced = replaced_folder(target)
     try:
         _remove(replaced)
-        had_previous = out.exists() or out.is_symlink()
-        if had_previous:
-            os.replace(out, replaced)
-        try:
-            os.replace(partial, out)
-        except OSError:
-            if had_previous:
-                os.replace(replaced, out)
-            raise
-        _fsync(out.parent, os.O_RDONLY)
+        if replace_checkpoint and _has_entries(target):
+            reason = not_a_checkpoint_reason(target)
+            if reason is not None:
+                raise OutputError(_changed_meanwhile(out, f"it is no longer a checkpoint a merge wrote ({reason})"))
+            os.replace(target, replaced)
+            try:
+                os.rename(partial, target)
+            except OSError:
+                os.replace(replaced, target)
+                raise
+        else:
+            if target.is_symlink() and not _has_entries(target):
+                target.unlink()  # a link to an empty folder, or to nothing, stands for an absent OUT
+            os.rename(partial, target)
+        _fsync(target.parent, os.O_RDONLY)
     except OSError as error:
+        if error.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+            raise OutputError(
+                _changed_meanwhile(out, "it was absent or empty when the merge began, and is not now")
+            ) from None
         raise OutputError(f"Moving the finished checkpoint into {out} failed: {error.strerror or error}.") from None
     _remove(replaced)
+
+
+def _changed_meanwhile(out: Path, reason: str) -> str:
+    return (
+        f"{out} changed while this merge ran: {reason}. Another merge or program wrote it, so the new checkpoint "
+        f"was not moved there. Look at what {out} holds now, then merge again into another folder (or with --force "
+        "to replace a checkpoint)."
+    )
 
 
 def _remove(path: Path) -> None:
@@ -210,17 +418,108 @@ def _fsync(path: Path, flags: int) -> None:
         os.close(descriptor)
 
 
+# --- Ctrl-C and SIGTERM ---------------------------------------------------------------------------------------------
+
+
+class SigtermInterrupt(KeyboardInterrupt):
+    """SIGTERM (`timeout`, `docker stop`, a CI cancel) raised in the main thread, so it unwinds like Ctrl-C."""
+
+
+@dataclass
+class _Interrupts:
+    """Where Ctrl-C and SIGTERM stand: process-wide like the signals, and only the main thread changes it."""
+
+    in_scope: bool = False
+    """A command's interrupt_scope installed the handler, and settles held signals when it ends."""
+    holds: int = 0
+    """Open _interrupts_held blocks: signals are recorded, not raised."""
+    committed: bool = False
+    """The new checkpoint is in place: every later signal is recorded until the scope ends."""
+    held: list[int] = field(default_factory=list)
+
+
+_interrupts = _Interrupts()
+
+
+def _on_interrupt(signum: int, _frame: object) -> None:
+    if _interrupts.holds or _interrupts.committed:
+        _interrupts.held.append(signum)
+    elif signum == signal.SIGTERM:
+        raise SigtermInterrupt
+    else:
+        raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Ignore Ctrl-C for a moment: cleanup and the final swap must not be abandoned half-way."""
+def interrupt_scope() -> Iterator[Callable[[], list[int]]]:
+    """One command's Ctrl-C and SIGTERM: exceptions until a merge commits its checkpoint, held after that.
+
+    Yields a function that lists the signals which arrived after the commit: they stopped nothing,
+    and the command has succeeded. A signal the parent process ignores stays ignored.
+    """
+    if threading.current_thread() is not threading.main_thread() or _interrupts.in_scope:
+        yield _signals_after_commit  # off the main thread nothing is held; an enclosing scope settles its own
+        return
+    previous = _install_handler()
+    _interrupts.in_scope = True
+    try:
+        yield _signals_after_commit
+    finally:
+        _interrupts.in_scope = _interrupts.committed = False
+        _interrupts.held.clear()
+        _restore_handlers(previous)
+
+
+def _signals_after_commit() -> list[int]:
+    return list(_interrupts.held) if _interrupts.committed else []
+
+
+def _mark_committed() -> None:
+    """The new checkpoint is in place: from now on the scope's signals are held, for the merge has succeeded."""
+    if _interrupts.in_scope and threading.current_thread() is threading.main_thread():
+        _interrupts.committed = True
+
+
+@contextlib.contextmanager
+def _interrupts_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM for a moment: cleanup and the swap must not be abandoned half-way.
+
+    Inside an interrupt_scope the scope settles them: they are dropped when the merge is failing
+    anyway, and reported after a commit. Outside one (library use) they are delivered when the block ends.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    installed = None if _interrupts.in_scope or _interrupts.holds else _install_handler()
+    _interrupts.holds += 1
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        _interrupts.holds -= 1
+        if installed is not None:
+            _restore_handlers(installed)
+            pending = list(_interrupts.held)
+            _interrupts.held.clear()
+            for signum in pending:
+                signal.raise_signal(signum)
+        elif not _interrupts.holds and not _interrupts.committed:
+            _interrupts.held.clear()
+
+
+def _install_handler() -> dict[int, Any]:
+    previous = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(signum)
+        if handler is not signal.SIG_IGN:
+            previous[signum] = handler
+            signal.signal(signum, _on_interrupt)
+    return previous
+
+
+def _restore_handlers(previous: dict[int, Any]) -> None:
+    for signum, handler in previous.items():
+        # None: a handler not set from Python, which only the default can stand for.
+        signal.signal(signum, signal.SIG_DFL if handler is None else handler)
 
 
 def _owner_pid(partial: Path) -> int | None:

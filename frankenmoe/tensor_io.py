@@ -10,12 +10,16 @@ them takes the same paths.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import json
 import math
 import mmap
 import os
+import queue
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,7 @@ from frankenmoe.errors import ModelError, OutputError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 COPY_CHUNK_BYTES = 64 * 1024 * 1024
+HASH_CHUNK_BYTES = 8 * 1024 * 1024
 _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF})
 ALIGNMENT = 8
 
@@ -265,14 +270,78 @@ def shard_header(entries: Sequence[ShardEntry], metadata: dict[str, str]) -> byt
     return struct.pack("<Q", len(encoded)) + encoded
 
 
+class StreamHasher:
+    """The sha256 of a file's bytes in the order they are written, computed on a thread of its own.
+
+    Bytes copied by the kernel never pass through Python, so their source range is read back (from
+    the page cache the copy just filled) and hashed there; written bytes are handed over as a copy.
+    hashlib releases the GIL, so hashing overlaps the writer's work; the queue is short, so at most
+    two handed-over chunks of 8 MiB wait at a time.
+
+        >>> hasher = StreamHasher(); hasher.add_bytes(b"abc"); hasher.hexdigest()[:8]
+        'ba7816bf'
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[bytes | tuple[Path, int, int] | None] = queue.Queue(maxsize=2)
+        self._digest = hashlib.sha256()
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="frankenmoe-hash", daemon=True)
+        self._thread.start()
+
+    def add_bytes(self, data: memoryview | bytes) -> None:
+        # Copied in chunks, so what waits in the queue stays a few MiB whatever the tensor's size.
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), HASH_CHUNK_BYTES):
+            self._queue.put(bytes(view[start : start + HASH_CHUNK_BYTES]))
+
+    def add_range(self, path: Path, start: int, count: int) -> None:
+        self._queue.put((path, start, count))
+
+    def hexdigest(self) -> str:
+        """Wait for every handed-over byte to be hashed; the file's sha256 as hex."""
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._digest.hexdigest()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            try:
+                if isinstance(item, bytes):
+                    self._digest.update(item)
+                else:
+                    self._hash_range(*item)
+            except OSError as error:
+                self._error = error
+
+    def _hash_range(self, path: Path, start: int, count: int) -> None:
+        with path.open("rb", buffering=0) as handle:
+            while count:
+                chunk = os.pread(handle.fileno(), min(count, HASH_CHUNK_BYTES), start)
+                if not chunk:
+                    raise OSError(errno.EIO, f"{path} ended while its bytes were being hashed")
+                self._digest.update(chunk)
+                start, count = start + len(chunk), count - len(chunk)
+
+
 class ShardWriter:
-    """Writes one shard whose tensor list is known in advance, one tensor at a time, in order."""
+    """Writes one shard whose tensor list is known in advance, one tensor at a time, in order.
+
+    Every byte written goes through a StreamHasher, so `sha256` (set by `close`) is the finished
+    file's sha256 without reading the output back.
+    """
 
     def __init__(self, path: Path, entries: Sequence[ShardEntry], metadata: dict[str, str]) -> None:
         self.path = path
+        self.sha256: str | None = None
         self._entries = list(entries)
         self._next = 0
         self._remaining_in_tensor = 0
+        self._hasher = StreamHasher()
         self._handle: BinaryIO = _open_for_writing(path)
         self._write(shard_header(self._entries, metadata))
 
@@ -301,6 +370,7 @@ class ShardWriter:
                 _copy_range(source.fileno(), self._handle.fileno(), location.start, location.nbytes)
         except OSError as error:
             raise _write_error(self.path, error) from None
+        self._hasher.add_range(location.file, location.start, location.nbytes)
 
     def close(self) -> None:
         if self._next != len(self._entries) or self._remaining_in_tensor:
@@ -308,6 +378,7 @@ class ShardWriter:
         try:
             self._handle.flush()
             os.fsync(self._handle.fileno())
+            self.sha256 = self._hasher.hexdigest()
         except OSError as error:
             raise _write_error(self.path, error) from None
         finally:
@@ -315,12 +386,16 @@ class ShardWriter:
 
     def abort(self) -> None:
         self._handle.close()
+        with contextlib.suppress(OSError):
+            self._hasher.hexdigest()
 
     def _write(self, data: memoryview | bytes) -> None:
+        view = memoryview(data).cast("B")
         try:
-            _write_all(self._handle.fileno(), memoryview(data).cast("B"))
+            _write_all(self._handle.fileno(), view)
         except OSError as error:
             raise _write_error(self.path, error) from None
+        self._hasher.add_bytes(view)
 
 
 def _open_for_writing(path: Path) -> BinaryIO:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from tqdm import tqdm
 
 from frankenmoe.errors import OutputError
 from frankenmoe.laser import apply_laser
+from frankenmoe.manifest import FileRecord, file_sha256
 from frankenmoe.plan import MergePlan, TensorJob, TensorPiece
 from frankenmoe.routers.request import Gates
 from frankenmoe.tensor_io import DTYPES, ShardEntry, ShardWriter, read_header, read_tensor, tensor_bytes
@@ -26,36 +28,41 @@ def write_checkpoint(
     card: str,
     device: torch.device | None = None,
     show_progress: bool = False,
-) -> None:
-    """Write the whole checkpoint into `folder` (which must exist and be empty).
+) -> dict[str, FileRecord]:
+    """Write the whole checkpoint into `folder` (which must exist and be empty); every file's record.
 
     `gates` returns the computed rows; it is called only when the first computed tensor is due, so
     the rows may still be computing while the other tensors are copied. Laser's reductions run on
-    `device` (the CPU by default).
+    `device` (the CPU by default). Every file's sha256 is computed from the bytes as they are
+    written (shards) or from what was written (the small files), never by reading the output back.
     """
     device = device or torch.device("cpu")
+    records: dict[str, FileRecord] = {}
     with tqdm(total=plan.output_bytes, desc="writing", unit="B", unit_scale=True, disable=not show_progress) as bar:
         for shard in range(plan.shard_count):
-            _write_shard(plan, shard, gates, folder / plan.shard_name(shard), bar, device)
-    _write_json(
-        folder / INDEX_NAME,
-        {
-            "metadata": {"total_size": plan.output_bytes},
-            "weight_map": {job.name: plan.shard_name(job.shard) for job in plan.jobs},
-        },
-    )
-    _write_json(folder / "config.json", plan.output_config)
+            path = folder / plan.shard_name(shard)
+            digest = _write_shard(plan, shard, gates, path, bar, device)
+            records[path.name] = FileRecord(path.name, path.stat().st_size, digest)
+    index = {
+        "metadata": {"total_size": plan.output_bytes},
+        "weight_map": {job.name: plan.shard_name(job.shard) for job in plan.jobs},
+    }
+    records[INDEX_NAME] = write_text_file(folder / INDEX_NAME, _json_text(index))
+    records["config.json"] = write_text_file(folder / "config.json", _json_text(plan.output_config))
     for source in plan.tokenizer_files:
         try:
             shutil.copyfile(source, folder / source.name)
         except OSError as error:
             raise OutputError(f"Copying {source} into the output failed: {error.strerror or error}.") from None
-    _write_text(folder / "README.md", card)
+        records[source.name] = FileRecord(source.name, source.stat().st_size, file_sha256(source))
+    records["README.md"] = write_text_file(folder / "README.md", card)
+    return records
 
 
 def _write_shard(
     plan: MergePlan, shard: int, gates: Callable[[], Gates], path: Path, bar: tqdm, device: torch.device
-) -> None:
+) -> str:
+    """Write one shard; its sha256."""
     jobs = plan.shard_jobs(shard)
     writer = ShardWriter(path, [ShardEntry(job.name, job.dtype, job.shape) for job in jobs], {"format": "pt"})
     try:
@@ -76,13 +83,22 @@ def _write_shard(
     except BaseException:
         writer.abort()
         raise
+    assert writer.sha256 is not None
+    return writer.sha256
 
 
 def produce_piece(piece: TensorPiece, job: TensorJob, device: torch.device) -> torch.Tensor:
-    """A source tensor with its expert transforms applied, in the job's dtype."""
+    """A source tensor with its expert transforms applied, in the job's dtype.
+
+    In float32, in this order: a LoRA adapter's delta (it defines the expert's matrix), laser, noise,
+    then the multiplier (residual_scale scales the merged down_proj); the result is cast once.
+    """
     tensor = read_tensor(piece.location)
     if piece.transformed:
-        tensor = apply_laser(tensor.float(), piece.laser, device)
+        tensor = tensor.float()
+        if piece.lora is not None:
+            tensor = piece.lora.add_to(tensor)
+        tensor = apply_laser(tensor, piece.laser, device)
         if piece.noise_scale:
             generator = torch.Generator().manual_seed(piece.noise_seed)
             tensor += torch.randn(tensor.shape, generator=generator) * piece.noise_scale
@@ -109,12 +125,15 @@ def verify_checkpoint(plan: MergePlan, folder: Path) -> None:
             raise OutputError(f"Verification of {path} failed: the file size does not match its header.")
 
 
-def _write_json(path: Path, data: object) -> None:
-    _write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+def _json_text(data: object) -> str:
+    return json.dumps(data, indent=2, sort_keys=False) + "\n"
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text_file(path: Path, text: str) -> FileRecord:
+    """Write `text` as UTF-8; its record, hashed from the bytes written."""
+    data = text.encode("utf-8")
     try:
-        path.write_text(text, encoding="utf-8")
+        path.write_bytes(data)
     except OSError as error:
         raise OutputError(f"Writing {path} failed: {error.strerror or error}.") from None
+    return FileRecord(path.name, len(data), hashlib.sha256(data).hexdigest())

@@ -37,6 +37,7 @@ CHECKPOINT_FILES = {
     "tokenizer.model",
     "tokenizer_config.json",
     "README.md",
+    "frankenmoe-manifest.json",
 }
 SIGNAL_WAIT_SECONDS = 120
 
@@ -53,7 +54,10 @@ def pause_after(function):
     def paused(*args, **kwargs):
         result = function(*args, **kwargs)
         marker.touch()
-        time.sleep(600)
+        # Short sleeps, as a real computation's short steps: a cancelled router thread stops between two.
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
         return result
     return paused
 
@@ -141,7 +145,7 @@ def test_out_containing_a_source_is_refused_with_force(tmp_path: Path, tiny_mode
     models = tmp_path / "models"
     shutil.copytree(tiny_models.experts[0], models / "expert")
     config = write_config(tmp_path / "moe.yaml", tiny_models.base, [models / "expert", tiny_models.experts[1]])
-    refused_before_work(config, models, "--force would delete it", force=True)
+    refused_before_work(config, models, "replacing it would delete that model", force=True)
     assert (models / "expert" / "model.safetensors").is_file()
 
 
@@ -149,7 +153,9 @@ def test_non_empty_out_without_force_is_refused_and_untouched(
     tmp_path: Path, tiny_models: TinyModels, existing_out: Path
 ) -> None:
     before = fingerprint(existing_out)
-    refused_before_work(three_expert_config(tmp_path, tiny_models), existing_out, "already exists", "--force")
+    refused_before_work(
+        three_expert_config(tmp_path, tiny_models), existing_out, "already holds a checkpoint", "Pass --force"
+    )
     assert fingerprint(existing_out) == before
 
 

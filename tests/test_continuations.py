@@ -199,7 +199,7 @@ def test_dry_run_and_model_card_say_what_the_routers_are_built_from(tiny_models:
     fit = write_config(tmp_path / "fit.yaml", tiny_models.base, tiny_models.experts, prompts=prompts, gate_mode="fit")
     hidden = write_config(tmp_path / "hidden.yaml", tiny_models.base, tiny_models.experts, prompts=prompts)
     options = MergeOptions()
-    execute_merge(prepare_merge(fit, tmp_path / "out", options), tmp_path / "out", options)
+    execute_merge(prepare_merge(fit, tmp_path / "out", options))
 
     continued = "3 positive, 0 negative; each continued by up to 32 tokens the base model writes after it (greedy)"
     assert f"router prompts: {continued}" in run_cli("merge", fit, tmp_path / "dry", "--dry-run").output

@@ -19,6 +19,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, MistralForCausalLM, MixtralForCausalLM
 
+from frankenmoe.manifest import MANIFEST_NAME
 from frankenmoe.sources import load_source
 from tests.conftest import TinyModels
 from tests.support import run_cli, write_config
@@ -144,7 +145,12 @@ def load_moe(folder: Path) -> MixtralForCausalLM:
 
 
 def all_files(folder: Path) -> dict[str, bytes]:
-    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+    """Every file's bytes, except the build record: it records the run itself (timings, peak RSS, paths)."""
+    return {
+        str(path.relative_to(folder)): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

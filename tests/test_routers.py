@@ -72,7 +72,7 @@ def test_fit_routes_separable_held_out_prompts_perfectly(tiny_models: TinyModels
     )
     out = tmp_path / "out"
     options = MergeOptions()
-    execute_merge(prepare_merge(config, out, options), out, options)
+    execute_merge(prepare_merge(config, out, options))
 
     texts = [text for prompts in HELD_OUT_PROMPTS for text in prompts]
     labels = [expert for expert, prompts in enumerate(HELD_OUT_PROMPTS) for _ in prompts]
@@ -186,7 +186,7 @@ def test_sequential_states_are_the_merged_models_own(tiny_models: TinyModels, tm
     )
     out = tmp_path / "out"
     options = MergeOptions()
-    execute_merge(prepare_merge(config, out, options), out, options)
+    execute_merge(prepare_merge(config, out, options))
     checkpoint = load_checkpoint(out)
     written = torch.stack(
         [read_tensor(checkpoint.tensors[f"model.layers.{layer}.block_sparse_moe.gate.weight"]) for layer in range(2)]

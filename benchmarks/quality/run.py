@@ -159,7 +159,7 @@ def merge_variant(variant: Variant, base: Path, expert_folders: dict[str, Path],
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(yaml.safe_dump(variant.config(base, expert_folders), sort_keys=False))
     options = MergeOptions(force=True)
-    execute_merge(prepare_merge(config_file, out, options), out, options)
+    execute_merge(prepare_merge(config_file, out, options))
 
 
 def evaluate_folder(folder: Path, eval_blocks: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -126,7 +126,7 @@ def shared_checkpoint(model: Path, prompts: dict[str, list[str]]) -> Checkpoint:
         config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(config_text(model, prompts, Variant("random", "random")))
         options = MergeOptions(force=True)
-        execute_merge(prepare_merge(config, out, options), out, options)
+        execute_merge(prepare_merge(config, out, options))
     return load_checkpoint(out)
 
 
