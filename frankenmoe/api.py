@@ -24,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from frankenmoe.architectures import LAYOUT_NAMES
-from frankenmoe.build import BuildReport, build_configs
+from frankenmoe.batch import BuildReport, build_configs
 from frankenmoe.config import DTYPES, MergeConfig
 from frankenmoe.errors import ConfigError
 from frankenmoe.inspection import CheckpointReport, inspect_checkpoint
 from frankenmoe.memory import keep_large_buffers_out_of_the_heap
-from frankenmoe.merge import (
+from frankenmoe.pipeline import (
     ConfigInput,
     MergeOptions,
     MergeResult,
@@ -49,7 +49,7 @@ from frankenmoe.routing import (
     routing_accuracy,
     summarise_routing,
 )
-from frankenmoe.verify import VerifyReport, verify_output
+from frankenmoe.verification import VerifyReport, verify_output
 
 
 def load_config(config: Path | str | Mapping[str, Any]) -> MergeConfig:

@@ -15,6 +15,7 @@ from frankenmoe.sources import SourceModel, weight_formats_summary
 
 RECIPE_HEADING = "## Merge recipe"
 LASER_HEADING = "## Laser rank reduction"
+LORA_HEADING = "## LoRA adapters"
 
 
 def model_card(plan: MergePlan, config_text: str, extra_sections: tuple[str, ...] = ()) -> str:
@@ -45,6 +46,7 @@ def model_card(plan: MergePlan, config_text: str, extra_sections: tuple[str, ...
         f"| source weights | {weight_formats_summary((plan.base, *plan.experts))} |\n",
         "## Experts\n\n| # | source | positive prompts |\n|---|---|---|\n" + expert_lines + "\n",
         *vocabulary_sections(plan),
+        *lora_sections(plan),
         *extra_sections,
         f"{RECIPE_HEADING}\n\n```yaml\n{config_text.rstrip()}\n```\n",
     ]
@@ -119,6 +121,31 @@ def vocabulary_sections(plan: MergePlan) -> tuple[str, ...]:
         "works. Tokens an expert added (often its chat template's special tokens) are not in the tokenizer and "
         "cannot be written; tokens the base has beyond an expert's vocabulary were never seen by that expert.\n\n"
         "| # | expert | vocabulary | tokens |\n|---|---|---|---|\n" + rows + "\n",
+    )
+
+
+def lora_sections(plan: MergePlan) -> tuple[str, ...]:
+    """The experts given as model+adapter: each adapter, its rank and scale, and what of it was left out;
+    no section when no expert has an adapter."""
+    labelled = [(str(index), expert) for index, expert in enumerate(plan.experts)]
+    if plan.shared_expert is not None:
+        labelled.append(("shared", plan.shared_expert))
+    rows = "\n".join(
+        f"| {label} | `{expert.reference}` | {expert.adapter.trained_on or '-'} | {expert.adapter.ranks}"
+        f"{' (rslora)' if expert.adapter.use_rslora else ''} | {expert.adapter.scales} | {len(expert.adapter.deltas)} "
+        f"| {expert.adapter.left_out_summary() or '-'} |"
+        for label, expert in labelled
+        if expert.adapter is not None
+    )
+    if not rows:
+        return ()
+    return (
+        f"{LORA_HEADING}\n\nThese experts are a model with a PEFT LoRA adapter applied. Each MLP matrix the adapter "
+        "adapts was written as W + scale · (B @ A), computed in float32 and cast once, with scale = lora_alpha / r "
+        "(lora_alpha / √r with rslora). What an adapter adapts outside the MLP is not in this model: its attention, "
+        "embeddings and head are the base model's, shared by every expert.\n\n"
+        "| # | expert (model+adapter) | adapter trained on | rank | scale | MLP matrices | not carried |\n"
+        "|---|---|---|---|---|---|---|\n" + rows + "\n",
     )
 
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from frankenmoe.inspection import CheckpointReport
-    from frankenmoe.merge import PreparedMerge
+    from frankenmoe.pipeline import PreparedMerge
     from frankenmoe.routing import PromptRouting, RoutingAccuracy, RoutingSummary
 
 app = typer.Typer(
@@ -146,7 +146,7 @@ def merge(
     """Merge the models named in CONFIG into a Mixtral-format checkpoint in OUT."""
 
     def action() -> None:
-        from frankenmoe.merge import MergeOptions, execute_merge, prepare_merge
+        from frankenmoe.pipeline import MergeOptions, execute_merge, prepare_merge
         from frankenmoe.plan import parse_size
         from frankenmoe.routing import routing_check_lines, routing_check_skip_reason
 
@@ -331,7 +331,7 @@ def route(
         from rich.console import Console
 
         from frankenmoe.inspection import read_recipe
-        from frankenmoe.merge import resolve_device
+        from frankenmoe.pipeline import resolve_device
         from frankenmoe.plot import require_matplotlib, write_routing_heatmap
         from frankenmoe.routing import (
             accuracy_to_dict,

@@ -33,6 +33,7 @@ from frankenmoe.architectures import (
     transformers_class,
 )
 from frankenmoe.errors import ModelError
+from frankenmoe.lora import LoraDelta
 from frankenmoe.memory import reuse_large_buffers
 from frankenmoe.tensor_io import TensorLocation, read_rows, read_tensor
 
@@ -60,15 +61,20 @@ class LayerPass:
 
 @dataclass(frozen=True)
 class MatrixRows:
-    """A block of rows of a checkpoint tensor seen as a matrix: one MLP matrix of one expert."""
+    """A block of rows of a checkpoint tensor seen as a matrix: one MLP matrix of one expert.
+
+    With `lora`, the matrix is W + scale * B @ A (a source expert given as model+adapter): each slice
+    gets its rows of the delta, so no whole float32 matrix is made here either.
+    """
 
     location: TensorLocation
     first_row: int
     num_rows: int
+    lora: LoraDelta | None = None
 
     @classmethod
-    def whole(cls, location: TensorLocation) -> MatrixRows:
-        return cls(location, 0, location.shape[0])
+    def whole(cls, location: TensorLocation, lora: LoraDelta | None = None) -> MatrixRows:
+        return cls(location, 0, location.shape[0], lora)
 
     @property
     def slice_starts(self) -> range:
@@ -78,7 +84,10 @@ class MatrixRows:
     def read(self, start: int, device: torch.device) -> torch.Tensor:
         """The slice of this block that begins at row `start` (one of `slice_starts`), in float32."""
         stop = min(start + self.slice_starts.step, self.num_rows)
-        return read_rows(self.location, self.first_row + start, self.first_row + stop).to(device).float()
+        rows = read_rows(self.location, self.first_row + start, self.first_row + stop).to(device).float()
+        if self.lora is not None:
+            rows += self.lora.rows(self.first_row + start, self.first_row + stop, device)
+        return rows
 
 
 @dataclass(frozen=True)

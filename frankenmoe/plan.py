@@ -24,6 +24,7 @@ from frankenmoe.architectures import (
 )
 from frankenmoe.config import ExpertConfig, LaserConfig, MergeConfig
 from frankenmoe.errors import ConfigError, ModelError
+from frankenmoe.lora import LoraDelta
 from frankenmoe.sources import SourceModel, dims_shape
 from frankenmoe.tensor_io import CONFIG_DTYPE_TO_SAFETENSORS, TensorLocation, tensor_nbytes
 
@@ -127,11 +128,13 @@ class TensorPiece:
     multiplier: float | None = None
     noise_seed: int = 0
     laser: LaserTarget | None = None
+    lora: LoraDelta | None = None
+    """A LoRA adapter's delta, added first: laser, noise and multiplier then act on W + scale * B @ A."""
 
     @property
     def transformed(self) -> bool:
         laser_reduces = self.laser is not None and self.laser.reduces
-        return bool(self.noise_scale) or self.multiplier not in (None, 1.0) or laser_reduces
+        return bool(self.noise_scale) or self.multiplier not in (None, 1.0) or laser_reduces or self.lora is not None
 
 
 @dataclass(frozen=True)
@@ -421,14 +424,24 @@ def _mlp_piece(
     noise_key: str,
     laser: LaserGroup | None = None,
 ) -> TensorPiece:
-    """One MLP matrix of an expert (routed or shared) with its residual_scale, noise and laser."""
+    """One MLP matrix of an expert (routed or shared) with its LoRA delta, residual_scale, noise and laser."""
     name = source.family.mlp_name(layer, part)
+    lora = source.lora_delta(name)
+    target = None if laser is None else laser.target(name)
+    if lora is not None and target is not None:
+        # Laser's analysis measures (and its calibration runs) the model's own matrices, not W + scale * B @ A.
+        raise ConfigError(
+            f"`{target.group}` considers {name} of {source.reference}, which its LoRA adapter changes; laser "
+            "analyses a model's matrices without the adapter, so its ranks would not fit the merged matrix. Remove "
+            "the laser block, or merge the adapter into its model with peft first and laser that model."
+        )
     return TensorPiece(
         location=source.tensor(name),
         noise_scale=settings.noise_scale,
         multiplier=settings.residual_scale if part == "down_proj" else None,
         noise_seed=zlib.crc32(f"{seed}:{noise_key}:{name}".encode()),
-        laser=None if laser is None else laser.target(name),
+        laser=target,
+        lora=lora,
     )
 
 

@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from frankenmoe.architectures import (
     EMBEDDINGS,
@@ -25,6 +25,9 @@ from frankenmoe.architectures import (
 )
 from frankenmoe.errors import ModelError
 from frankenmoe.tensor_io import FLOAT_DTYPES, TensorLocation, WeightFormat, read_header
+
+if TYPE_CHECKING:
+    from frankenmoe.lora import LoraAdapter, LoraDelta
 
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_INDEX_FILE = "pytorch_model.bin.index.json"
@@ -75,6 +78,8 @@ class SourceModel:
     family: SourceFamily
     shape: ModelShape
     tensors: dict[str, TensorLocation]
+    adapter: LoraAdapter | None = None
+    """A LoRA adapter applied to this model's MLPs (`source_model: model+adapter`, see lora.py)."""
 
     @property
     def model_type(self) -> str:
@@ -89,6 +94,15 @@ class SourceModel:
         """Whether the weights came from safetensors files or from torch pickles (a folder is read in one format)."""
         pickled = any(location.file_format == "pickle" for location in self.tensors.values())
         return "pickle" if pickled else "safetensors"
+
+    def lora_delta(self, name: str) -> LoraDelta | None:
+        """The adapter's delta for tensor `name`, when this model carries an adapter that adapts it."""
+        return None if self.adapter is None else self.adapter.delta(name)
+
+    @property
+    def adapter_note(self) -> str:
+        """'' or '; LoRA ...: rank, scale...' to follow the model's name in the dry run."""
+        return "" if self.adapter is None else f"; {self.adapter.summary()}"
 
     def tensor(self, name: str) -> TensorLocation:
         try:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from frankenmoe import merge, tensor_io
+from frankenmoe import pipeline as merge
+from frankenmoe import tensor_io
 from frankenmoe.output import OWNER_FILE, partial_folder, replaced_folder
 from frankenmoe.tensor_io import read_header
 from tests.conftest import TinyModels

@@ -12,7 +12,7 @@ import yaml
 from frankenmoe.card import model_card
 from frankenmoe.config import parse_config
 from frankenmoe.errors import ModelError
-from frankenmoe.merge import load_sources
+from frankenmoe.pipeline import load_sources
 from frankenmoe.plan import MergePlan, build_plan
 from frankenmoe.sources import SourceModel, check_compatible, load_source
 from frankenmoe.toymodels import SHAPES, write_toy_model

@@ -14,7 +14,7 @@ from frankenmoe.config import AUTO_CONTINUATION_TOKENS, ExpertConfig, RouterConf
 from frankenmoe.errors import ConfigError
 from frankenmoe.layers import StreamedDecoder, greedy_continuations
 from frankenmoe.memory import keep_large_buffers_out_of_the_heap, reuse_large_buffers
-from frankenmoe.merge import MergeOptions, execute_merge, prepare_merge
+from frankenmoe.pipeline import MergeOptions, execute_merge, prepare_merge
 from frankenmoe.routers import GateRequest, compute_gates
 from frankenmoe.routers.hidden import LayerStates, layerwise_gates
 from frankenmoe.routers.prompts import ExpertPrompts, collect_expert_prompts, load_tokenizer, with_continuations

@@ -27,7 +27,7 @@ from frankenmoe.laser import (
     spectrum,
     truncate,
 )
-from frankenmoe.merge import MergeOptions, prepare_merge
+from frankenmoe.pipeline import MergeOptions, prepare_merge
 from frankenmoe.tensor_io import read_header
 from frankenmoe.toymodels import write_toy_model
 from tests.conftest import TinyModels

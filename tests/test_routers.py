@@ -12,7 +12,7 @@ import torch
 from frankenmoe.config import ExpertConfig, RouterConfig, parse_config
 from frankenmoe.errors import ConfigError
 from frankenmoe.layers import StreamedDecoder, router_inputs_by_layer
-from frankenmoe.merge import MergeOptions, execute_merge, prepare_merge
+from frankenmoe.pipeline import MergeOptions, execute_merge, prepare_merge
 from frankenmoe.routers import GateRequest, compute_gates
 from frankenmoe.routers.prompts import LEAD_IN_TEXT, collect_expert_prompts, encode_prompts, load_tokenizer
 from frankenmoe.routing import load_checkpoint, route_prompts, routing_accuracy

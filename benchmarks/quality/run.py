@@ -31,7 +31,7 @@ from benchmarks.quality.evaluate import evaluate, gain_retained, load_model, rel
 from benchmarks.quality.training import TRAINING_LOG
 from frankenmoe.config import GATE_MODES, PROMPT_GATE_MODES, RouterConfig, parse_config
 from frankenmoe.errors import FrankenMoEError
-from frankenmoe.merge import MergeOptions, execute_merge, prepare_merge
+from frankenmoe.pipeline import MergeOptions, execute_merge, prepare_merge
 from frankenmoe.routers import GATE_FUNCTIONS
 
 RESULTS_TABLE = Path(__file__).resolve().parent / "results.md"

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 from smollm2 import ensure_smollm2  # noqa: E402
 
 from frankenmoe.layers import StreamedDecoder, router_inputs_by_layer  # noqa: E402
-from frankenmoe.merge import MergeOptions, execute_merge, gate_request, prepare_merge  # noqa: E402
+from frankenmoe.pipeline import MergeOptions, execute_merge, gate_request, prepare_merge  # noqa: E402
 from frankenmoe.routers import compute_gates  # noqa: E402
 from frankenmoe.routers.prompts import EncodedPrompt, encode_prompts  # noqa: E402
 from frankenmoe.routing import (  # noqa: E402

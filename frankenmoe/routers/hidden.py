@@ -147,7 +147,8 @@ def merged_moe_mlp(
 
 
 def _mlp_weights(model: SourceModel, layer: int, down_scale: float | None) -> MLPWeights:
+    """An expert's MLP matrices of `layer`, with its LoRA adapter's deltas when it has one."""
+    names = [model.family.mlp_name(layer, part) for part in MLP_PARTS]
     return MLPWeights(
-        *(MatrixRows.whole(model.tensor(model.family.mlp_name(layer, part))) for part in MLP_PARTS),
-        down_scale=down_scale,
+        *(MatrixRows.whole(model.tensor(name), model.lora_delta(name)) for name in names), down_scale=down_scale
     )

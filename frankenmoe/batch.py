@@ -19,7 +19,7 @@ from typing import Any
 from frankenmoe import __version__
 from frankenmoe.errors import ConfigError, FrankenMoEError
 from frankenmoe.manifest import normalised_config_sha256, read_manifest, source_record
-from frankenmoe.merge import MergeOptions, execute_merge, load_sources, prepare_merge, read_config_input
+from frankenmoe.pipeline import MergeOptions, execute_merge, load_sources, prepare_merge, read_config_input
 
 logger = logging.getLogger("frankenmoe")
 
