@@ -82,7 +82,7 @@ def build_configs(
     outcomes: list[BuildOutcome] = []
     for config in configs:
         outcome = _build_one(config, out_dir / config.stem, options, rebuild)
-        logger.warning("%s: %s%s", config, outcome.status, f" ({outcome.reason})" if outcome.reason else "")
+        logger.info("%s: %s%s", config, outcome.status, f" ({outcome.reason})" if outcome.reason else "")
         outcomes.append(outcome)
         if outcome.status == FAILED and fail_fast:
             break

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from frankenmoe.routing import PromptRouting, RoutingAccuracy, RoutingSummary
 
 app = typer.Typer(
-    help="Build Mixtral-format Mixture-of-Experts checkpoints from dense fine-tunes of one base model.",
+    help="Build Mixture-of-Experts checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE) from dense fine-tunes of one base model.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -45,14 +45,68 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+LOG_FORMATS = ("text", "json")
+_output = {"quiet": False, "log_format": "text"}
+"""Set by the global options; read by every command's reporting."""
+
+
 @app.callback()
 def main(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only warnings and errors (and output asked for with --json).")
+    ] = False,
+    log_format: Annotated[
+        str,
+        typer.Option(
+            help="text, or json: one JSON object per line on stderr (stage started/finished, warning, error)."
+        ),
+    ] = "text",
 ) -> None:
-    """frankenmoe: assemble a Mixture-of-Experts from fine-tunes of one base model, without training."""
+    """frankenmoe: assemble a Mixture-of-Experts from fine-tunes of one base model, without training.
+
+    Progress bars are shown only when stderr is a terminal.
+    """
+    if log_format not in LOG_FORMATS:
+        typer.secho(f"config error: --log-format {log_format!r} is not valid; choose text or json.", err=True, fg="red")
+        raise typer.Exit(ConfigError.exit_code)
+    _output.update(quiet=quiet, log_format=log_format)
     keep_large_buffers_out_of_the_heap()
+
+
+def say(text: str) -> None:
+    """Print a line of the human-readable report, unless --quiet."""
+    if not _output["quiet"]:
+        typer.echo(text)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per record: event (stage, warning, info, error), message and the record's fields."""
+
+    FIELDS = ("stage", "status", "seconds")
+
+    def format(self, record: logging.LogRecord) -> str:
+        event = "stage" if hasattr(record, "stage") else record.levelname.lower()
+        data: dict[str, object] = {"event": event, "message": record.getMessage()}
+        data.update({name: getattr(record, name) for name in self.FIELDS if hasattr(record, name)})
+        return json.dumps(data)
+
+
+def _log_handler() -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    if _output["log_format"] == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    return handler
+
+
+def _log_level(verbose: bool) -> int:
+    if verbose or _output["log_format"] == "json":
+        return logging.INFO
+    return logging.WARNING
 
 
 class TerminatedError(MergeInterruptedError):
@@ -68,10 +122,9 @@ def run_reporting_errors(action: Callable[[], T], verbose: bool) -> T:
     that arrives once a merge has put its checkpoint in place stops nothing: the command succeeds.
     """
     logger = logging.getLogger("frankenmoe")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    handler = _log_handler()
     logger.addHandler(handler)
-    logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    logger.setLevel(_log_level(verbose))
     try:
         with interrupt_scope() as signals_after_commit:
             value = action()
@@ -93,7 +146,10 @@ def run_reporting_errors(action: Callable[[], T], verbose: bool) -> T:
         logger.removeHandler(handler)
     if verbose:
         traceback.print_exception(type(failure), failure, failure.__traceback__, file=sys.stderr)
-    typer.secho(f"{error.kind}: {error.message}", err=True, fg=typer.colors.RED)
+    if _output["log_format"] == "json":
+        typer.echo(json.dumps({"event": "error", "kind": error.kind, "message": error.message, "exit_code": error.exit_code}), err=True)
+    else:
+        typer.secho(f"{error.kind}: {error.message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(error.exit_code)
 
 
@@ -141,38 +197,141 @@ def merge(
     no_check: Annotated[
         bool, typer.Option("--no-check", help="Skip routing the experts' positive prompts through the result.")
     ] = False,
+    hash_sources: Annotated[
+        bool,
+        typer.Option(
+            "--hash-sources", help="Record every source weight file's full sha256 in the manifest (reads them again)."
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More logging; tracebacks on errors.")] = False,
 ) -> None:
-    """Merge the models named in CONFIG into a Mixtral-format checkpoint in OUT."""
+    """Merge the models named in CONFIG into a MoE checkpoint in OUT (with its build record, frankenmoe-manifest.json)."""
 
     def action() -> None:
-        from frankenmoe.pipeline import MergeOptions, execute_merge, prepare_merge
-        from frankenmoe.plan import parse_size
+        from frankenmoe.api import plan_merge, run_merge
         from frankenmoe.routing import routing_check_lines, routing_check_skip_reason
 
-        options = MergeOptions(
+        prepared = plan_merge(
+            config,
+            out,
             layout=None if layout is None else _choice(layout, LAYOUT_NAMES, "--layout"),
             dtype=None if dtype is None else _choice(dtype, DTYPES, "--dtype"),
-            shard_bytes=parse_size(shard_size),
+            shard_size=shard_size,
             seed=seed,
             device=device,
             force=force,
-            show_progress=sys.stderr.isatty() or verbose,
             check_routing=not no_check,
+            hash_sources=hash_sources,
+            progress=_show_progress(verbose),
         )
-        prepared = prepare_merge(config, out, options)
         _print_plan(prepared, detailed=dry_run)
         if dry_run:
-            typer.echo("Dry run: nothing was written.")
+            say("Dry run: nothing was written.")
             return
-        routing_check = execute_merge(prepared).routing_check
-        typer.echo(f"Wrote {format_bytes(prepared.plan.output_bytes)} in {prepared.plan.shard_count} shard(s) to {out}")
-        if routing_check is not None:
-            typer.echo("\n".join(routing_check_lines(routing_check)))
-        elif options.check_routing:
-            typer.echo(routing_check_skip_reason(out, prepared.plan.config.experts))
+        result = run_merge(prepared)
+        say(f"Wrote {format_bytes(result.output_bytes)} in {prepared.plan.shard_count} shard(s) to {out}")
+        if result.routing_check is not None:
+            say("\n".join(routing_check_lines(result.routing_check)))
+        elif prepared.options.check_routing:
+            say(routing_check_skip_reason(out, prepared.plan.config.experts))
 
     run_reporting_errors(action, verbose)
+
+
+def _show_progress(verbose: bool) -> bool:
+    """Progress bars only on a terminal (or with --verbose), never with --quiet or JSON logs."""
+    if _output["quiet"] or _output["log_format"] == "json":
+        return False
+    return sys.stderr.isatty() or verbose
+
+
+@app.command()
+def verify(
+    checkpoint: Annotated[Path, typer.Argument(help="A folder a frankenmoe merge wrote.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of text.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More logging; tracebacks on errors.")] = False,
+) -> None:
+    """Re-hash CHECKPOINT's files against its manifest and check its tensors against config.json.
+
+    Exit 0 only if everything matches; 5 when something differs (each difference is printed).
+    """
+
+    def action() -> int:
+        from frankenmoe.api import verify as verify_folder
+
+        report = verify_folder(checkpoint)
+        if as_json:
+            typer.echo(json.dumps(report.to_dict(), indent=2))
+        else:
+            for problem in report.problems:
+                typer.secho(f"differs: {problem}", err=True, fg=typer.colors.RED)
+            verdict = "intact" if report.ok else f"{len(report.problems)} difference(s)"
+            say(f"{checkpoint}: {verdict} ({report.files_checked} files, {report.tensors_checked} tensors checked)")
+        return 0 if report.ok else VERIFY_FAILED_EXIT_CODE
+
+    code = run_reporting_errors(action, verbose)
+    if code:
+        raise typer.Exit(code)
+
+
+VERIFY_FAILED_EXIT_CODE = 5
+"""`verify` found a difference: the checkpoint is not what its manifest records (or not consistent)."""
+
+
+@app.command()
+def build(
+    configs: Annotated[list[Path], typer.Argument(help="Merge configs, one output each.", show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Each config goes into OUT_DIR/<config file stem>/.")],
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Merge every config, even those up to date.")] = False,
+    fail_fast: Annotated[bool, typer.Option("--fail-fast", help="Stop at the first config that fails.")] = False,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Also write the summary as JSON to this file.", show_default=False)
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed for random gates and expert noise.")] = 0,
+    shard_size: Annotated[str, typer.Option(help="Largest shard, e.g. 5GB, 500MB, 2GiB.")] = "5GB",
+    device: Annotated[str, typer.Option(help="Where the hidden-state pass runs: cpu or cuda.")] = "cpu",
+    no_check: Annotated[bool, typer.Option("--no-check", help="Skip the routing check after each merge.")] = False,
+    hash_sources: Annotated[
+        bool, typer.Option("--hash-sources", help="Fingerprint sources by their full sha256 (reads them again).")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More logging; tracebacks on errors.")] = False,
+) -> None:
+    """Build several configs one after another, skipping those whose output is up to date.
+
+    An output is up to date when its manifest records the same config, tool version, options and
+    source fingerprints. A failing config does not stop the others (unless --fail-fast); the exit code
+    is non-zero if any failed. To spread a batch over CI machines, run one config per job.
+    """
+
+    def action() -> int:
+        from frankenmoe.api import build as build_all
+
+        report = build_all(
+            configs,
+            out_dir,
+            rebuild=rebuild,
+            fail_fast=fail_fast,
+            seed=seed,
+            shard_size=shard_size,
+            device=device,
+            check_routing=not no_check,
+            hash_sources=hash_sources,
+            progress=_show_progress(verbose),
+        )
+        say(f"{'config':<32} {'status':<11} {'time (s)':>9} {'size':>10}  note")
+        for outcome in report.outcomes:
+            size = format_bytes(outcome.output_bytes) if outcome.output_bytes else "-"
+            say(f"{outcome.config.name:<32} {outcome.status:<11} {outcome.seconds:>9.1f} {size:>10}  {outcome.reason}")
+        counts = report.to_dict()["counts"]
+        say(f"built {counts['built']}, up to date {counts['up to date']}, failed {counts['failed']}")
+        if json_file is not None:
+            json_file.parent.mkdir(parents=True, exist_ok=True)
+            json_file.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        return report.exit_code
+
+    code = run_reporting_errors(action, verbose)
+    if code:
+        raise typer.Exit(code)
 
 
 def _choice(value: str, choices: tuple[str, ...], option: str) -> str:

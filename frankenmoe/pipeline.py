@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
@@ -137,6 +138,7 @@ def _names_a_file(text: str) -> bool:
 def prepare_merge(config_input: ConfigInput, out: Path, options: MergeOptions) -> PreparedMerge:
     """Validate everything that can be validated without writing, and plan every tensor."""
     started = time.monotonic()
+    logger.info("planning started", extra={"stage": "planning", "status": "started"})
     config, config_text, config_path = read_config_input(config_input)
     resolve_device(options.device)
     base, experts, shared_expert = load_sources(config)
@@ -155,8 +157,10 @@ def prepare_merge(config_input: ConfigInput, out: Path, options: MergeOptions) -
     if config.needs_prompts:
         load_tokenizer(base.path)  # fail now, not after the writer has copied every other tensor
     free = check_free_space(out, plan.output_bytes)
+    seconds = time.monotonic() - started
+    logger.info("planning finished in %.1f s", seconds, extra={"stage": "planning", "status": "finished", "seconds": seconds})
     return PreparedMerge(
-        config_text, plan, free, Path(out), options, config_path, planning_seconds=time.monotonic() - started
+        config_text, plan, free, Path(out), options, config_path, planning_seconds=seconds
     )
 
 
@@ -250,26 +254,25 @@ def execute_merge(prepared: PreparedMerge) -> MergeResult:
     """
     plan, options, out = prepared.plan, prepared.options, prepared.out
     timings = {"planning": prepared.planning_seconds}
-    clock = _Stopwatch(timings)
     request = gate_request(plan, options)
-    laser_results = analyse_lasers(plan, request.device, options.show_progress)
+    with stage("laser", timings):
+        laser_results = analyse_lasers(plan, request.device, options.show_progress)
     plan = plan.with_laser_ranks(kept_ranks(laser_results))
-    clock.lap("laser")
     card_sections = laser_sections(laser_results)
     card = model_card(plan, prepared.config_text, card_sections)
     with staged_output(out) as staging:
-        gates = BackgroundResult(lambda: compute_gates(plan.config.gate_mode, request))
-        records = write_checkpoint(plan, gates.result, staging, card, request.device, options.show_progress)
-        clock.lap("writing")
-        verify_checkpoint(plan, staging)
-        clock.lap("verifying")
+        with stage("writing", timings):
+            gates = BackgroundResult(lambda: compute_gates(plan.config.gate_mode, request))
+            records = write_checkpoint(plan, gates.result, staging, card, request.device, options.show_progress)
+        with stage("verifying", timings):
+            verify_checkpoint(plan, staging)
         routing_check = None
-        if options.check_routing:
-            routing_check = check_positive_prompts(staging, plan.config.experts, request.device)
-        if routing_check is not None:
-            card = model_card(plan, prepared.config_text, (*card_sections, routing_check_markdown(routing_check)))
-            records["README.md"] = write_text_file(staging / "README.md", card)
-        clock.lap("routing_check")
+        with stage("routing_check", timings):
+            if options.check_routing:
+                routing_check = check_positive_prompts(staging, plan.config.experts, request.device)
+            if routing_check is not None:
+                card = model_card(plan, prepared.config_text, (*card_sections, routing_check_markdown(routing_check)))
+                records["README.md"] = write_text_file(staging / "README.md", card)
         check_complete(staging, output_files(plan))
         timings["total"] = sum(timings.values())
         manifest = build_manifest(
@@ -302,17 +305,20 @@ def source_records(plan: MergePlan, full_hash: bool = False) -> list[dict[str, A
     return [source_record(role, source, full_hash) for role, source in roles]
 
 
-class _Stopwatch:
-    """Adds the seconds since the last lap to `timings[name]` at each lap."""
+@contextlib.contextmanager
+def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
+    """Time one stage of a merge into `timings[name]`, logging when it starts and finishes.
 
-    def __init__(self, timings: dict[str, float]) -> None:
-        self._timings = timings
-        self._last = time.monotonic()
-
-    def lap(self, name: str) -> None:
-        now = time.monotonic()
-        self._timings[name] = self._timings.get(name, 0.0) + now - self._last
-        self._last = now
+    The log records carry `stage`, `status` and (when finished) `seconds`, which `--log-format json`
+    writes as fields of one JSON object per line.
+    """
+    logger.info("%s started", name, extra={"stage": name, "status": "started"})
+    started = time.monotonic()
+    yield
+    timings[name] = time.monotonic() - started
+    logger.info(
+        "%s finished in %.1f s", name, timings[name], extra={"stage": name, "status": "finished", "seconds": timings[name]}
+    )
 
 
 class BackgroundResult(Generic[T]):
