@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -72,7 +72,7 @@ def test_a_previous_merge_output_is_recognised_as_a_checkpoint(previous_checkpoi
     ids=["extra-file", "extra-folder", "foreign-card", "no-card", "no-config", "no-weights"],
 )
 def test_anything_but_an_untouched_merge_output_is_not_a_checkpoint(
-    previous_checkpoint: Path, tmp_path: Path, change, reason: str
+    previous_checkpoint: Path, tmp_path: Path, change: Callable[[Path], object], reason: str
 ) -> None:
     out = tmp_path / "out"
     shutil.copytree(previous_checkpoint, out)
@@ -168,11 +168,13 @@ def test_a_folder_containing_a_source_model_is_refused_with_or_without_force(
 # --- the rule holds at the swap -------------------------------------------------------------------------------------
 
 
-def finish_another_merge_meanwhile(monkeypatch: pytest.MonkeyPatch, out: Path, make_out) -> None:
+def finish_another_merge_meanwhile(
+    monkeypatch: pytest.MonkeyPatch, out: Path, make_out: Callable[[Path], object]
+) -> None:
     """Run `make_out(out)` right after this merge has written its checkpoint, before the swap."""
     original = pipeline.write_checkpoint
 
-    def write_then_change_out(*args, **kwargs):
+    def write_then_change_out(*args: object, **kwargs: object) -> object:
         written = original(*args, **kwargs)
         make_out(out)
         return written
