@@ -347,39 +347,39 @@ def _print_plan(prepared: PreparedMerge, detailed: bool) -> None:
     from frankenmoe.sources import weight_formats_summary
 
     plan = prepared.plan
-    typer.echo(f"base model: {plan.base.reference} ({plan.base.path})")
+    say(f"base model: {plan.base.reference} ({plan.base.path})")
     for index, expert in enumerate(plan.experts):
-        typer.echo(f"expert {index}: {expert.reference} ({expert.path}){expert.adapter_note}")
+        say(f"expert {index}: {expert.reference} ({expert.path}){expert.adapter_note}")
     if plan.shared_expert is not None:
-        typer.echo(f"shared expert: {plan.shared_expert.reference} ({plan.shared_expert.path}){plan.shared_expert.adapter_note}")
-    typer.echo(
+        say(f"shared expert: {plan.shared_expert.reference} ({plan.shared_expert.path}){plan.shared_expert.adapter_note}")
+    say(
         f"architecture: {plan.architecture.model_type} ({plan.architecture_reason}); "
         f"tensor layout: {plan.layout.name}"
     )
     if plan.architecture.shared_expert is not None:
-        typer.echo(f"shared-expert gate: {plan.computed_origin('shared_expert_gate')}")
+        say(f"shared-expert gate: {plan.computed_origin('shared_expert_gate')}")
     if plan.skipped_tensors:
-        typer.echo(
+        say(
             f"skipped: {len(plan.skipped_tensors)} tensor(s) of the base model that every loader derives "
             f"(rotary inv_freq buffers, a tied lm_head): {', '.join(plan.skipped_tensors[:3])}"
             + (" ..." if len(plan.skipped_tensors) > 3 else "")
         )
-    typer.echo(f"source weights: {weight_formats_summary((plan.base, *plan.experts))}")
-    typer.echo(
+    say(f"source weights: {weight_formats_summary((plan.base, *plan.experts))}")
+    say(
         f"gate mode: {plan.config.gate_mode}; experts per token: {plan.config.experts_per_token}; "
         f"dtype: {SAFETENSORS_TO_CONFIG_DTYPE[plan.dtype]}"
     )
-    typer.echo(f"router prompts: {router_summary(plan.config)}")
-    typer.echo(f"parameters: {plan.total_parameters:,} total, {plan.active_parameters:,} active per token")
-    typer.echo(
+    say(f"router prompts: {router_summary(plan.config)}")
+    say(f"parameters: {plan.total_parameters:,} total, {plan.active_parameters:,} active per token")
+    say(
         f"tensors: {len(plan.jobs)} in {plan.shard_count} shard(s); output {format_bytes(plan.output_bytes)}; "
         f"free on disk {format_bytes(prepared.free_bytes)}"
     )
     for group in plan.laser_groups:
-        typer.echo(describe_group(group, detailed))
+        say(describe_group(group, detailed))
     if not detailed:
         return
-    typer.echo("\nshard  dtype  shape                 tensor  <-  source")
+    say("\nshard  dtype  shape                 tensor  <-  source")
     for job in plan.jobs:
         if job.computed is not None:
             origin = f"computed {job.computed.kind.replace('_', ' ')}: {plan.computed_origin(job.computed.kind)}"
@@ -388,7 +388,7 @@ def _print_plan(prepared: PreparedMerge, detailed: bool) -> None:
         else:
             origin = ", ".join(f"{piece.location.file.parent.name}/{piece.location.name}" for piece in job.pieces)
         shape = "x".join(map(str, job.shape))
-        typer.echo(f"{job.shard + 1:>5}  {job.dtype:<5}  {shape:<20}  {job.name}  <-  {origin}")
+        say(f"{job.shard + 1:>5}  {job.dtype:<5}  {shape:<20}  {job.name}  <-  {origin}")
 
 
 @app.command("inspect")
