@@ -33,4 +33,4 @@ bench: setup
 	$(PY) benchmarks/run_merge_bench.py
 
 clean:
-	rm -rf $(VENV) examples/models examples/output benchmarks/.cache
+	rm -rf $(VENV) examples/models examples/output benchmarks/.cache .cache/llama-cpp
