@@ -20,6 +20,7 @@ _API = {
     "merge": "frankenmoe.api",
     "inspect": "frankenmoe.api",
     "route": "frankenmoe.api",
+    "compute_routers": "frankenmoe.api",
     "verify": "frankenmoe.api",
     "build": "frankenmoe.api",
     "MergeResult": "frankenmoe.api",

@@ -35,11 +35,13 @@ from frankenmoe.pipeline import (
     MergeResult,
     PreparedMerge,
     execute_merge,
+    gate_request,
     prepare_merge,
     read_config_input,
     resolve_device,
 )
 from frankenmoe.plan import DEFAULT_SHARD_BYTES, parse_size
+from frankenmoe.routers import Gates, compute_gates
 from frankenmoe.routing import (
     PromptRouting,
     RoutingAccuracy,
@@ -139,6 +141,17 @@ def run_merge(prepared: PreparedMerge) -> MergeResult:
     return execute_merge(prepared)
 
 
+def compute_routers(prepared: PreparedMerge) -> Gates:
+    """The router rows (and shared-expert gates) the planned merge would write, in float32; writes nothing.
+
+    For trying router settings without writing a checkpoint each time.
+
+        >>> compute_routers(plan_merge("configs/toy-2x.yaml", "out/")).router.shape   # doctest: +SKIP
+        torch.Size([4, 2, 128])
+    """
+    return compute_gates(prepared.plan.config.gate_mode, gate_request(prepared.plan, prepared.options))
+
+
 def merge(config: ConfigInput, out: Path | str, **options: Any) -> MergeResult:
     """Plan and run a merge in one call; `options` are `plan_merge`'s keyword arguments.
 
@@ -220,6 +233,7 @@ __all__ = [
     "RouteResult",
     "VerifyReport",
     "build",
+    "compute_routers",
     "inspect",
     "load_config",
     "merge",

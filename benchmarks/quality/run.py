@@ -26,12 +26,12 @@ import torch
 import yaml
 from transformers import AutoTokenizer
 
+import frankenmoe
 from benchmarks.quality.domains import CACHE, EVAL_DOMAINS, EXPERT_DOMAINS, EXPERTS, base_model, blocks
 from benchmarks.quality.evaluate import evaluate, gain_retained, load_model, relative_change
 from benchmarks.quality.training import TRAINING_LOG
 from frankenmoe.config import GATE_MODES, PROMPT_GATE_MODES, RouterConfig, parse_config
 from frankenmoe.errors import FrankenMoEError
-from frankenmoe.pipeline import MergeOptions, execute_merge, prepare_merge
 from frankenmoe.routers import GATE_FUNCTIONS
 
 RESULTS_TABLE = Path(__file__).resolve().parent / "results.md"
@@ -154,12 +154,9 @@ def variants(prompt_modes: list[str], free_modes: list[str]) -> list[Variant]:
 
 
 def merge_variant(variant: Variant, base: Path, expert_folders: dict[str, Path], out: Path) -> None:
-    """Merge through the library exactly as `frankenmoe merge CONFIG OUT` does."""
-    config_file = out.with_suffix(".yaml")
-    config_file.parent.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(yaml.safe_dump(variant.config(base, expert_folders), sort_keys=False))
-    options = MergeOptions(force=True)
-    execute_merge(prepare_merge(config_file, out, options))
+    """Merge through the public API, exactly as `frankenmoe merge CONFIG OUT --force` does."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    frankenmoe.merge(variant.config(base, expert_folders), out, force=True)
 
 
 def evaluate_folder(folder: Path, eval_blocks: dict[str, torch.Tensor]) -> dict[str, Any]:

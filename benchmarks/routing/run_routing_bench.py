@@ -8,8 +8,8 @@ variants. The labelled prompts are eval_prompts.yaml (chat, code, story, maths: 
 the positive prompts are prompt_sets.yaml. Accuracy, utilisation and entropy come from
 frankenmoe.routing, the same functions `frankenmoe route` uses (chance is 25%).
 
-Every variant computes its routers with frankenmoe's merge code (prepare_merge, then the same
-compute_gates call execute_merge makes, cast to the output dtype). Because the experts are
+Every variant computes its routers with frankenmoe's public API (plan_merge, then compute_routers:
+what a merge writes, cast to the output dtype). Because the experts are
 identical, the MoE's hidden states do not depend on the routers (the top-k weights sum to one over
 copies of one MLP), so the evaluation prompts' router inputs are computed once, layer by layer, and
 each variant's router probabilities are softmax(router_input @ gate rows) of those, exactly what
@@ -38,9 +38,8 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 from smollm2 import ensure_smollm2  # noqa: E402
 
+import frankenmoe  # noqa: E402
 from frankenmoe.layers import StreamedDecoder, router_inputs_by_layer  # noqa: E402
-from frankenmoe.pipeline import MergeOptions, execute_merge, gate_request, prepare_merge  # noqa: E402
-from frankenmoe.routers import compute_gates  # noqa: E402
 from frankenmoe.routers.prompts import EncodedPrompt, encode_prompts  # noqa: E402
 from frankenmoe.routing import (  # noqa: E402
     Checkpoint,
@@ -111,22 +110,16 @@ def config_text(model: Path, prompts: dict[str, list[str]], variant: Variant) ->
 
 def variant_gates(model: Path, prompts: dict[str, list[str]], variant: Variant, work: Path) -> torch.Tensor:
     """The routers a merge with this variant's config writes (as execute_merge computes them)."""
-    config = work / "config.yaml"
-    config.write_text(config_text(model, prompts, variant))
-    options = MergeOptions(force=True)
-    plan = prepare_merge(config, work / "unused-output", options).plan
-    return compute_gates(plan.config.gate_mode, gate_request(plan, options)).router.to(OUTPUT_TORCH_DTYPE)
+    prepared = frankenmoe.plan_merge(config_text(model, prompts, variant), work / "unused-output", force=True)
+    return frankenmoe.compute_routers(prepared).router.to(OUTPUT_TORCH_DTYPE)
 
 
 def shared_checkpoint(model: Path, prompts: dict[str, list[str]]) -> Checkpoint:
     """One full merge (written once, cached): every tensor but the routers is the same in all variants."""
     out = CACHE / "smollm2-4x"
     if not (out / "config.json").is_file():
-        config = CACHE / "shared-config.yaml"
-        config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(config_text(model, prompts, Variant("random", "random")))
-        options = MergeOptions(force=True)
-        execute_merge(prepare_merge(config, out, options))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        frankenmoe.merge(config_text(model, prompts, Variant("random", "random")), out, force=True)
     return load_checkpoint(out)
 
 
