@@ -29,6 +29,13 @@ from frankenmoe.sources import SourceModel, dims_shape
 from frankenmoe.tensor_io import CONFIG_DTYPE_TO_SAFETENSORS, TensorLocation, tensor_nbytes
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
+EMPTY_SHARED_EXPERT_SIZE = 1
+"""An output with a shared-expert slot but no shared expert gets one all-zero row there: it adds exactly
+nothing. Size 0 loads in transformers, but llama.cpp reads a shared size of 0 as "the experts' size"."""
+NEUTRAL_GATE = 1e-6
+"""A shared-expert gate row with nothing to learn from is this constant, not zeros: sigmoid of its logit
+is 0.5 to within 1e-6 per unit of the token's sum, and llama.cpp computes the gate's sigmoid as
+silu(x) / x, which is 0 / 0 for an exactly zero logit."""
 SAFETENSORS_TO_CONFIG_DTYPE = {value: key for key, value in CONFIG_DTYPE_TO_SAFETENSORS.items()}
 
 
@@ -229,11 +236,11 @@ class MergePlan:
             return f"gate mode {mode} from the experts' prompts" if self.config.needs_prompts else f"gate mode {mode}"
         shared = self.config.shared_experts[0] if self.config.shared_experts else None
         if shared is None:
-            return "zeros (no shared expert: its slot is empty, 0 rows)"
+            return f"neutral ({NEUTRAL_GATE} everywhere; no shared expert: its slot is one all-zero row, adding nothing)"
         if not self.config.needs_prompts:
-            return f"zeros (gate mode {mode} uses no prompts; sigmoid(0) = 0.5 on every token)"
+            return f"neutral ({NEUTRAL_GATE} everywhere: gate mode {mode} uses no prompts; sigmoid = 0.5 on every token)"
         if not shared.positive_prompts:
-            return "zeros (the shared expert has no positive_prompts; sigmoid(0) = 0.5 on every token)"
+            return f"neutral ({NEUTRAL_GATE} everywhere: the shared expert has no positive_prompts; sigmoid = 0.5 on every token)"
         return f"gate mode {mode} from the shared expert's prompts, as one more expert, scaled like the routers"
 
 
@@ -345,7 +352,7 @@ def build_plan(
             for part, template in arch.shared_expert.mlp.items():
                 name = template.format(layer=layer)
                 if shared_expert is None:
-                    empty = (0, shape.hidden_size) if part != "down_proj" else (shape.hidden_size, 0)
+                    empty = (1, shape.hidden_size) if part != "down_proj" else (shape.hidden_size, 1)
                     unsharded.append((name, empty, (), None))
                 else:
                     piece = _mlp_piece(shared_expert, config.shared_experts[0], layer, part, seed, "shared")
@@ -506,7 +513,9 @@ def output_config(
     output[arch.expert_count_key] = expert_count
     output[arch.expert_size_key] = base.shape.intermediate_size
     if arch.shared_expert is not None:
-        output[arch.shared_expert.size_key] = 0 if shared_expert is None else shared_expert.shape.intermediate_size
+        output[arch.shared_expert.size_key] = (
+            EMPTY_SHARED_EXPERT_SIZE if shared_expert is None else shared_expert.shape.intermediate_size
+        )
     return output
 
 

@@ -33,6 +33,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from safetensors.torch import load_file
 
+from frankenmoe.plan import EMPTY_SHARED_EXPERT_SIZE
 from frankenmoe.toymodels import ToyShape, write_toy_model
 from tests import llama_cpp
 from tests.support import run_cli, write_config
@@ -98,9 +99,9 @@ CASES = (
         "qwen2moe",
         "model.layers.{}.mlp.gate.weight",
         bpe_tokenizer=True,
-        # frankenmoe fills the slot Qwen2-MoE always has with an empty shared expert ([0, hidden] /
-        # [hidden, 0], shared_expert_intermediate_size 0); the converter writes it as it is. (Only the
-        # converter is tested here; no GGUF is loaded into llama.cpp itself.)
+        # frankenmoe fills the slot Qwen2-MoE always has with a one-row all-zero shared expert
+        # (shared_expert_intermediate_size 1: llama.cpp reads 0 as "the experts' size") behind a neutral
+        # nonzero gate; the converter writes it as it is. (Only the converter runs here, not llama.cpp.)
         layer_tensors=(*QWEN_BIASES, *SHARED_TENSORS),
     ),
     Case(
@@ -259,7 +260,7 @@ def test_converter_writes_expert_counts(converted: dict[str, Converted], name: s
     if arch != "llama":
         assert field_value(reader, f"{arch}.expert_feed_forward_length") == EXPERT_FF
     if item.case.architecture == "qwen2_moe":
-        shared_length = EXPERT_FF if item.shared is not None else 0
+        shared_length = EXPERT_FF if item.shared is not None else EMPTY_SHARED_EXPERT_SIZE
         assert field_value(reader, f"{arch}.expert_shared_feed_forward_length") == shared_length
     else:
         assert f"{arch}.expert_shared_feed_forward_length" not in reader.fields
@@ -296,7 +297,7 @@ def test_converter_writes_every_tensor(converted: dict[str, Converted], name: st
         assert router.data.shape == (ROUTED, HIDDEN)
         assert router.tensor_type == GGMLQuantizationType.F32
         if item.case.architecture == "qwen2_moe":
-            shared_ff = EXPERT_FF if item.shared is not None else 0
+            shared_ff = EXPERT_FF if item.shared is not None else EMPTY_SHARED_EXPERT_SIZE
             assert found[f"blk.{layer}.ffn_gate_shexp.weight"].data.shape == (shared_ff, HIDDEN)
             assert found[f"blk.{layer}.ffn_up_shexp.weight"].data.shape == (shared_ff, HIDDEN)
             assert found[f"blk.{layer}.ffn_down_shexp.weight"].data.shape == (HIDDEN, shared_ff)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from frankenmoe.errors import ConfigError, ModelError
+from frankenmoe.plan import NEUTRAL_GATE
 from frankenmoe.routing import load_checkpoint, route_prompts
 from frankenmoe.toymodels import ToyShape, write_toy_model
 from tests.support import run_cli
@@ -149,7 +150,8 @@ def test_llama_sources_into_qwen2_moe_get_exact_zero_biases_and_reproduce_dense_
         for projection in ("q_proj", "k_proj", "v_proj"):
             bias = written[f"model.layers.{layer}.self_attn.{projection}.bias"]
             assert torch.count_nonzero(bias) == 0
-    assert json.loads((out / "config.json").read_text())["shared_expert_intermediate_size"] == 0
+    assert json.loads((out / "config.json").read_text())["shared_expert_intermediate_size"] == 1
+    assert torch.count_nonzero(written["model.layers.0.mlp.shared_expert.down_proj.weight"]) == 0
     assert_reproduces_dense(out, models["llama"])
 
 
@@ -178,7 +180,7 @@ def test_qwen2_moe_tensors_are_bit_identical_to_their_sources(tmp_path: Path, mo
     load_exactly(out)
 
 
-def test_shared_expert_gate_is_zero_without_prompts_and_the_dry_run_says_so(
+def test_shared_expert_gate_is_neutral_without_prompts_and_the_dry_run_says_so(
     tmp_path: Path, models: dict[str, Path]
 ) -> None:
     shared = [{"source_model": str(models["qwen2-shared"])}]
@@ -188,11 +190,12 @@ def test_shared_expert_gate_is_zero_without_prompts_and_the_dry_run_says_so(
 
     dry = run_cli("merge", config, tmp_path / "out", "--dry-run")
     assert dry.exit_code == 0, dry.output
-    assert "shared-expert gate: zeros (the shared expert has no positive_prompts" in dry.output
+    assert "shared-expert gate: neutral (1e-06 everywhere: the shared expert has no positive_prompts" in dry.output
     assert "architecture: qwen2_moe (auto: the natural output for qwen2 sources)" in dry.output
     assert run_cli("merge", config, tmp_path / "out").exit_code == 0
     gates = [tensor for name, tensor in load_index(tmp_path / "out").items() if name.endswith("shared_expert_gate.weight")]
-    assert len(gates) == SHAPE.num_hidden_layers and all(torch.count_nonzero(gate) == 0 for gate in gates)
+    # Not exact zeros: llama.cpp's sigmoid is silu(x) / x, which an exactly zero logit turns into 0 / 0.
+    assert len(gates) == SHAPE.num_hidden_layers and all(torch.all(gate == NEUTRAL_GATE) for gate in gates)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from frankenmoe.routers.prompts import collect_expert_prompts, pool, rows_from_prompt_vectors
-from frankenmoe.routers.random_init import zero_shared_gates
+from frankenmoe.routers.random_init import neutral_shared_gates
 from frankenmoe.routers.request import GateRequest, Gates
 from frankenmoe.tensor_io import read_tensor
 
@@ -22,5 +22,5 @@ def cheap_embed_gates(request: GateRequest) -> Gates:
         rows = rows * request.router.scale
     per_layer = rows.unsqueeze(0).expand(request.num_layers, -1, -1).clone()
     expert_count = len(request.experts)
-    shared_rows = per_layer[:, expert_count:].clone() if shared else zero_shared_gates(request)
+    shared_rows = per_layer[:, expert_count:].clone() if shared else neutral_shared_gates(request)
     return Gates(per_layer[:, :expert_count].clone(), shared_rows)

@@ -22,10 +22,17 @@ from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers.activations import ACT2FN
 
 from frankenmoe.architectures import MLP_PARTS
-from frankenmoe.layers import MatrixRows, MLPWeights, SharedExpert, StreamedDecoder, add_mlp_outputs, moe_forward
+from frankenmoe.layers import (
+    MatrixRows,
+    MLPWeights,
+    SharedExpert,
+    StreamedDecoder,
+    activation_function,
+    add_mlp_outputs,
+    moe_forward,
+)
 from frankenmoe.routers.prompts import (
     ExpertPrompts,
     collect_expert_prompts,
@@ -35,7 +42,7 @@ from frankenmoe.routers.prompts import (
     rows_from_prompt_vectors,
     with_continuations,
 )
-from frankenmoe.routers.random_init import zero_shared_gates
+from frankenmoe.routers.random_init import neutral_shared_gates
 from frankenmoe.routers.request import GateRequest, Gates
 from frankenmoe.sources import SourceModel
 
@@ -84,7 +91,7 @@ def layerwise_gates(request: GateRequest, rows_for_layer: RowFunction) -> Gates:
     expert_count = len(request.experts)
     routed = routed_prompts(prompts, expert_count)
     gates = torch.empty(request.num_layers, expert_count, request.hidden_size)
-    shared_gates = zero_shared_gates(request)
+    shared_gates = neutral_shared_gates(request)
     hidden = [decoder.embed(prompt.token_ids) for prompt in prompts.prompts]
     layers = tqdm(range(request.num_layers), desc="hidden-state pass", unit="layer", disable=not request.show_progress)
     for layer in layers:
@@ -97,6 +104,8 @@ def layerwise_gates(request: GateRequest, rows_for_layer: RowFunction) -> Gates:
         gates[layer] = rows * scale
         if shared and shared_gates is not None:
             shared_gates[layer] = rows_for_layer(states, prompts, request).float()[expert_count:] * scale
+        if request.progress is not None:
+            request.progress.publish(layer, Gates(gates, shared_gates))
         if layer + 1 == request.num_layers:
             break
         all_tokens = torch.cat(router_inputs)
@@ -142,7 +151,7 @@ def merged_moe_mlp(
         weights = _mlp_weights(request.shared_expert_model, layer, request.shared_expert.residual_scale)
         shared = SharedExpert(weights, shared_gate_row.to(tokens.device))
     logits = tokens @ gate_rows.to(tokens.device).T
-    activation = ACT2FN[request.base.shape.hidden_act]
+    activation = activation_function(request.base.shape.hidden_act)
     return moe_forward(tokens, logits, experts, request.experts_per_token, activation, request.renormalize, shared)
 
 

@@ -1,6 +1,6 @@
 """Gates that ignore the prompts: seeded Gaussian rows, or nn.Linear's default uniform init.
 
-A shared expert's gate is zeros here (sigmoid 0.5 on every token): these modes use no prompts.
+A shared expert's gate is the neutral constant here (sigmoid 0.5 on every token): these modes use no prompts.
 """
 
 from __future__ import annotations
@@ -9,13 +9,14 @@ import math
 
 import torch
 
+from frankenmoe.plan import NEUTRAL_GATE
 from frankenmoe.routers.request import GateRequest, Gates
 
 
 def random_gates(request: GateRequest) -> Gates:
     generator = torch.Generator().manual_seed(request.seed)
     rows = torch.randn(request.num_layers, len(request.experts), request.hidden_size, generator=generator)
-    return Gates(rows, zero_shared_gates(request))
+    return Gates(rows, neutral_shared_gates(request))
 
 
 def uniform_random_gates(request: GateRequest) -> Gates:
@@ -23,11 +24,11 @@ def uniform_random_gates(request: GateRequest) -> Gates:
     generator = torch.Generator().manual_seed(request.seed)
     bound = 1.0 / math.sqrt(request.hidden_size)
     shape = (request.num_layers, len(request.experts), request.hidden_size)
-    return Gates((torch.rand(shape, generator=generator) * 2 - 1) * bound, zero_shared_gates(request))
+    return Gates((torch.rand(shape, generator=generator) * 2 - 1) * bound, neutral_shared_gates(request))
 
 
-def zero_shared_gates(request: GateRequest) -> torch.Tensor | None:
-    """Zero gate rows for the shared expert, or None when the output has no shared-expert slot."""
+def neutral_shared_gates(request: GateRequest) -> torch.Tensor | None:
+    """Shared-expert gate rows with nothing to learn from (plan.NEUTRAL_GATE), or None without a slot."""
     if not request.shared_expert_slot:
         return None
-    return torch.zeros(request.num_layers, 1, request.hidden_size)
+    return torch.full((request.num_layers, 1, request.hidden_size), NEUTRAL_GATE)

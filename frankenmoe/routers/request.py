@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,9 @@ class GateRequest:
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     show_progress: bool = False
+    progress: GateProgress | None = field(default=None, compare=False)
+    """Where a layerwise gate mode publishes each layer's rows as soon as they are final (for the
+    merge's routing check, which runs behind the router computation)."""
 
     @property
     def num_layers(self) -> int:
@@ -56,3 +60,25 @@ class Gates:
         if self.shared_expert_gate is None:
             raise ValueError("these gates were computed without a shared expert")
         return self.shared_expert_gate[layer]
+
+
+class GateProgress:
+    """The rows of the first layers a layerwise gate mode has finished, for a reader on another thread.
+
+    `publish(layer, gates)` says that `gates`' rows of layers 0..layer (and their shared-expert gates)
+    are final: the mode writes no more into them. `finished(layer)` gives those gates, or None while
+    that layer's rows are still being computed.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._gates: Gates | None = None
+        self._layers = 0
+
+    def publish(self, layer: int, gates: Gates) -> None:
+        with self._lock:
+            self._gates, self._layers = gates, layer + 1
+
+    def finished(self, layer: int) -> Gates | None:
+        with self._lock:
+            return self._gates if layer < self._layers else None
