@@ -27,8 +27,13 @@ def model_card(plan: MergePlan, config_text: str, extra_sections: tuple[str, ...
     sections = [
         card_header(plan),
         f"# {len(plan.experts)}-expert frankenMoE of `{plan.base.reference}`\n",
-        f"Built with frankenmoe {__version__}: attention, embeddings and norms come from the base model "
-        "`" + plan.base.reference + "`; each expert's MLP comes from its source model; routers were "
+        f"Built with frankenmoe {__version__}: attention, embeddings and norms "
+        + (
+            f"come from the base model `{plan.base.reference}`"
+            if not plan.trunk_merges
+            else f"are a {plan.config.shared_weights.method} merge of the base model `{plan.base.reference}` and the experts"
+        )
+        + "; each expert's MLP comes from its source model; routers were "
         f"initialised with gate mode `{config.gate_mode}`. No training was done.{_local_sources_note(plan)}\n",
         "| | |\n|---|---|\n"
         f"| architecture | {plan.architecture.class_name} ({plan.layout.name} tensor layout; {plan.architecture_reason}) |\n"
@@ -38,6 +43,7 @@ def model_card(plan: MergePlan, config_text: str, extra_sections: tuple[str, ...
             else ""
         )
         + f"| routers | {plan.computed_origin('router')} |\n"
+        + f"| shared weights | {plan.shared_weights_origin()} |\n"
         f"| experts | {len(plan.experts)}, {config.experts_per_token} per token |\n"
         f"| parameters | {plan.total_parameters:,} total, {plan.active_parameters:,} active per token |\n"
         f"| dtype | {SAFETENSORS_TO_CONFIG_DTYPE[plan.dtype]} |\n"

@@ -370,6 +370,7 @@ def _print_plan(prepared: PreparedMerge, detailed: bool) -> None:
         f"dtype: {SAFETENSORS_TO_CONFIG_DTYPE[plan.dtype]}"
     )
     say(f"router prompts: {router_summary(plan.config)}")
+    say(f"shared weights: {plan.shared_weights_origin()}")
     say(f"parameters: {plan.total_parameters:,} total, {plan.active_parameters:,} active per token")
     say(
         f"tensors: {len(plan.jobs)} in {plan.shard_count} shard(s); output {format_bytes(plan.output_bytes)}; "
@@ -383,6 +384,8 @@ def _print_plan(prepared: PreparedMerge, detailed: bool) -> None:
     for job in plan.jobs:
         if job.computed is not None:
             origin = f"computed {job.computed.kind.replace('_', ' ')}: {plan.computed_origin(job.computed.kind)}"
+        elif job.merged is not None:
+            origin = f"merged from the base and {len(job.merged.sources)} expert(s): {job.merged.describe()}"
         elif job.origin == "zeros":
             origin = "zeros (no source has this tensor)"
         else:

@@ -26,6 +26,8 @@ AUTO_CONTINUATION_TOKENS = {"fit": 32}
 Chosen by benchmarks/routing (fit gains most with keyword prompts; hidden's mean rows get worse)."""
 MAX_CONTINUATION_TOKENS = 1024
 DTYPES = ("bfloat16", "float16", "float32")
+TRUNK_METHODS = ("base", "linear", "task_arithmetic", "dare_linear", "dare_ties")
+"""`shared_weights.method`: how the non-expert tensors are made (formulas in frankenmoe.trunk)."""
 POOLINGS = ("mean", "last")
 ROUTER_INPUTS = ("router", "residual")
 LASER_METHODS = ("snr", "fixed", "optimal")
@@ -86,6 +88,20 @@ class RouterConfig:
 
 
 @dataclass(frozen=True)
+class SharedWeightsConfig:
+    """How the non-expert tensors are made (frankenmoe.trunk): from the base alone, or merged with the experts."""
+
+    method: str = "base"
+    weights: tuple[float, ...] | None = None
+    """Per routed expert, in expert order; None: 1.0 each."""
+    base_weight: float = 1.0
+    density: float = 0.5
+    scale: float = 1.0
+    """mergekit's `lambda`."""
+    normalize: bool = True
+
+
+@dataclass(frozen=True)
 class MergeConfig:
     base_model: str
     experts: tuple[ExpertConfig, ...]
@@ -94,6 +110,7 @@ class MergeConfig:
     experts_per_token: int = 2
     architecture: str = "auto"
     shared_experts: tuple[ExpertConfig, ...] = ()
+    shared_weights: SharedWeightsConfig = field(default_factory=SharedWeightsConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     base_laser: LaserConfig | None = None
 
@@ -239,6 +256,12 @@ def _merge_config(data: Mapping[str, Any], source: str) -> MergeConfig:
     )
     router = _router(data.get("router", {}), "router", gate_mode, source)
     base_laser = _optional_laser(data.get("base_laser"), BASE_LASER_MATRICES, "base_laser", source)
+    shared_weights = _shared_weights(data.get("shared_weights", {}), len(experts), source)
+    if shared_weights.method != "base" and base_laser is not None:
+        raise ConfigError(
+            f"{source}: `base_laser` and `shared_weights.method: {shared_weights.method}` both change the shared "
+            "tensors; laser would reduce the base's matrices, not the merged ones. Use one of them."
+        )
 
     if gate_mode in PROMPT_GATE_MODES:
         for index, expert in enumerate(experts):
@@ -256,6 +279,7 @@ def _merge_config(data: Mapping[str, Any], source: str) -> MergeConfig:
         experts_per_token=experts_per_token,
         architecture=architecture,
         shared_experts=shared_experts,
+        shared_weights=shared_weights,
         router=router,
         base_laser=base_laser,
     )
@@ -272,6 +296,43 @@ def _expert(item: Any, path: str, source: str, keys: tuple[str, ...] = ()) -> Ex
         noise_scale=_optional(data.get("noise_scale"), _non_negative_number, f"{path}.noise_scale", source),
         residual_scale=_optional(data.get("residual_scale"), _number, f"{path}.residual_scale", source),
         laser=_optional_laser(data.get("laser"), EXPERT_LASER_MATRICES, f"{path}.laser", source),
+    )
+
+
+def _shared_weights(item: Any, expert_count: int, source: str) -> SharedWeightsConfig:
+    path = "shared_weights"
+    data = _mapping(item, path, source)
+    _check_keys(data, SHARED_WEIGHTS_KEYS, path, source)
+    defaults = SharedWeightsConfig()
+    method = _choice(data.get("method", defaults.method), TRUNK_METHODS, f"{path}.method", source)
+    weights = None
+    if data.get("weights") is not None:
+        weights = tuple(
+            _number(value, f"{path}.weights[{index}]", source)
+            for index, value in enumerate(_sequence(data["weights"], f"{path}.weights", source))
+        )
+        if len(weights) != expert_count:
+            raise ConfigError(
+                f"{source}: `{path}.weights` has {len(weights)} value(s), but there are {expert_count} expert(s). "
+                "Give one weight per expert, in the order of `experts`."
+            )
+    density = _number(data.get("density", defaults.density), f"{path}.density", source)
+    if not 0 < density <= 1:
+        raise ConfigError(f"{source}: `{path}.density` is {density}; it must be in (0, 1] (the fraction of each delta kept).")
+    base_weight = _number(data.get("base_weight", defaults.base_weight), f"{path}.base_weight", source)
+    normalize = _boolean(data.get("normalize", defaults.normalize), f"{path}.normalize", source)
+    if method == "linear" and normalize and base_weight + sum(weights or (1.0,) * expert_count) == 0:
+        raise ConfigError(
+            f"{source}: `{path}` weights (base_weight and weights) sum to 0, so the linear average is undefined. "
+            "Give weights with a non-zero sum, or set normalize: false."
+        )
+    return SharedWeightsConfig(
+        method=method,
+        weights=weights,
+        base_weight=base_weight,
+        density=density,
+        scale=_number(data.get("lambda", defaults.scale), f"{path}.lambda", source),
+        normalize=normalize,
     )
 
 
@@ -427,10 +488,12 @@ MERGE_KEYS = (
     "experts_per_token",
     "architecture",
     "shared_experts",
+    "shared_weights",
     "router",
     "base_laser",
 )
 EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "noise_scale", "residual_scale", "laser")
+SHARED_WEIGHTS_KEYS = ("method", "weights", "base_weight", "density", "lambda", "normalize")
 SHARED_EXPERT_KEYS = ("source_model", "positive_prompts", "negative_prompts", "residual_scale")
 """mergekit-moe's keys for a shared expert."""
 ROUTER_KEYS = (

@@ -1,25 +1,32 @@
 """Run a decoder one layer at a time from streamed weights, so no pass holds a whole model.
 
 A layer's attention is a transformers decoder-layer module built on the meta device and filled
-with that layer's tensors in float32, so the maths is what transformers computes at inference. Its
-MLP (dense, or Mixtral's experts behind the router) is computed from the checkpoint file in slices
-of rows, over every sequence's tokens at once: a float32 copy of a whole MLP is never made.
+with that layer's norms in float32, so the maths is what transformers computes at inference. Every
+matrix (the four attention projections, the MLP, dense or Mixtral's experts behind the router, and
+the language-model head) is applied from the checkpoint file in slices of rows, to every
+sequence's tokens at once: each slice is read once per pass however many sequences there are, and
+a float32 copy of a whole matrix is never made.
+
+On the CPU the slices of one matrix are spread over `slice_workers()` threads. Each slice is
+computed by one thread with one intra-op thread, into that thread's reused buffers, so a result
+does not depend on how many workers there are: it is bit for bit the one-worker result.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+import os
+import threading
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
-from transformers import AutoConfig, PretrainedConfig
-from transformers.activations import ACT2FN
-from transformers.cache_utils import DynamicCache
 
 from frankenmoe.architectures import (
+    ATTENTION_PROJECTIONS,
     EMBEDDINGS,
     FINAL_NORM,
     LAYER_PREFIX,
@@ -35,11 +42,89 @@ from frankenmoe.architectures import (
 from frankenmoe.errors import ModelError
 from frankenmoe.lora import LoraDelta
 from frankenmoe.memory import reuse_large_buffers
-from frankenmoe.tensor_io import TensorLocation, read_rows, read_tensor
+from frankenmoe.tensor_io import (
+    TensorLocation,
+    advise_will_need,
+    element_size,
+    read_rows,
+    read_rows_into,
+    read_tensor,
+)
+from frankenmoe.trunk import TrunkMerge
+
+if TYPE_CHECKING:  # transformers is slow to import: a merge that runs no decoder never imports it
+    from transformers import PretrainedConfig
+    from transformers.cache_utils import DynamicCache
 
 SLICE_BYTES = 4 * 1024 * 1024
-"""Float32 bytes of a matrix (MLP or language-model head) converted at a time: small enough that,
-while text is generated, each slice's buffer is reused from the heap (see memory.py)."""
+"""Float32 bytes of a matrix (attention, MLP or language-model head) converted at a time. On the CPU
+each worker thread converts into buffers of its own, reused from slice to slice."""
+T = TypeVar("T")
+
+
+def slice_workers() -> int:
+    """How many threads matrix slices are spread over: OMP_NUM_THREADS when it is set (the usual way
+    to limit a torch program's threads), else every core this process may run on."""
+    try:
+        requested = int(os.environ.get("OMP_NUM_THREADS", "0"))
+    except ValueError:
+        requested = 0
+    if requested > 0:
+        return requested
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_pool_lock = threading.Lock()
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def _slice_pool() -> ThreadPoolExecutor:
+    """The process's slice workers, started on first use; each runs torch with one intra-op thread."""
+    count = slice_workers()
+    with _pool_lock:
+        pool = _pools.get(count)
+        if pool is None:
+            pool = ThreadPoolExecutor(count, "frankenmoe-slices", initializer=torch.set_num_threads, initargs=(1,))
+            _pools[count] = pool
+        return pool
+
+
+def map_slices(function: Callable[[int], T], starts: Sequence[int], device: torch.device) -> list[T]:
+    """`function(start)` for every start, in order: on the slice workers for the CPU, else here.
+
+    Each call runs on one thread with one intra-op thread, so the results are the same for any number
+    of workers. A call that reads a slice with `MatrixRows.read(..., reuse=True)` may keep nothing
+    that points into the slice after it returns (the buffer is its thread's, reused next time).
+    """
+    if device.type != "cpu":
+        return [function(start) for start in starts]
+    return list(_slice_pool().map(function, starts))
+
+
+class _SliceBuffers(threading.local):
+    """One worker thread's buffers for a slice: its bytes as read and as float32, grown when needed."""
+
+    raw: torch.Tensor | None = None
+    converted: torch.Tensor | None = None
+
+    def float_rows(self, location: TensorLocation, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of `location` in float32, as a view of this thread's buffer."""
+        count = (stop - start) * location.shape[-1]
+        if self.converted is None or self.converted.numel() < count:
+            self.converted = torch.empty(count, dtype=torch.float32)
+        if location.dtype == "F32":
+            return read_rows_into(location, start, stop, self.converted)
+        nbytes = count * element_size(location.dtype)
+        if self.raw is None or self.raw.numel() < nbytes:
+            self.raw = torch.empty(nbytes, dtype=torch.uint8)
+        rows = read_rows_into(location, start, stop, self.raw)
+        return self.converted[: rows.numel()].view(rows.shape).copy_(rows)
+
+
+_slice_buffers = _SliceBuffers()
 
 
 @dataclass
@@ -71,20 +156,35 @@ class MatrixRows:
     first_row: int
     num_rows: int
     lora: LoraDelta | None = None
+    merged: TrunkMerge | None = None
+    """A merged shared tensor (`shared_weights`): its rows are computed from the base's and experts'."""
 
     @classmethod
     def whole(cls, location: TensorLocation, lora: LoraDelta | None = None) -> MatrixRows:
         return cls(location, 0, location.shape[0], lora)
+
+    @classmethod
+    def of_merge(cls, merged: TrunkMerge) -> MatrixRows:
+        return cls(merged.base, 0, merged.num_rows, merged=merged)
 
     @property
     def slice_starts(self) -> range:
         """First row of each slice that `read` returns, SLICE_BYTES of float32 at most (one row at least)."""
         return range(0, self.num_rows, max(1, SLICE_BYTES // (self.location.shape[-1] * 4)))
 
-    def read(self, start: int, device: torch.device) -> torch.Tensor:
-        """The slice of this block that begins at row `start` (one of `slice_starts`), in float32."""
+    def read(self, start: int, device: torch.device, reuse: bool = False) -> torch.Tensor:
+        """The slice of this block that begins at row `start` (one of `slice_starts`), in float32.
+
+        With `reuse` on the CPU, the slice is a view of the calling thread's slice buffer, valid until
+        that thread reads its next slice (see `map_slices`); otherwise it is a tensor of its own.
+        """
         stop = min(start + self.slice_starts.step, self.num_rows)
-        rows = read_rows(self.location, self.first_row + start, self.first_row + stop).to(device).float()
+        if self.merged is not None:
+            return self.merged.rows(self.first_row + start, self.first_row + stop, device)
+        if reuse and device.type == "cpu":
+            rows = _slice_buffers.float_rows(self.location, self.first_row + start, self.first_row + stop)
+        else:
+            rows = read_rows(self.location, self.first_row + start, self.first_row + stop).to(device).float()
         if self.lora is not None:
             rows += self.lora.rows(self.first_row + start, self.first_row + stop, device)
         return rows
@@ -100,23 +200,28 @@ class MLPWeights:
     down_scale: float | None = None
 
 
+def sliced_linear(tokens: torch.Tensor, matrix: MatrixRows, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """tokens [N, in] @ matrix.T (+ bias): [N, rows], one row slice of the matrix at a time."""
+    device = tokens.device
+
+    def rows(start: int) -> torch.Tensor:
+        return tokens @ matrix.read(start, device, reuse=True).T
+
+    output = torch.cat(map_slices(rows, matrix.slice_starts, device), dim=-1)
+    return output if bias is None else output + bias
+
+
 def sliced_mlp(tokens: torch.Tensor, weights: MLPWeights, activation: nn.Module) -> torch.Tensor:
     """down_proj(act(gate_proj x) * up_proj x) for tokens [N, hidden], one row slice at a time."""
     device = tokens.device
-    intermediate = torch.cat(
-        [
-            activation(tokens @ weights.gate_proj.read(start, device).T) * (tokens @ weights.up_proj.read(start, device).T)
-            for start in weights.gate_proj.slice_starts
-        ],
-        dim=-1,
-    )
-    output = torch.cat(
-        [
-            intermediate @ weights.down_proj.read(start, device).T
-            for start in weights.down_proj.slice_starts
-        ],
-        dim=-1,
-    )
+
+    def gated(start: int) -> torch.Tensor:
+        gate = activation(tokens @ weights.gate_proj.read(start, device, reuse=True).T)
+        # The up slice is read into the buffer the gate slice was in: the gate product is made by now.
+        return gate * (tokens @ weights.up_proj.read(start, device, reuse=True).T)
+
+    intermediate = torch.cat(map_slices(gated, weights.gate_proj.slice_starts, device), dim=-1)
+    output = sliced_linear(intermediate, weights.down_proj)
     return output if weights.down_scale is None else output * weights.down_scale
 
 
@@ -179,10 +284,21 @@ class StreamedDecoder:
     """A decoder of any family or output architecture in the tables, its layers loaded one at a time."""
 
     config: dict[str, Any]
-    tensors: dict[str, TensorLocation]
+    tensors: Mapping[str, TensorLocation]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    in_memory: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    """Small tensors (routers, shared-expert gates) given as values, read instead of `tensors`' entry of
+    the same name: a merge's routing check uses the computed rows before the writer has written them."""
+    merged: Mapping[str, TrunkMerge] = field(default_factory=dict)
+    """Shared tensors made from the base and the experts (`shared_weights`), computed where they are read,
+    so the hidden-state pass runs on the merged trunk the output will have."""
+    read_ahead: bool = False
+    """Before each layer, ask the kernel to start reading the next one's tensors (`advise_will_need`), so
+    that from a cold page cache the disk reads while this layer computes; each layer is advised once."""
 
     def __post_init__(self) -> None:
+        from transformers import AutoConfig
+
         model_type = str(self.config.get("model_type"))
         self.family: SourceFamily | None = SOURCE_FAMILIES.get(model_type)
         self.moe: OutputArchitecture | None = OUTPUT_ARCHITECTURES.get(model_type)
@@ -200,6 +316,8 @@ class StreamedDecoder:
         self._cache_argument = (
             "cache" if "cache" in inspect.signature(layer_class.forward).parameters else "past_key_values"
         )
+        self._activation = activation_function(self.hf_config.hidden_act)
+        self._advised: set[int] = set()
         self._rotary = rotary_class(config=self.hf_config).to(self.device)
         self.layout: OutputLayout | None = None if self.moe is None else detect_layout(self.moe, self.tensors)
         self._expert_count = 0 if self.moe is None else int(self.config.get(self.moe.expert_count_key) or 0)
@@ -210,6 +328,10 @@ class StreamedDecoder:
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings of one sequence, shape [1, T, hidden], float32."""
+        merged = self.merged.get(EMBEDDINGS.name)
+        if merged is not None:
+            rows = torch.cat([merged.rows(int(token), int(token) + 1) for token in token_ids])
+            return rows.unsqueeze(0).to(self.device)
         table = read_tensor(self._tensor(EMBEDDINGS.name))
         return table[token_ids].float().unsqueeze(0).to(self.device)
 
@@ -222,23 +344,42 @@ class StreamedDecoder:
         module.load_state_dict(weights, assign=True, strict=True)
         return module.to(self.device).eval()
 
-    def load_attention(self, layer: int) -> nn.Module:
-        """Layer `layer` without its MLP weights: its output is the residual stream after attention.
+    def load_attention(self, layer: int) -> LoadedAttention:
+        """Layer `layer`'s attention: its module with the norms loaded, and where its projections are.
 
-        The MLP is the bulk of a layer; `mlp` computes it from the file in slices instead.
+        The module's four projections and its MLP are stand-ins: `attend` applies the projections in
+        slices to every sequence at once, and `mlp` computes the MLP from the file in slices.
         """
         prefix = LAYER_PREFIX.format(layer=layer)
+        weights: dict[str, torch.Tensor] = {}
+        projections: dict[str, MatrixRows] = {}
+        biases: dict[str, torch.Tensor] = {}
         # Only the table's weights: buffers such as rotary_emb.inv_freq are recomputed from the config.
-        weights = {
-            name: read_tensor(self.tensors[prefix + name]).float()
-            for name in self._attention_weights
-            if prefix + name in self.tensors
-        }
+        for name in self._attention_weights:
+            if prefix + name not in self.tensors:
+                continue
+            module_name, _, parameter = name.rpartition(".")
+            projection = module_name.removeprefix("self_attn.")
+            if projection not in ATTENTION_PROJECTIONS or module_name == projection:
+                weights[name] = self._float_tensor(prefix + name)
+            elif parameter == "weight":
+                merged = self.merged.get(prefix + name)
+                projections[projection] = (
+                    MatrixRows.whole(self.tensors[prefix + name]) if merged is None else MatrixRows.of_merge(merged)
+                )
+            else:
+                biases[projection] = self._float_tensor(prefix + name).to(self.device)
+        missing = [name for name in ATTENTION_PROJECTIONS if name not in projections]
+        if missing:
+            raise ModelError(f"The checkpoint is missing tensor {prefix}self_attn.{missing[0]}.weight.")
         with torch.device("meta"):
             module = self._layer_class(self.hf_config, layer_idx=layer)
         module.mlp = _NoMLP()
+        for name in ("q_proj", "k_proj", "v_proj"):
+            setattr(module.self_attn, name, _Precomputed())
+        module.self_attn.o_proj = _Deferred()
         module.load_state_dict(weights, assign=True, strict=True)
-        return module.to(self.device).eval()
+        return LoadedAttention(module.to(self.device).eval(), projections, biases)
 
     def forward_layer(
         self, layer: int, hidden: list[torch.Tensor], caches: Sequence[DynamicCache] | None = None
@@ -263,28 +404,60 @@ class StreamedDecoder:
         With `caches` (one per sequence), `hidden` holds only each sequence's new tokens; they attend to
         the keys and values their cache holds, which then gains theirs.
         """
-        module = self.load_attention(layer)
+        if self.read_ahead:
+            self._advise(layer)
+            self._advise(layer + 1)
+        attention = self.load_attention(layer)
+        module, attention_module = attention.module, attention.module.self_attn
         per_sequence = caches if caches is not None else [None] * len(hidden)
-        return [self.run_layer(module, state, cache) for state, cache in zip(hidden, per_sequence, strict=True)]
+        lengths = [state.shape[1] for state in hidden]
+        with torch.no_grad():
+            residual = torch.cat([state[0] for state in hidden])
+            normed = module.input_layernorm(residual)
+            q, k, v = (attention.project(name, normed) for name in ("q_proj", "k_proj", "v_proj"))
+            attended = []
+            offset = 0
+            for state, cache, length in zip(hidden, per_sequence, lengths, strict=True):
+                rows = slice(offset, offset + length)
+                offset += length
+                attention_module.q_proj.value = q[rows].unsqueeze(0)
+                attention_module.k_proj.value = k[rows].unsqueeze(0)
+                attention_module.v_proj.value = v[rows].unsqueeze(0)
+                past = 0 if cache is None else cache.get_seq_length(layer)
+                position_ids = torch.arange(past, past + length, device=self.device).unsqueeze(0)
+                output, _ = attention_module(
+                    hidden_states=normed[rows].unsqueeze(0),
+                    attention_mask=self._causal_mask(layer, length, past),
+                    position_ids=position_ids,
+                    position_embeddings=self._rotary(state, position_ids),
+                    **{self._cache_argument: cache},
+                )
+                attended.append(output[0])
+            after = residual + attention.project("o_proj", torch.cat(attended))
+            router_inputs = module.post_attention_layernorm(after)
+        return [
+            LayerOutputs(state.unsqueeze(0), router_input)
+            for state, router_input in zip(after.split(lengths), router_inputs.split(lengths), strict=True)
+        ]
 
     def mlp(self, layer: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's MLP on `tokens` [N, hidden], and for a MoE layer its router logits [N, experts]."""
         if self.moe is None or self.layout is None:
             return self.dense_mlp(layer, tokens), None
-        gate = read_tensor(self._tensor(self.layout.router_name(layer))).float().to(self.device)
+        gate = self._small_tensor(self.layout.router_name(layer)).float().to(self.device)
         experts = expert_mlp_weights(self.layout, self.tensors, layer, self._expert_count)
         top_k = int(self.config.get("num_experts_per_tok", 2))
-        activation = ACT2FN[self.hf_config.hidden_act]
         logits = tokens @ gate.T
         renormalize = self.moe.routing.renormalizes(self.config)
-        return moe_forward(tokens, logits, experts, top_k, activation, renormalize, self._shared_expert(layer)), logits
+        shared = self._shared_expert(layer)
+        return moe_forward(tokens, logits, experts, top_k, self._activation, renormalize, shared), logits
 
     def _shared_expert(self, layer: int) -> SharedExpert | None:
         slots = None if self.moe is None else self.moe.shared_expert
         if slots is None:
             return None
         weights = MLPWeights(*(MatrixRows.whole(self._tensor(slots.mlp[part].format(layer=layer))) for part in MLP_PARTS))
-        gate = read_tensor(self._tensor(slots.gate.format(layer=layer))).float().to(self.device)
+        gate = self._small_tensor(slots.gate.format(layer=layer)).float().to(self.device)
         return SharedExpert(weights, gate)
 
     def dense_mlp(self, layer: int, tokens: torch.Tensor) -> torch.Tensor:
@@ -293,7 +466,7 @@ class StreamedDecoder:
             raise ModelError("A MoE checkpoint has no dense MLP; use mlp, which routes to its experts.")
         family = self.family
         weights = MLPWeights(*(MatrixRows.whole(self._tensor(family.mlp_name(layer, part))) for part in MLP_PARTS))
-        return sliced_mlp(tokens, weights, ACT2FN[self.hf_config.hidden_act])
+        return sliced_mlp(tokens, weights, self._activation)
 
     def run_layer(self, module: nn.Module, hidden: torch.Tensor, cache: DynamicCache | None = None) -> LayerOutputs:
         """Run one sequence ([1, T, hidden]) through a loaded layer, capturing the router's view.
@@ -322,24 +495,30 @@ class StreamedDecoder:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and language-model head: [1, T, hidden] -> [T, vocab]."""
-        head = read_tensor(self._head()).float().to(self.device)
+        head = self._float_tensor(self._head().name).to(self.device)
         return (self._final_norm(hidden[0]) @ head.T).float()
 
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         """The most likely next token after each of `hidden` [N, hidden], the head read in row slices."""
         normed = self._final_norm(hidden)
-        head = MatrixRows.whole(self._head())
+        merged_head = self.merged.get(self._head().name)
+        head = MatrixRows.whole(self._head()) if merged_head is None else MatrixRows.of_merge(merged_head)
         best_logits = torch.full((len(hidden),), float("-inf"), device=self.device)
         best_tokens = torch.zeros(len(hidden), dtype=torch.long, device=self.device)
-        for start in head.slice_starts:
-            slice_logits, slice_tokens = (normed @ head.read(start, self.device).T).max(dim=-1)
+
+
+        def slice_best(start: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return (normed @ head.read(start, self.device, reuse=True).T).max(dim=-1)
+
+        starts = head.slice_starts
+        for start, (slice_logits, slice_tokens) in zip(starts, map_slices(slice_best, starts, self.device), strict=True):
             better = slice_logits > best_logits  # strict: a tie keeps the lower token id, as argmax does
             best_logits = torch.where(better, slice_logits, best_logits)
             best_tokens = torch.where(better, slice_tokens + start, best_tokens)
         return best_tokens
 
     def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        norm_weight = read_tensor(self._tensor(FINAL_NORM.name)).float().to(self.device)
+        norm_weight = self._float_tensor(FINAL_NORM.name).to(self.device)
         variance = hidden.pow(2).mean(-1, keepdim=True)
         return hidden * torch.rsqrt(variance + float(self.config.get("rms_norm_eps", 1e-6))) * norm_weight
 
@@ -365,11 +544,33 @@ class StreamedDecoder:
         mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
         return mask[None, None]
 
+    def _float_tensor(self, name: str) -> torch.Tensor:
+        """A whole tensor in float32: merged from the base and the experts when it is, else read."""
+        merged = self.merged.get(name)
+        return read_tensor(self._tensor(name)).float() if merged is None else merged.tensor()
+
     def _tensor(self, name: str) -> TensorLocation:
         try:
             return self.tensors[name]
         except KeyError:
             raise ModelError(f"The checkpoint has no tensor {name!r}.") from None
+
+    def _advise(self, layer: int) -> None:
+        """Read-ahead hints for layer `layer`'s tensors (past the last layer: the final norm and the head)."""
+        if layer in self._advised or layer > self.num_layers:
+            return
+        self._advised.add(layer)
+        if layer == self.num_layers:
+            names = [FINAL_NORM.name, self._head().name]
+        else:
+            prefix = LAYER_PREFIX.format(layer=layer)
+            names = [name for name in self.tensors if name.startswith(prefix)]
+        advise_will_need(self.tensors[name] for name in names if name in self.tensors)
+
+    def _small_tensor(self, name: str) -> torch.Tensor:
+        """A router or gate: the value given in `in_memory`, else the tensor read from the checkpoint."""
+        given = self.in_memory.get(name)
+        return read_tensor(self._tensor(name)) if given is None else given
 
     def _layer_weights(self, layer: int) -> dict[str, torch.Tensor]:
         if self.family is None:
@@ -386,6 +587,49 @@ def add_mlp_outputs(outputs: list[LayerOutputs], mlp_outputs: torch.Tensor) -> l
         output.hidden + mlp_output.unsqueeze(0)
         for output, mlp_output in zip(outputs, mlp_outputs.split(lengths), strict=True)
     ]
+
+
+@dataclass
+class LoadedAttention:
+    """One layer's attention: the decoder-layer module (norms loaded; projections and MLP stand-ins)
+    and where its projection matrices and their biases are."""
+
+    module: nn.Module
+    projections: dict[str, MatrixRows]
+    biases: dict[str, torch.Tensor]
+
+    def project(self, name: str, tokens: torch.Tensor) -> torch.Tensor:
+        """Projection `name` (q_proj, k_proj, v_proj, o_proj) of tokens [N, in], as nn.Linear computes it."""
+        return sliced_linear(tokens, self.projections[name], self.biases.get(name))
+
+
+class _Precomputed(nn.Module):
+    """Stands in for q_proj, k_proj or v_proj: gives back `value` once, the projection `attend` computed
+    for this sequence's tokens together with every other sequence's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.value: torch.Tensor | None = None
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        value, self.value = self.value, None
+        if value is None or value.shape[:-1] != hidden.shape[:-1]:
+            raise RuntimeError("an attention projection was called without its precomputed rows")
+        return value
+
+
+class _Deferred(nn.Module):
+    """Stands in for o_proj: the attention's output before it, which `attend` projects for all sequences."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+
+def activation_function(name: str) -> nn.Module:
+    """transformers' activation module of this name (silu for every family in the tables)."""
+    from transformers.activations import ACT2FN
+
+    return ACT2FN[name]
 
 
 class _NoMLP(nn.Module):
@@ -437,6 +681,8 @@ def greedy_continuations(
     limit = int(decoder.config.get("max_position_embeddings") or 0)
     budgets = [max(0, min(max_new_tokens, limit - len(tokens))) if limit else max_new_tokens for tokens in sequences]
     written: list[list[int]] = [[] for _ in sequences]
+    from transformers.cache_utils import DynamicCache
+
     caches = [DynamicCache() for _ in sequences]
     feeding = {index: tokens for index, tokens in enumerate(sequences) if budgets[index] > 0}
     with reuse_large_buffers():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import itertools
 import logging
 import threading
 import time
@@ -27,8 +28,10 @@ from frankenmoe.output import check_complete, check_free_space, check_output_tar
 from frankenmoe.plan import DEFAULT_SHARD_BYTES, SAFETENSORS_TO_CONFIG_DTYPE, MergePlan, build_plan
 from frankenmoe.routers import GateRequest, compute_gates
 from frankenmoe.routers.prompts import load_tokenizer
-from frankenmoe.routing import RoutingCheck, check_positive_prompts, routing_check_markdown
+from frankenmoe.routers.request import GateProgress, Gates
+from frankenmoe.routing import RoutingCheck, RoutingCheckWhileWriting, check_positive_prompts, routing_check_markdown
 from frankenmoe.sources import SourceModel, check_compatible, load_source
+from frankenmoe.tensor_io import ReadAhead
 from frankenmoe.write import INDEX_NAME, verify_checkpoint, write_checkpoint, write_text_file
 
 logger = logging.getLogger("frankenmoe")
@@ -239,6 +242,7 @@ def gate_request(plan: MergePlan, options: MergeOptions) -> GateRequest:
         shared_expert_slot=plan.architecture.shared_expert is not None,
         shared_expert=plan.config.shared_experts[0] if plan.config.shared_experts else None,
         shared_expert_model=plan.shared_expert,
+        trunk=plan.trunk_merges,
         seed=options.seed,
         device=resolve_device(options.device),
         show_progress=options.show_progress,
@@ -262,14 +266,35 @@ def execute_merge(prepared: PreparedMerge) -> MergeResult:
     card = model_card(plan, prepared.config_text, card_sections)
     with staged_output(out) as staging:
         with stage("writing", timings):
+            progress = GateProgress()
+            request = replace(request, progress=progress)
             gates = BackgroundResult(lambda: compute_gates(plan.config.gate_mode, request))
-            records = write_checkpoint(plan, gates.result, staging, card, request.device, options.show_progress)
+            # The routing check runs behind the writer and the router computation (RoutingCheckWhileWriting).
+            checking = RoutingCheckWhileWriting(plan, staging, lambda layer: _gates_of_layer(gates, progress, layer))
+            check: BackgroundResult[RoutingCheck | None] | None = None
+            if options.check_routing:
+                check = BackgroundResult(lambda: checking.run(request.device), "frankenmoe-check")
+            # From a cold page cache, the sources are read ahead of the writer (ReadAhead).
+            starts = itertools.accumulate((job.nbytes for job in plan.jobs), initial=0)
+            pieces = [(start, piece.location) for start, job in zip(starts, plan.jobs, strict=False) for piece in job.pieces]
+            read_ahead = ReadAhead(pieces, [staging / plan.shard_name(shard) for shard in range(plan.shard_count)])
+            try:
+                records = write_checkpoint(plan, gates.result, staging, card, request.device, options.show_progress)
+            except BaseException:
+                if check is not None:
+                    check.cancel()
+                raise
+            finally:
+                read_ahead.stop()
         with stage("verifying", timings):
             verify_checkpoint(plan, staging)
         routing_check = None
         with stage("routing_check", timings):
-            if options.check_routing:
-                routing_check = check_positive_prompts(staging, plan.config.experts, request.device)
+            if check is not None:
+                routing_check = check.result()
+                if not checking.confirm():  # never seen: the routers used are the ones written, read back here
+                    logger.warning("The routing check saw other routers than the ones written; running it again.")
+                    routing_check = check_positive_prompts(staging, plan.config.experts, request.device)
             if routing_check is not None:
                 card = model_card(plan, prepared.config_text, (*card_sections, routing_check_markdown(routing_check)))
                 records["README.md"] = write_text_file(staging / "README.md", card)
@@ -340,12 +365,12 @@ class BackgroundResult(Generic[T]):
     JOIN_SECONDS = 30.0
     """How long cancel() waits: the thread stops after its current torch call, which takes far less."""
 
-    def __init__(self, compute: Callable[[], T]) -> None:
+    def __init__(self, compute: Callable[[], T], name: str = "frankenmoe-routers") -> None:
         self._compute = compute
         self._done = threading.Event()
         self._value: T | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="frankenmoe-routers", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         # atexit handlers run before finalisation, while the thread can still run to its end.
         atexit.register(BackgroundResult._cancel_if_alive, weakref.ref(self))
         self._thread.start()
@@ -360,6 +385,11 @@ class BackgroundResult(Generic[T]):
             self._error = error
         finally:
             self._done.set()
+
+    @property
+    def done(self) -> bool:
+        """Whether the computation has ended (with a value or an error)."""
+        return self._done.is_set()
 
     def result(self) -> T:
         try:
@@ -390,6 +420,13 @@ class BackgroundResult(Generic[T]):
         background = reference()
         if background is not None:
             background.cancel()
+
+
+def _gates_of_layer(gates: BackgroundResult[Gates], progress: GateProgress, layer: int) -> Gates:
+    """Gates whose rows of `layer` are final: as soon as a layerwise mode publishes them, else when done."""
+    while (published := progress.finished(layer)) is None and not gates.done:
+        time.sleep(0.005)
+    return published if published is not None else gates.result()
 
 
 def output_files(plan: MergePlan) -> list[str]:

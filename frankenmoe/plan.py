@@ -22,11 +22,12 @@ from frankenmoe.architectures import (
     OutputLayout,
     attention_projection_name,
 )
-from frankenmoe.config import ExpertConfig, LaserConfig, MergeConfig
+from frankenmoe.config import ExpertConfig, LaserConfig, MergeConfig, SharedWeightsConfig
 from frankenmoe.errors import ConfigError, ModelError
 from frankenmoe.lora import LoraDelta
 from frankenmoe.sources import SourceModel, dims_shape
 from frankenmoe.tensor_io import CONFIG_DTYPE_TO_SAFETENSORS, TensorLocation, tensor_nbytes
+from frankenmoe.trunk import TrunkMerge
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 EMPTY_SHARED_EXPERT_SIZE = 1
@@ -167,12 +168,17 @@ class TensorJob:
     shard: int
     pieces: tuple[TensorPiece, ...] = ()
     computed: Computed | None = None
+    merged: TrunkMerge | None = None
+    """A shared tensor made from the base and the experts (`shared_weights`), row block by row block."""
 
     @property
     def origin(self) -> str:
-        """copied (one source tensor), concatenated (several), computed, or zeros (a slot the source lacks)."""
+        """copied (one source tensor), concatenated (several), computed, merged (a shared tensor from the base
+        and the experts), or zeros (a slot the source lacks)."""
         if self.computed is not None:
             return "computed"
+        if self.merged is not None:
+            return "merged"
         if not self.pieces:
             return "zeros"
         return "copied" if len(self.pieces) == 1 else "concatenated"
@@ -216,6 +222,11 @@ class MergePlan:
     def shard_jobs(self, shard: int) -> list[TensorJob]:
         return [job for job in self.jobs if job.shard == shard]
 
+    @property
+    def trunk_merges(self) -> dict[str, TrunkMerge]:
+        """The merged shared tensors by name, for forward passes that must see the merged trunk."""
+        return {job.name: job.merged for job in self.jobs if job.merged is not None}
+
     def with_laser_ranks(self, ranks: dict[tuple[str, int, str], int]) -> MergePlan:
         """This plan with the ranks laser's analysis chose, (block path, layer, matrix) -> rank to keep."""
 
@@ -228,6 +239,13 @@ class MergePlan:
             for job in self.jobs
         )
         return replace(self, jobs=jobs)
+
+    def shared_weights_origin(self) -> str:
+        """How the non-expert tensors (attention, norms, embeddings, head) were made, in one line."""
+        merges = self.trunk_merges
+        if not merges:
+            return f"copied from the base model {self.base.reference}"
+        return f"every one of {len(merges)} merged from the base and the experts, {next(iter(merges.values())).describe()}"
 
     def computed_origin(self, kind: str) -> str:
         """How a computed tensor's rows are made, for the dry run and the model card."""
@@ -313,7 +331,8 @@ def build_plan(
     shape = base.shape
     family = base.family
     dims = shape.dims()
-    unsharded: list[tuple[str, tuple[int, ...], tuple[TensorPiece, ...], Computed | None]] = []
+    unsharded: list[tuple[str, tuple[int, ...], tuple[TensorPiece, ...], Computed | None, TrunkMerge | None]] = []
+    trunk = config.shared_weights
     expert_lasers = {
         index: laser_group(f"experts[{index}].laser", settings.laser, experts[index])
         for index, settings in enumerate(config.experts)
@@ -321,10 +340,13 @@ def build_plan(
     }
     base_laser = None if config.base_laser is None else laser_group("base_laser", config.base_laser, base)
 
-    def copy_from_base(name: str, output_name: str | None = None) -> None:
+    def copy_from_base(name: str) -> None:
         location = base.tensor(name)
+        if trunk.method != "base":
+            unsharded.append((name, location.shape, (), None, trunk_merge(trunk, name, base, experts, seed)))
+            return
         laser = None if base_laser is None else base_laser.target(name)
-        unsharded.append((output_name or name, location.shape, (TensorPiece(location, laser=laser),), None))
+        unsharded.append((name, location.shape, (TensorPiece(location, laser=laser),), None, None))
 
     copy_from_base(EMBEDDINGS.name)
     for layer in range(shape.num_hidden_layers):
@@ -333,7 +355,7 @@ def build_plan(
             if name in base.tensors:
                 copy_from_base(name)
             elif weight.name in arch.zero_filled:
-                unsharded.append((name, dims_shape(weight.shape, dims), (), None))
+                unsharded.append((name, dims_shape(weight.shape, dims), (), None, None))
             else:
                 base.tensor(name)  # raises, naming the missing tensor
         for tensor in layout.expert_tensors:
@@ -347,33 +369,33 @@ def build_plan(
                 rows = sum(piece.location.shape[0] for piece in pieces)
                 columns = pieces[0].location.shape[1]
                 tensor_shape = (len(experts), rows // len(experts), columns) if tensor.stacked else (rows, columns)
-                unsharded.append((tensor.template.format(layer=layer, expert=group[0]), tensor_shape, pieces, None))
+                unsharded.append((tensor.template.format(layer=layer, expert=group[0]), tensor_shape, pieces, None, None))
         if arch.shared_expert is not None:
             for part, template in arch.shared_expert.mlp.items():
                 name = template.format(layer=layer)
                 if shared_expert is None:
                     empty = (1, shape.hidden_size) if part != "down_proj" else (shape.hidden_size, 1)
-                    unsharded.append((name, empty, (), None))
+                    unsharded.append((name, empty, (), None, None))
                 else:
                     piece = _mlp_piece(shared_expert, config.shared_experts[0], layer, part, seed, "shared")
-                    unsharded.append((name, piece.location.shape, (piece,), None))
+                    unsharded.append((name, piece.location.shape, (piece,), None, None))
     copy_from_base(FINAL_NORM.name)
     if not base.tie_word_embeddings:
         copy_from_base(LM_HEAD.name)
     for layer in range(shape.num_hidden_layers):
-        unsharded.append((layout.router_name(layer), (len(experts), shape.hidden_size), (), Computed("router", layer)))
+        unsharded.append((layout.router_name(layer), (len(experts), shape.hidden_size), (), Computed("router", layer), None))
         if arch.shared_expert is not None:
             gate_name = arch.shared_expert.gate.format(layer=layer)
-            unsharded.append((gate_name, (1, shape.hidden_size), (), Computed("shared_expert_gate", layer)))
+            unsharded.append((gate_name, (1, shape.hidden_size), (), Computed("shared_expert_gate", layer), None))
 
     jobs: list[TensorJob] = []
     shard, shard_fill = 0, 0
-    for name, tensor_shape, pieces, computed in unsharded:
+    for name, tensor_shape, pieces, computed, merged in unsharded:
         size = tensor_nbytes(dtype, tensor_shape)
         if shard_fill and shard_fill + size > shard_bytes:
             shard, shard_fill = shard + 1, 0
         shard_fill += size
-        jobs.append(TensorJob(name, dtype, tensor_shape, shard, pieces, computed))
+        jobs.append(TensorJob(name, dtype, tensor_shape, shard, pieces, computed, merged))
 
     total = sum(job.parameters for job in jobs)
     per_expert = shape.num_hidden_layers * 3 * shape.intermediate_size * shape.hidden_size
@@ -397,6 +419,40 @@ def build_plan(
         shared_expert=shared_expert,
         skipped_tensors=base.skipped_tensors(),
         laser_groups=(*expert_lasers.values(), *([base_laser] if base_laser else [])),
+    )
+
+
+def trunk_merge(
+    trunk: SharedWeightsConfig, name: str, base: SourceModel, experts: tuple[SourceModel, ...], seed: int
+) -> TrunkMerge:
+    """How shared tensor `name` is made from the base and every expert; refuses sources whose tensor differs in shape."""
+    location = base.tensor(name)
+    sources = []
+    for index, expert in enumerate(experts):
+        if name not in expert.tensors:
+            raise ModelError(
+                f"shared_weights.method {trunk.method} merges {name!r} from every expert, but expert {index} "
+                f"({expert.reference}) has no such tensor. Use `shared_weights.method: base` for these experts."
+            )
+        other = expert.tensors[name]
+        if other.shape != location.shape:
+            raise ModelError(
+                f"shared_weights.method {trunk.method} cannot merge {name!r}: it is {list(other.shape)} in expert "
+                f"{index} ({expert.reference}) but {list(location.shape)} in the base model. Shared tensors can be "
+                "merged only between models of the same shape (an expert with added tokens has a larger "
+                "embedding); use `shared_weights.method: base`."
+            )
+        sources.append(other)
+    return TrunkMerge(
+        method=trunk.method,
+        base=location,
+        sources=tuple(sources),
+        weights=trunk.weights or (1.0,) * len(experts),
+        base_weight=trunk.base_weight,
+        density=trunk.density,
+        scale=trunk.scale,
+        normalize=trunk.normalize,
+        seed=zlib.crc32(f"{seed}:trunk:{name}".encode()),
     )
 
 

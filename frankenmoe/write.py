@@ -17,6 +17,7 @@ from frankenmoe.manifest import FileRecord, file_sha256
 from frankenmoe.plan import MergePlan, TensorJob, TensorPiece
 from frankenmoe.routers.request import Gates
 from frankenmoe.tensor_io import DTYPES, ShardEntry, ShardWriter, read_header, read_tensor, tensor_bytes
+from frankenmoe.trunk import TrunkMerge
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -71,6 +72,8 @@ def _write_shard(
             if job.computed is not None:
                 rows = gates().rows(job.computed.kind, job.computed.layer)
                 writer.write_bytes(tensor_bytes(rows.to(DTYPES[job.dtype][0])))
+            elif job.merged is not None:
+                write_merged(writer, job.merged, DTYPES[job.dtype][0], device)
             elif job.origin == "zeros":
                 writer.write_bytes(bytes(job.nbytes))
             for piece in job.pieces:
@@ -85,6 +88,19 @@ def _write_shard(
         raise
     assert writer.sha256 is not None
     return writer.sha256
+
+
+MERGE_BLOCK_BYTES = 4 * 1024 * 1024
+"""Float32 bytes of each source's rows held at a time while a shared tensor is merged."""
+
+
+def write_merged(writer: ShardWriter, merge: TrunkMerge, dtype: torch.dtype, device: torch.device) -> None:
+    """A merged shared tensor, row block by row block: memory stays at one block per source."""
+    columns = merge.base.shape[-1]
+    step = max(1, MERGE_BLOCK_BYTES // (columns * 4))
+    for start in range(0, merge.num_rows, step):
+        rows = merge.rows(start, min(start + step, merge.num_rows), device)
+        writer.write_bytes(tensor_bytes(rows.to(dtype).cpu()))
 
 
 def produce_piece(piece: TensorPiece, job: TensorJob, device: torch.device) -> torch.Tensor:

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+from frankenmoe.layers import StreamedDecoder
 from frankenmoe.routers.prompts import collect_expert_prompts, pool, rows_from_prompt_vectors
 from frankenmoe.routers.random_init import neutral_shared_gates
 from frankenmoe.routers.request import GateRequest, Gates
-from frankenmoe.tensor_io import read_tensor
 
 
 def cheap_embed_gates(request: GateRequest) -> Gates:
     # Embeddings do not depend on position, so a lead-in (and the attention sink it moves) changes nothing here.
     shared = (request.shared_expert,) if request.shared_gate_from_prompts and request.shared_expert else ()
     prompts = collect_expert_prompts(request.base, (*request.experts, *shared))
-    table = read_tensor(request.base.tensor("model.embed_tokens.weight"))
-    vectors = [pool(table[prompt.token_ids], prompt, request.router.pooling) for prompt in prompts.prompts]
+    decoder = StreamedDecoder(request.base.config, request.base.tensors, merged=request.trunk)
+    vectors = [pool(decoder.embed(prompt.token_ids)[0], prompt, request.router.pooling) for prompt in prompts.prompts]
     # Each row depends on its own expert's prompts only, so the shared expert's row can be built alongside.
     rows = rows_from_prompt_vectors(vectors, prompts)
     # One row set serves every layer, so there is no per-layer router input to calibrate against:

@@ -83,7 +83,9 @@ def hidden_rows(states: LayerStates, prompts: ExpertPrompts, request: GateReques
 def layerwise_gates(request: GateRequest, rows_for_layer: RowFunction) -> Gates:
     shared = (request.shared_expert,) if request.shared_gate_from_prompts and request.shared_expert else ()
     prompts = collect_expert_prompts(request.base, (*request.experts, *shared), request.router.lead_in)
-    decoder = StreamedDecoder(request.base.config, request.base.tensors, request.device)
+    decoder = StreamedDecoder(
+        request.base.config, request.base.tensors, request.device, merged=request.trunk, read_ahead=True
+    )
     if request.router.continuation_tokens:
         prompts = with_continuations(
             prompts, request.base, decoder, request.router.continuation_tokens, request.show_progress

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from frankenmoe.config import ExpertConfig, RouterConfig
 from frankenmoe.sources import SourceModel
+from frankenmoe.trunk import TrunkMerge
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class GateRequest:
     """Whether the output has a shared-expert gate to fill (with zeros when there is no shared expert)."""
     shared_expert: ExpertConfig | None = None
     shared_expert_model: SourceModel | None = None
+    trunk: Mapping[str, TrunkMerge] = field(default_factory=dict)
+    """The plan's merged shared tensors (`shared_weights`): the hidden-state pass runs on them, not the base's."""
     seed: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     show_progress: bool = False
