@@ -304,6 +304,29 @@ def _qwen_layout() -> dict[str, OutputLayout]:
     }
 
 
+QWEN_MOE_FIXED_FIELDS: dict[str, Any] = {
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    # With every top-k weight renormalised, identical routed experts sum to exactly one expert.
+    "norm_topk_prob": True,
+    "output_router_logits": False,
+    "router_aux_loss_coef": 0.001,
+}
+"""Every layer a MoE layer, and the routing the identity tests prove (config fields both Qwen MoEs share)."""
+
+
+def _qwen_moe_entry_fields() -> dict[str, Any]:
+    """What the Qwen MoE entries share: tensor names, config keys and routing."""
+    return {
+        "layouts": _qwen_layout(),
+        "expert_count_key": "num_experts",
+        "expert_size_key": "moe_intermediate_size",
+        "carried_fields": (*COMMON_CONFIG_FIELDS, "sliding_window", "max_window_layers"),
+        "carried_defaults": {"use_sliding_window": False},
+        "routing": Routing(renormalize_key="norm_topk_prob"),
+    }
+
+
 _BIASES_LOST = "its attention q/k/v biases have no place in {output}'s attention and would be lost"
 _NORMS_LOST = "its attention q_norm/k_norm have no place in {output}'s attention and would be lost"
 _NORMS_MISSING = "{output}'s attention applies q_norm/k_norm, which {family} models do not have"
@@ -338,21 +361,8 @@ OUTPUT_ARCHITECTURE_LIST = (
         refuses={"qwen3": _NORMS_LOST.format(output="Qwen2-MoE") + "; use `architecture: qwen3_moe`"},
         layer_weights=_attention(*_qkv_biases()),
         zero_filled=frozenset(weight.name for weight in _qkv_biases()),
-        layouts=_qwen_layout(),
-        expert_count_key="num_experts",
-        expert_size_key="moe_intermediate_size",
-        carried_fields=(*COMMON_CONFIG_FIELDS, "sliding_window", "max_window_layers"),
-        carried_defaults={"use_sliding_window": False},
-        fixed_fields={
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-            "qkv_bias": True,
-            # With every top-k weight renormalised, identical routed experts sum to exactly one expert.
-            "norm_topk_prob": True,
-            "output_router_logits": False,
-            "router_aux_loss_coef": 0.001,
-        },
-        routing=Routing(renormalize_key="norm_topk_prob"),
+        fixed_fields={**QWEN_MOE_FIXED_FIELDS, "qkv_bias": True},
+        **_qwen_moe_entry_fields(),
         shared_expert=SharedExpertSlots(
             mlp={part: f"model.layers.{{layer}}.mlp.shared_expert.{part}.weight" for part in MLP_PARTS},
             gate="model.layers.{layer}.mlp.shared_expert_gate.weight",
@@ -374,20 +384,8 @@ OUTPUT_ARCHITECTURE_LIST = (
         },
         layer_weights=_attention(*_qk_norms()),
         zero_filled=frozenset(),
-        layouts=_qwen_layout(),
-        expert_count_key="num_experts",
-        expert_size_key="moe_intermediate_size",
-        carried_fields=(*COMMON_CONFIG_FIELDS, "sliding_window", "max_window_layers"),
-        carried_defaults={"use_sliding_window": False},
-        fixed_fields={
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-            "attention_bias": False,
-            "norm_topk_prob": True,
-            "output_router_logits": False,
-            "router_aux_loss_coef": 0.001,
-        },
-        routing=Routing(renormalize_key="norm_topk_prob"),
+        fixed_fields={**QWEN_MOE_FIXED_FIELDS, "attention_bias": False},
+        **_qwen_moe_entry_fields(),
     ),
 )
 OUTPUT_ARCHITECTURES: dict[str, OutputArchitecture] = {arch.model_type: arch for arch in OUTPUT_ARCHITECTURE_LIST}
