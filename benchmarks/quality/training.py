@@ -1,7 +1,10 @@
-"""Domain experts by fine-tuning only the MLPs (gate/up/down_proj of every layer) of a dense model.
+"""Domain experts by fine-tuning a dense model: only the MLPs, or every weight but the embeddings.
 
-In a frankenMoE only the MLPs become experts, so an expert trained this way is exactly the kind of
-fine-tune a merge can keep whole: attention, norms and embeddings stay the base model's.
+In a frankenMoE only the MLPs become experts, so an MLP-only expert (gate/up/down_proj of every
+layer) is exactly the kind of fine-tune a merge can keep whole: attention, norms and embeddings stay
+the base model's. A full fine-tune (`trained="full"`) also moves attention and norms, as the experts
+of real frankenMoE recipes do; its embeddings (tied to the output head in SmolLM2) stay frozen so
+the tokenizer's rows stay the base's, see benchmarks/quality/README.md.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 MLP_PARAMETER_PARTS = (".mlp.gate_proj.", ".mlp.up_proj.", ".mlp.down_proj.")
+EMBEDDING_PARAMETER_PARTS = ("embed_tokens.", "lm_head.")
+TRAINED_PARTS = ("mlp", "full")
 TRAINING_LOG = "training.json"
 
 
@@ -28,6 +33,18 @@ class TrainingSettings:
     seed: int = 0
     bf16_autocast: bool = True
     report_every: int = 0
+    trained: str = "mlp"
+    """"mlp": only the MLPs; "full": every weight except the (tied) embeddings and output head."""
+
+
+def settings_record(settings: TrainingSettings) -> dict:
+    """The settings as recorded in an expert's training log. `trained` is left out when it is "mlp",
+    so the logs (and the cached results keyed by them) of MLP-only experts built before the field
+    existed stay valid."""
+    record = asdict(settings)
+    if record["trained"] == "mlp":
+        del record["trained"]
+    return record
 
 
 @dataclass(frozen=True)
@@ -52,8 +69,20 @@ def freeze_all_but_mlp(model: PreTrainedModel) -> list[torch.nn.Parameter]:
     return trainable
 
 
+def freeze_embeddings(model: PreTrainedModel) -> list[torch.nn.Parameter]:
+    """Make every weight but the token embeddings and output head trainable; returns them."""
+    trainable = []
+    for name, parameter in model.named_parameters():
+        train = not any(part in name for part in EMBEDDING_PARAMETER_PARTS)
+        parameter.requires_grad_(train)
+        if train:
+            trainable.append(parameter)
+    return trainable
+
+
 def train_mlp_expert(base: Path, out: Path, blocks: torch.Tensor, settings: TrainingSettings) -> TrainingLog:
-    """Fine-tune the MLPs of the model in `base` on token `blocks` ([N, T]) and save it to `out`.
+    """Fine-tune the model in `base` on token `blocks` ([N, T]) and save it to `out`: its MLPs, or with
+    `settings.trained == "full"` every weight but the embeddings and head.
 
     Batches are drawn in a seeded order (the blocks are cycled if steps x batch exceeds them). The
     model trains in float32 (bf16 autocast for speed) and is saved in the base model's dtype, so an
@@ -63,7 +92,9 @@ def train_mlp_expert(base: Path, out: Path, blocks: torch.Tensor, settings: Trai
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     saved_dtype = _stored_dtype(base)
     model.train()
-    trainable = freeze_all_but_mlp(model)
+    if settings.trained not in TRAINED_PARTS:
+        raise ValueError(f"trained must be one of {TRAINED_PARTS}, not {settings.trained!r}")
+    trainable = freeze_all_but_mlp(model) if settings.trained == "mlp" else freeze_embeddings(model)
     frozen = sum(parameter.numel() for parameter in model.parameters() if not parameter.requires_grad)
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     order = _batch_order(len(blocks), settings)
@@ -110,6 +141,7 @@ def _save(model: PreTrainedModel, base: Path, out: Path, log: TrainingLog) -> No
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging, safe_serialization=True)
     AutoTokenizer.from_pretrained(base).save_pretrained(staging)
-    (staging / TRAINING_LOG).write_text(json.dumps(asdict(log), indent=2) + "\n")
+    record = {**asdict(log), "settings": settings_record(log.settings)}
+    (staging / TRAINING_LOG).write_text(json.dumps(record, indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
