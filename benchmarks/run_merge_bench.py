@@ -3,12 +3,15 @@
     python benchmarks/run_merge_bench.py                      # small and large, every gate mode, 3 runs
     python benchmarks/run_merge_bench.py --shape small --repeats 5
     python benchmarks/run_merge_bench.py --cold --update-readme
+    python benchmarks/run_merge_bench.py --shape large --mode random --mode hidden --routing-check --drop-caches
 
 Each merge runs as its own process. For every run this records the wall time, the peak RSS
 (ru_maxrss from wait4), and the process's I/O counters from /proc/PID/io, read after the process
 exits but before it is reaped. Right after each merge, `cp` copies the same number of bytes from the
 same source files and `sync` flushes them, as the merge fsyncs its shards: that is the floor a merge
-cannot beat on this disk. The default is a warm page cache; --cold evicts the source files first.
+cannot beat on this disk. The default is a warm page cache; --cold evicts the source files first,
+--drop-caches empties the whole page cache (as root) before every merge and every cp. --variant runs
+the merge with one of frankenmoe's speed-ups switched off, to measure what it gains.
 
 This process imports neither torch nor frankenmoe: a child's ru_maxrss starts from its parent's peak
 RSS (exec keeps the old address space's high-water mark), so the parent must stay small.
@@ -35,6 +38,15 @@ README = BENCH_DIR / "README.md"
 TABLE_START = "<!-- merge-bench:start -->"
 TABLE_END = "<!-- merge-bench:end -->"
 GATE_MODES = ("random", "cheap_embed", "hidden", "fit")
+VARIANTS = {
+    "default": "",
+    # No read-ahead hints: neither ReadAhead's ahead of the writer nor the hidden pass's per layer.
+    "no-read-ahead": (
+        "import frankenmoe.layers as layers, frankenmoe.tensor_io as tensor_io\n"
+        "tensor_io.advise_will_need = layers.advise_will_need = lambda locations: None\n"
+    ),
+}
+"""Code run before the CLI in the merge's process (`python -c`)."""
 PROMPTS = (
     ("write a python function that sorts a list", "fix this bug in my code"),
     ("once upon a time there was a dragon", "write a poem about the sea"),
@@ -127,6 +139,19 @@ def evict_from_page_cache(files: list[Path]) -> None:
             os.close(descriptor)
 
 
+def drop_page_cache() -> None:
+    """Empty the whole page cache (root only): every file on the machine is cold afterwards."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def make_cold(args: argparse.Namespace, sources: list[Path]) -> None:
+    if args.drop_caches:
+        drop_page_cache()
+    elif args.cold:
+        evict_from_page_cache(sources)
+
+
 def copy_floor(sources: list[Path], byte_count: int, target: Path, log: Path) -> float:
     """Wall time for cp to copy `byte_count` bytes of `sources` (whole files, then the head of the next) and sync."""
     target.mkdir(parents=True, exist_ok=True)
@@ -159,22 +184,24 @@ def run_shape(shape: str, args: argparse.Namespace, work: Path) -> list[Row]:
     for repeat in range(args.repeats):
         for mode in args.modes:
             shutil.rmtree(out, ignore_errors=True)
-            if args.cold:
-                evict_from_page_cache(sources)
+            make_cold(args, sources)
             argv = [sys.executable, "-m", "frankenmoe", "merge", str(configs[mode]), str(out)]
+            if VARIANTS[args.variant]:
+                cli = "from frankenmoe.cli import app\napp(prog_name='frankenmoe')\n"
+                argv[1:3] = ["-c", VARIANTS[args.variant] + cli]
             if not args.routing_check:
                 argv.append("--no-check")
             if args.shard_size:
                 argv += ["--shard-size", args.shard_size]
             measurement = measure(argv, work / f"{shape}-{mode}-{repeat}.log")
             output_bytes = sum(file.stat().st_size for file in out.glob("*.safetensors"))
+            stages = _stage_seconds(out)
             shutil.rmtree(out)
             runs[mode].append(measurement)
-            print(f"{shape} {mode} run {repeat + 1}: {_describe(measurement)}", flush=True)
+            print(f"{shape} {mode} run {repeat + 1}: {_describe(measurement)}; stages: {stages}", flush=True)
             # The floor is taken right after each merge, so both see the disk in the same state (a long
             # compute-bound merge lets earlier writeback finish; a copy right after it runs faster).
-            if args.cold:
-                evict_from_page_cache(sources)
+            make_cold(args, sources)
             floor = copy_floor(sources, output_bytes, work / "floor", work / f"{shape}-{mode}-floor-{repeat}.log")
             floors[mode].append(floor)
             print(f"{shape} cp floor after {mode} run {repeat + 1}: {floor:.2f} s for {output_bytes / 1e9:.2f} GB")
@@ -191,6 +218,15 @@ def import_baseline(work: Path, repeats: int) -> Row:
         for _ in range(max(repeats, 3))
     ]
     return Row("-", "import frankenmoe.pipeline", runs, [], 0)
+
+
+def _stage_seconds(out: Path) -> str:
+    """The merge's own timing of its stages, from the manifest it wrote (empty when it has none)."""
+    try:
+        timings = json.loads((out / "frankenmoe-manifest.json").read_text()).get("timings_s", {})
+    except (OSError, ValueError):
+        return ""
+    return ", ".join(f"{name} {seconds:.1f}" for name, seconds in timings.items())
 
 
 def _describe(run: Measurement) -> str:
@@ -233,12 +269,12 @@ def markdown(rows: list[Row], args: argparse.Namespace, cache_state: str) -> str
             f"| {row.median('peak_rss_bytes') / 1e6:.0f} | {row.median('rchar') / 1e9:.2f} "
             f"| {row.median('wchar') / 1e9:.2f} | {row.median('read_bytes') / 1e9:.2f} |"
         )
-    lines += ["", *targets(rows)]
+    lines += ["", *targets(rows, args.routing_check, args.cold or args.drop_caches)]
     return "\n".join(lines)
 
 
-def targets(rows: list[Row]) -> list[str]:
-    """The issue's targets, judged on this run's numbers (only those whose rows were measured)."""
+def targets(rows: list[Row], check_on: bool = False, cold: bool = False) -> list[str]:
+    """The issues' targets, judged on this run's numbers (only those whose rows were measured)."""
     by_key = {(row.shape, row.task): row for row in rows}
     checks: list[tuple[str, float, float]] = []
     for mode in ("random", "cheap_embed"):
@@ -256,6 +292,19 @@ def targets(rows: list[Row]) -> list[str]:
     if ("large", "hidden") in by_key and ("large", "random") in by_key:
         ratio = by_key["large", "hidden"].wall_s / by_key["large", "random"].wall_s
         checks.append(("large: hidden wall / random wall <= 1.3", ratio, 1.3))
+        if check_on:
+            checks.append(("large, check on: hidden wall / random wall <= 1.1", ratio, 1.1))
+    if check_on and ("large", "hidden") in by_key:
+        row = by_key["large", "hidden"]
+        checks.append(("large hidden (the default merge), check on: wall / cp floor <= 1.2", row.wall_s / row.floor_s, 1.2))
+    if cold:
+        for mode in ("random", "hidden"):
+            if ("large", mode) in by_key:
+                row = by_key["large", mode]
+                checks.append((f"large {mode}, cold: wall / cold cp floor <= 1.3", row.wall_s / row.floor_s, 1.3))
+    if ("large", "fit") in by_key and ("large", "hidden") in by_key:
+        ratio = by_key["large", "fit"].wall_s / by_key["large", "hidden"].wall_s
+        checks.append(("large: fit wall / hidden wall <= 3", ratio, 3.0))
     return [f"- {'PASS' if value <= limit else 'FAIL'} {label}: {value:.2f}" for label, value, limit in checks]
 
 
@@ -280,6 +329,12 @@ def main() -> None:
         action="store_true",
         help="keep the merge's after-write routing check (off by default: mergekit-moe has none to compare with)",
     )
+    parser.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="empty the whole page cache before each merge and each cp (root; every other process's files go cold too)",
+    )
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="default", help="switch a speed-up off")
     parser.add_argument("--update-readme", action="store_true", help=f"replace the results table in {README}")
     args = parser.parse_args()
     args.modes = args.modes or list(GATE_MODES)
@@ -290,6 +345,12 @@ def main() -> None:
     cache_state = "warm page cache (sources cached, output written and fsynced)"
     if args.cold:
         cache_state = "cold sources (evicted with posix_fadvise DONTNEED before every merge and cp)"
+    if args.drop_caches:
+        cache_state = "cold page cache (emptied with drop_caches before every merge and cp)"
+    if args.variant != "default":
+        cache_state += f"; variant {args.variant}"
+    if args.routing_check:
+        cache_state += "; routing check on"
     rows = [import_baseline(work, args.repeats)]
     for shape in args.shape or ["small", "large"]:
         rows += run_shape(shape, args, work)

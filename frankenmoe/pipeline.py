@@ -349,9 +349,10 @@ def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
 class BackgroundResult(Generic[T]):
     """Runs `compute` on a daemon thread while the caller goes on; `result()` waits for it.
 
-    The router computation runs this way so that its CPU work overlaps the writer's disk work. Its
-    thread uses one intra-op thread, which keeps the router rows bit-identical whatever the
-    machine's thread count; an exception in it is re-raised by `result()`.
+    The router computation and the routing check run this way, so that their CPU work overlaps the
+    writer's disk work. Each thread uses one intra-op thread; their matrix work goes to the slice
+    workers (layers.map_slices), whose results do not depend on how many there are, so router rows
+    are bit-identical whatever the machine's thread count. An exception in it is re-raised by `result()`.
 
     When the caller stops early (Ctrl-C, SIGTERM, an error), the thread is cancelled and joined: by
     `result()` if the wait itself is interrupted, otherwise at interpreter exit. It must not be left

@@ -20,7 +20,7 @@ import os
 import queue
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -30,6 +30,8 @@ import torch
 from frankenmoe.errors import ModelError, OutputError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_GROWING_BYTES = 2**62
+"""What `read_growing_header` lets a file's data section grow to."""
 COPY_CHUNK_BYTES = 64 * 1024 * 1024
 HASH_CHUNK_BYTES = 8 * 1024 * 1024
 _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF})
@@ -99,15 +101,32 @@ def tensor_nbytes(dtype: str, shape: Sequence[int]) -> int:
 
 def read_header(path: Path) -> dict[str, TensorLocation]:
     """Parse and check a safetensors header without trusting any number in it."""
+    locations = _read_header(path, growing=False)
+    assert locations is not None
+    return locations
+
+
+def read_growing_header(path: Path) -> dict[str, TensorLocation] | None:
+    """The header of a safetensors file another thread is still writing, None until the header is
+    complete. Tensors are not checked against the file's size, which grows as they are written; a
+    tensor's bytes are there once the file is at least `location.end` bytes long."""
+    return _read_header(path, growing=True)
+
+
+def _read_header(path: Path, growing: bool) -> dict[str, TensorLocation] | None:
     try:
         file_size = path.stat().st_size
         with path.open("rb") as handle:
             prefix = handle.read(8)
+            if len(prefix) < 8 and growing:
+                return None
             if len(prefix) < 8:
                 raise _corrupt(path, f"it is {file_size} bytes long, too short to hold a header")
             (header_length,) = struct.unpack("<Q", prefix)
             if header_length > MAX_HEADER_BYTES:
                 raise _corrupt(path, f"its header claims {header_length} bytes (the limit is {MAX_HEADER_BYTES})")
+            if 8 + header_length > file_size and growing:
+                return None
             if 8 + header_length > file_size:
                 raise _corrupt(
                     path,
@@ -126,7 +145,7 @@ def read_header(path: Path) -> dict[str, TensorLocation]:
     if not isinstance(header, dict):
         raise _corrupt(path, "its header is not a JSON object")
     data_start = 8 + header_length
-    data_size = file_size - data_start
+    data_size = MAX_GROWING_BYTES if growing else file_size - data_start
     locations: dict[str, TensorLocation] = {}
     for name, entry in header.items():
         if name == "__metadata__":
@@ -235,6 +254,96 @@ def read_rows(location: TensorLocation, start: int, stop: int) -> torch.Tensor:
     if filled != count:
         raise _cut_short(location)
     return torch.frombuffer(buffer, dtype=torch_dtype).reshape(stop - start, columns)
+
+
+def read_rows_into(location: TensorLocation, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
+    """`read_rows`, into the first bytes of `buffer` (a contiguous CPU tensor, large enough) instead of a
+    new buffer: the rows are a view of it. Callers reading many slices reuse one buffer, which stays in
+    the CPU's caches and costs no allocation or page faults."""
+    torch_dtype, item_size = DTYPES[location.dtype]
+    columns = location.shape[-1]
+    stop = min(stop, math.prod(location.shape[:-1]))
+    count = (stop - start) * columns * item_size
+    raw = buffer.view(torch.uint8).reshape(-1)[:count]
+    if len(raw) < count:
+        raise ValueError(f"a buffer of {len(raw)} bytes cannot hold {count}")
+    try:
+        with location.file.open("rb", buffering=0) as handle:
+            filled = os.preadv(handle.fileno(), [raw.numpy()], location.start + start * columns * item_size)
+    except OSError as error:
+        raise ModelError(f"Cannot read tensor {location.name!r} from {location.file}: {error}.") from None
+    if filled != count:
+        raise _cut_short(location)
+    return raw.view(torch_dtype).reshape(stop - start, columns)
+
+
+def advise_will_need(locations: Iterable[TensorLocation]) -> None:
+    """Ask the kernel to start reading these tensors' bytes into the page cache, without waiting for them
+    (POSIX_FADV_WILLNEED). Bytes already cached cost a look-up; where the call is missing, nothing happens."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for location in locations:
+        try:
+            descriptor = os.open(location.file, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(descriptor, location.start, location.nbytes, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            os.close(descriptor)
+
+
+READ_AHEAD_BYTES = 512 * 1024 * 1024
+"""How far ahead of the writer `ReadAhead` asks for source bytes."""
+
+
+class ReadAhead:
+    """Keeps the kernel reading the source bytes a writer will copy next, about `window` bytes ahead of it.
+
+    `pieces` are (output offset, source tensor): where in the output each source tensor's bytes go; the
+    writer's position is the total size of `outputs`, the files it writes one after the other. A thread
+    advises each piece (`advise_will_need`) once the writer is less than `window` bytes before it, so
+    from a cold page cache the next tensors, often in other files, are being read while the current one
+    is copied; the window bounds what the hints can add to the page cache.
+    """
+
+    POLL_SECONDS = 0.01
+
+    def __init__(
+        self, pieces: Sequence[tuple[int, TensorLocation]], outputs: Sequence[Path], window: int = READ_AHEAD_BYTES
+    ) -> None:
+        self._pieces = sorted(pieces, key=lambda piece: piece[0])
+        self._outputs = list(outputs)
+        self._window = window
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="frankenmoe-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        index = 0
+        while index < len(self._pieces) and not self._stop.is_set():
+            horizon = self._written() + self._window
+            start = index
+            while index < len(self._pieces) and self._pieces[index][0] < horizon:
+                index += 1
+            advise_will_need(location for _, location in self._pieces[start:index])
+            if index == start:
+                self._stop.wait(self.POLL_SECONDS)
+
+    def _written(self) -> int:
+        total = 0
+        for path in self._outputs:
+            try:
+                total += path.stat().st_size
+            except OSError:
+                break  # not begun yet (or removed: then the writer has stopped and so will this)
+        return total
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

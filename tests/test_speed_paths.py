@@ -1,0 +1,292 @@
+"""The fast paths compute what the plain ones do: the routing check run while the checkpoint is being
+written equals the check run on the finished checkpoint; matrix slices spread over worker threads give
+the same bits for any number of workers; attention applied to all sequences at once matches
+transformers' decoder layer run on each; the dual ridge solve equals the primal one."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from frankenmoe import layers, routing
+from frankenmoe.config import RouterConfig, load_config
+from frankenmoe.layers import (
+    MatrixRows,
+    MLPWeights,
+    StreamedDecoder,
+    activation_function,
+    greedy_continuations,
+    sliced_mlp,
+)
+from frankenmoe.pipeline import MergeOptions, execute_merge, prepare_merge
+from frankenmoe.routers import GateRequest, compute_gates
+from frankenmoe.routers.fit import ridge_solution
+from frankenmoe.routers.prompts import load_tokenizer
+from frankenmoe.routing import WrittenTensors, check_positive_prompts
+from frankenmoe.sources import load_source
+from frankenmoe.tensor_io import ShardEntry, ShardWriter, read_growing_header, read_tensor, tensor_bytes
+from frankenmoe.toymodels import write_toy_model
+from tests.conftest import TinyModels
+from tests.support import write_config
+
+# --- the routing check while writing -----------------------------------------------------------------------------
+
+
+class RoutedCalls:
+    """Every route_prompts call of the routing check, with the thread it ran on and its result."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[str, list[routing.PromptRouting]]] = []
+        original = routing.route_prompts
+
+        def recorded(*args: object, **kwargs: object) -> list[routing.PromptRouting]:
+            result = original(*args, **kwargs)  # type: ignore[arg-type]
+            self.calls.append((threading.current_thread().name, result))
+            return result
+
+        monkeypatch.setattr(routing, "route_prompts", recorded)
+
+
+def merged_with_check(tmp_path: Path, config: Path, **options: object) -> tuple[Path, routing.RoutingCheck | None]:
+    out = tmp_path / "out"
+    result = execute_merge(prepare_merge(config, out, MergeOptions(**options)))  # type: ignore[arg-type]
+    return out, result.routing_check
+
+
+def transformed_config(tmp_path: Path, tiny_models: TinyModels, gate_mode: str) -> Path:
+    """Three experts: one with residual_scale and noise (its tensors go through float32), two byte copies."""
+    config = write_config(tmp_path / "moe.yaml", tiny_models.base, tiny_models.experts, gate_mode=gate_mode)
+    data = yaml.safe_load(config.read_text())
+    data["experts"][1]["noise_scale"] = 0.01
+    data["experts"][1]["residual_scale"] = 0.5
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    return config
+
+
+def assert_check_while_writing_equals_check_after(
+    calls: RoutedCalls, out: Path, during: routing.RoutingCheck | None, config: Path
+) -> None:
+    experts = load_config(config).experts
+    assert during is not None
+    assert [thread for thread, _ in calls.calls] == ["frankenmoe-check"]  # it ran while writing, once
+    after = check_positive_prompts(out, experts)
+    assert after == during
+    (_, routed_during), (_, routed_after) = calls.calls
+    assert len(routed_during) == len(routed_after)
+    for first, second in zip(routed_during, routed_after, strict=True):
+        assert first.tokens == second.tokens
+        assert torch.equal(first.prompt.token_ids, second.prompt.token_ids)
+        assert torch.equal(first.probabilities, second.probabilities)  # bit for bit, every layer and token
+
+
+@pytest.mark.parametrize(
+    ("gate_mode", "layout"), [("hidden", "classic"), ("hidden", "fused"), ("random", "classic"), ("fit", "classic")]
+)
+def test_the_check_while_writing_equals_the_check_of_the_written_checkpoint_with_a_transformed_expert(
+    tmp_path: Path, tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch, gate_mode: str, layout: str
+) -> None:
+    calls = RoutedCalls(monkeypatch)
+    config = transformed_config(tmp_path, tiny_models, gate_mode)
+    if gate_mode == "fit":
+        data = yaml.safe_load(config.read_text())
+        data["router"] = {"continuation_tokens": 4}
+        config.write_text(yaml.safe_dump(data, sort_keys=False))
+    out, during = merged_with_check(tmp_path, config, layout=layout)
+    assert_check_while_writing_equals_check_after(calls, out, during, config)
+
+
+def test_the_check_while_writing_equals_the_check_after_for_qwen2_moe_with_a_shared_expert(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = write_toy_model(tmp_path / "qwen2", model_type="qwen2", base_seed=3)
+    experts = [write_toy_model(tmp_path / f"qwen2-{index}", model_type="qwen2", base_seed=3, mlp_seed=index) for index in (1, 2)]
+    shared = write_toy_model(tmp_path / "qwen2-shared", model_type="qwen2", base_seed=3, mlp_seed=9)
+    config = write_config(tmp_path / "moe.yaml", base, experts, gate_mode="hidden")
+    data = yaml.safe_load(config.read_text())
+    data["shared_experts"] = [{"source_model": str(shared), "positive_prompts": ["anything at all"]}]
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    calls = RoutedCalls(monkeypatch)
+    out, during = merged_with_check(tmp_path, config)
+    assert_check_while_writing_equals_check_after(calls, out, during, config)
+
+
+def test_the_check_reads_the_routers_the_writer_writes(
+    tmp_path: Path, tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the check used for every router is, byte for byte, what the checkpoint holds."""
+    used: list[routing.ComputedRows] = []
+    original = routing.ComputedRows.matches_written
+
+    def recorded(self: routing.ComputedRows, checkpoint: object) -> bool:
+        used.append(self)
+        return original(self, checkpoint)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(routing.ComputedRows, "matches_written", recorded)
+    out, _ = merged_with_check(tmp_path, transformed_config(tmp_path, tiny_models, "hidden"))
+    (rows,) = used
+    tensors = routing.load_checkpoint(out).tensors
+    assert sorted(rows.used) == sorted(name for name in tensors if name.endswith("block_sparse_moe.gate.weight"))
+    for name, value in rows.used.items():
+        assert torch.equal(read_tensor(tensors[name]).view(torch.uint8), value.view(torch.uint8))
+
+
+def test_written_tensors_hand_out_a_tensor_only_once_its_bytes_are_written(tmp_path: Path) -> None:
+    path = tmp_path / "shard.safetensors"
+    first, second = torch.arange(6, dtype=torch.float32), torch.arange(6, 12, dtype=torch.float32)
+    writer = ShardWriter(path, [ShardEntry("first", "F32", (6,)), ShardEntry("second", "F32", (6,))], {})
+    header = read_growing_header(path)
+    assert header is not None and set(header) == {"first", "second"}
+    writer.begin("first")
+    writer.write_bytes(tensor_bytes(first))
+    tensors = WrittenTensors({"first": path, "second": path}, tmp_path)
+    assert torch.equal(read_tensor(tensors["first"]), first)
+
+    found: list[torch.Tensor] = []
+    reader = threading.Thread(target=lambda: found.append(read_tensor(tensors["second"])))
+    reader.start()
+    reader.join(0.2)
+    assert reader.is_alive() and not found  # still waiting: "second" is not written yet
+    writer.begin("second")
+    writer.write_bytes(tensor_bytes(second))
+    writer.close()
+    reader.join(10)
+    assert torch.equal(found[0], second)
+
+
+def test_a_growing_header_is_none_until_complete(tmp_path: Path) -> None:
+    path = tmp_path / "partial.safetensors"
+    path.write_bytes(b"\x10\x00\x00")
+    assert read_growing_header(path) is None
+    path.write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{")
+    assert read_growing_header(path) is None
+
+
+def test_written_tensors_give_up_when_the_staging_folder_goes(tmp_path: Path) -> None:
+    folder = tmp_path / "staging"
+    folder.mkdir()
+    tensors = WrittenTensors({"never": folder / "shard.safetensors"}, folder)
+    remover = threading.Timer(0.1, folder.rmdir)
+    remover.start()
+    started = time.monotonic()
+    with pytest.raises(routing.ModelError, match="went away"):
+        tensors["never"]
+    assert time.monotonic() - started < 30
+    remover.join()
+
+
+# --- slice workers ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def many_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(layers, "SLICE_BYTES", 7 * 64 * 4)  # 7-row slices of the tiny models' 64-wide matrices
+
+
+def with_workers(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", str(count))
+    assert layers.slice_workers() == count
+
+
+def test_slices_give_the_same_bits_for_any_number_of_workers(
+    tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch, many_slices: None
+) -> None:
+    source = load_source(str(tiny_models.experts[0]))
+    weights = MLPWeights(*(MatrixRows.whole(source.tensor(source.family.mlp_name(1, part))) for part in layers.MLP_PARTS))
+    tokens = torch.randn(37, 64, generator=torch.Generator().manual_seed(5))
+    results = []
+    for count in (1, 2, 3):
+        with_workers(monkeypatch, count)
+        results.append(sliced_mlp(tokens, weights, activation_function("silu")))
+    assert len(weights.gate_proj.slice_starts) > 3
+    assert all(torch.equal(result, results[0]) for result in results)
+    torch.testing.assert_close(results[0], plain_mlp(tokens, weights), rtol=1e-5, atol=1e-6)
+
+
+def plain_mlp(tokens: torch.Tensor, weights: MLPWeights) -> torch.Tensor:
+    gate, up, down = (read_tensor(matrix.location).float() for matrix in (weights.gate_proj, weights.up_proj, weights.down_proj))
+    return (torch.nn.functional.silu(tokens @ gate.T) * (tokens @ up.T)) @ down.T
+
+
+def test_continuations_and_fit_gates_are_the_same_for_any_number_of_workers(
+    tmp_path: Path, tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch, many_slices: None
+) -> None:
+    source = load_source(str(tiny_models.base))
+    experts = load_config(write_config(tmp_path / "workers.yaml", tiny_models.base, tiny_models.experts)).experts
+    tokenizer = load_tokenizer(tiny_models.base)
+    prompts = [torch.tensor(tokenizer(text)["input_ids"]) for text in ("red blue", "the river ran", "seven")]
+    continuations, gates = [], []
+    for count in (1, 3):
+        with_workers(monkeypatch, count)
+        decoder = StreamedDecoder(source.config, source.tensors)
+        continuations.append([c.tolist() for c in greedy_continuations(decoder, prompts, 5, frozenset())])
+        request = GateRequest(base=source, experts=experts, router=RouterConfig(continuation_tokens=3))
+        gates.append(compute_gates("fit", request).router)
+    assert continuations[0] == continuations[1]
+    assert torch.equal(gates[0], gates[1])
+
+
+def test_fit_gates_are_identical_from_run_to_run(tmp_path: Path, tiny_models: TinyModels) -> None:
+    source = load_source(str(tiny_models.base))
+    experts = load_config(write_config(tmp_path / "twice.yaml", tiny_models.base, tiny_models.experts)).experts
+    request = GateRequest(base=source, experts=experts, router=RouterConfig(continuation_tokens=4))
+    assert torch.equal(compute_gates("fit", request).router, compute_gates("fit", request).router)
+
+
+# --- attention for all sequences at once -----------------------------------------------------------------------------
+
+FAMILIES = {
+    "mistral": {},
+    "llama-with-biases": {"attention_bias": True},
+    "qwen2": {},
+    "qwen3": {},
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_attention_for_all_sequences_at_once_matches_the_transformers_layer_on_each(
+    tmp_path: Path, family: str, many_slices: None
+) -> None:
+    model_type = family.split("-")[0]
+    folder = write_toy_model(tmp_path / family, model_type=model_type, extra_config=FAMILIES[family], weight_std=0.2)
+    source = load_source(str(folder))
+    decoder = StreamedDecoder(source.config, source.tensors)
+    generator = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(0, 32000, (length,), generator=generator) for length in (5, 1, 9)]
+    caches = [layers_cache() for _ in sequences]
+    reference_caches = [layers_cache() for _ in sequences]
+    module = decoder.load_layer(1)
+    module.mlp = layers._NoMLP()
+    for step in range(2):
+        # First the whole sequences, then one new token each behind the caches.
+        hidden = [decoder.embed(tokens if step == 0 else tokens[-1:] + 1) for tokens in sequences]
+        together = decoder.attend(1, hidden, caches)
+        for state, cache, output in zip(hidden, reference_caches, together, strict=True):
+            alone = decoder.run_layer(module, state, cache)
+            torch.testing.assert_close(output.hidden, alone.hidden, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(output.router_input, alone.router_input, rtol=1e-5, atol=1e-5)
+
+
+def layers_cache() -> object:
+    from transformers.cache_utils import DynamicCache
+
+    return DynamicCache()
+
+
+# --- the dual ridge solve ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokens", [40, 300])
+def test_the_ridge_solution_is_the_primal_one_in_either_form(tokens: int) -> None:
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn(tokens, 120, generator=generator, dtype=torch.float64)
+    y = torch.rand(tokens, 4, generator=generator, dtype=torch.float64)
+    w = torch.rand(tokens, 1, generator=generator, dtype=torch.float64) + 0.1
+    gram = x.T @ (w * x)
+    ridge = 0.05 * torch.trace(gram) / 120
+    primal = torch.linalg.solve(gram + ridge * torch.eye(120, dtype=torch.float64), x.T @ (w * y))
+    torch.testing.assert_close(ridge_solution(x, y, w, 0.05), primal, rtol=1e-9, atol=1e-12)
