@@ -1,8 +1,10 @@
-"""The quality benchmark's code paths on tiny random models: corpus splits, MLP-only training, merge,
-perplexity with routing counts, gain-retained arithmetic and the results table."""
+"""The quality benchmark's code paths on tiny random models: corpus splits, MLP-only and full
+fine-tuning, merge, perplexity with routing counts, gain-retained arithmetic, the results tables
+and the mergekit-moe config."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,10 +12,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from benchmarks.quality import run as quality_run
 from benchmarks.quality.corpora import Document, code_documents, is_prose, maths_documents, token_blocks
 from benchmarks.quality.evaluate import evaluate, gain_retained, load_model
-from benchmarks.quality.run import MAIN_SET, Variant, merge_variant, render_tables
-from benchmarks.quality.training import TrainingSettings, train_mlp_expert
+from benchmarks.quality.full_finetunes import MERGEKIT_NAME, SHARED_TRUNKS
+from benchmarks.quality.full_finetunes import render_tables as render_full_tables
+from benchmarks.quality.full_finetunes import variants as full_variants
+from benchmarks.quality.mergekit_reference import mergekit_config
+from benchmarks.quality.run import MAIN_SET, PROMPTS, Variant, merge_variant, render_tables
+from benchmarks.quality.training import TRAINING_LOG, TrainingSettings, settings_record, train_mlp_expert
 from frankenmoe.toymodels import write_toy_model
 
 PROSE = (
@@ -121,6 +128,59 @@ def test_benchmark_pipeline_on_tiny_models(tmp_path: Path) -> None:
         dense_maths.perplexity, rel=1e-4
     )
 
+    # MLP-only logs keep their old settings record (no `trained` key), so cached experts stay valid.
+    assert "trained" not in json.loads((experts["code"] / TRAINING_LOG).read_text())["settings"]
+
+
+def test_full_fine_tune_trains_everything_but_the_embeddings(tmp_path: Path) -> None:
+    torch.set_num_threads(2)
+    base = write_toy_model(tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    maths_blocks = token_blocks(maths_documents("train", 40), tokenizer, 32)
+    settings = TrainingSettings(steps=2, batch_size=2, learning_rate=1e-3, trained="full")
+    log = train_mlp_expert(base, tmp_path / "full", maths_blocks, settings)
+    assert json.loads((tmp_path / "full" / TRAINING_LOG).read_text())["settings"] == settings_record(settings)
+    assert settings_record(settings)["trained"] == "full"
+    base_tensors = load_file(base / "model.safetensors")
+    trained = load_file(tmp_path / "full" / "model.safetensors")
+    for name, tensor in base_tensors.items():
+        frozen = "embed_tokens." in name or "lm_head." in name
+        assert torch.equal(tensor, trained[name]) == frozen, name
+    assert log.trainable_parameters + log.frozen_parameters == sum(t.numel() for t in base_tensors.values())
+    with pytest.raises(ValueError, match="trained must be"):
+        train_mlp_expert(base, tmp_path / "bad", maths_blocks, TrainingSettings(steps=1, trained="attention"))
+
+    # A merge of base + the full fine-tune (twice, as code and maths) keeps only its MLPs: the shared
+    # tensors are the base's, so the MoE is not the fine-tune, but the merge runs and scores.
+    moe_folder = tmp_path / "moe"
+    variant = full_variants()[0]
+    merge_variant(variant, base, {"code": tmp_path / "full", "maths": tmp_path / "full"}, moe_folder)
+    result = evaluate(load_model(moe_folder), maths_blocks[:2], batch_size=1)
+    assert result.top1_share is not None and len(result.top1_share) == 3
+
+
+def test_full_variants_and_mergekit_config(tmp_path: Path) -> None:
+    names = [variant.name for variant in full_variants()]
+    assert names[:2] == [f"{MAIN_SET} | fit | keyword | shared: base", f"{MAIN_SET} | hidden | keyword | shared: base"]
+    assert len(names) == len(SHARED_TRUNKS) + 1 and len(set(names)) == len(names)
+    by_name = {variant.name: variant for variant in full_variants()}
+    folders = {"code": tmp_path / "c", "maths": tmp_path / "m"}
+    config = by_name[f"{MAIN_SET} | fit | keyword | shared: task_arithmetic lambda=1.0"].config(tmp_path, folders)
+    assert config["shared_weights"] == {"method": "task_arithmetic", "lambda": 1.0}
+    assert config["experts_per_token"] == 2 and config["gate_mode"] == "fit"
+    assert "shared_weights" not in full_variants()[0].config(tmp_path / "base", {"code": tmp_path, "maths": tmp_path})
+
+    reference = mergekit_config(
+        tmp_path / "base", {"code": tmp_path / "c", "maths": tmp_path / "m"}, PROMPTS["keyword"]
+    )
+    assert reference["gate_mode"] == "hidden" and reference["experts_per_token"] == 2
+    assert [expert["source_model"] for expert in reference["experts"]] == [
+        str(tmp_path / "base"),
+        str(tmp_path / "c"),
+        str(tmp_path / "m"),
+    ]
+    assert reference["experts"][1]["positive_prompts"] == list(PROMPTS["keyword"]["code"])
+
 
 def test_results_table_reports_gain_retained() -> None:
     def entry(code: float, maths: float, prose: float, shares: list[float] | None = None) -> dict:
@@ -139,3 +199,32 @@ def test_results_table_reports_gain_retained() -> None:
     table = render_tables(results)
     assert "| m | 7.000 | 5.000 | 20.000 | 75% | 75% | +0.0% |" in table
     assert "0.20 / 0.50 / 0.30" in table
+
+    full = {
+        "eval_blocks": 1,
+        "dense": {
+            "base": entry(10, 8, 20),
+            "code full fine-tune": entry(5, 8, 21),
+            "maths full fine-tune": entry(10, 2, 21),
+        },
+        "merges": {"f": entry(6, 5, 19, [0.2, 0.5, 0.3]), MERGEKIT_NAME: entry(9, 7, 22, [0.1, 0.1, 0.8])},
+        "failures": {"other tool": "Traceback ...\nImportError: no module named x"},
+    }
+    full_table = render_full_tables(full)
+    assert "| f | 6.000 | 5.000 | 19.000 | 80% | 50% | -5.0% | 0.20 / 0.50 / 0.30 |" in full_table
+    assert f"| {MERGEKIT_NAME} | 9.000 | 7.000 | 22.000 | 20% | 17% | +10.0% |" in full_table
+    assert "other tool: failed: `ImportError: no module named x`" in full_table
+
+
+def test_results_file_keeps_each_benchmarks_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quality_run, "RESULTS_TABLE", tmp_path / "results.md")
+    quality_run.write_results("mlp grid\n", None)
+    assert (tmp_path / "results.md").read_text() == "mlp grid\n"
+    quality_run.write_results(None, "## Full fine-tunes\n")
+    quality_run.write_results("new mlp grid\n", None)
+    text = (tmp_path / "results.md").read_text()
+    assert text.startswith("new mlp grid\n") and text.endswith("## Full fine-tunes\n")
+    assert text.count(quality_run.FULL_SECTION_MARKER) == 1
+    quality_run.write_results(None, "## Full fine-tunes, again\n")
+    assert (tmp_path / "results.md").read_text().startswith("new mlp grid\n")
+    assert (tmp_path / "results.md").read_text().endswith("again\n")

@@ -31,7 +31,7 @@ RECIPES: dict[str, tuple[int, float]] = {"code": (300, 3e-4), "maths": (64, 5e-4
 # 90 s in float32 (bf16 autocast is slower still there: its backward falls back to a plain gemm), so
 # only this pilot budget fitted: the same batches and seeds, far fewer steps, a higher code lr to
 # move code at all. See README "Full fine-tunes". Pass --steps / --lr for the full budget.
-FULL_RECIPES: dict[str, tuple[int, float]] = {"code": (8, 5e-4), "maths": (6, 5e-4)}
+FULL_RECIPES: dict[str, tuple[int, float]] = {"code": (14, 5e-4), "maths": (6, 5e-4)}
 FULL_BF16_AUTOCAST = False
 
 

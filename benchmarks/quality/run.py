@@ -35,6 +35,7 @@ from frankenmoe.errors import FrankenMoEError
 from frankenmoe.routers import GATE_FUNCTIONS
 
 RESULTS_TABLE = Path(__file__).resolve().parent / "results.md"
+FULL_SECTION_MARKER = "<!-- full fine-tunes (written by benchmarks.quality.full_finetunes) -->"
 MERGES = CACHE / "merges"
 
 PROMPTS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -91,6 +92,8 @@ class Variant:
     gate_mode: str
     prompt_kind: str | None
     router: dict[str, Any] = field(default_factory=dict)
+    shared_weights: dict[str, Any] = field(default_factory=dict)
+    """The config's `shared_weights` block (how the non-expert tensors are made); empty: frankenmoe's default."""
 
     def config(self, base: Path, expert_folders: dict[str, Path]) -> dict[str, Any]:
         """The merge config; the "general" expert is the base model itself."""
@@ -109,6 +112,8 @@ class Variant:
         }
         if self.router:
             config["router"] = dict(self.router)
+        if self.shared_weights:
+            config["shared_weights"] = dict(self.shared_weights)
         return config
 
     def resolved_router(self) -> RouterConfig:
@@ -239,8 +244,19 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not args.table_only:
         run(args.eval_blocks, args.only, *args.worker)
-    RESULTS_TABLE.write_text(render_tables(load_results()))
+    write_results(render_tables(load_results()), None)
     print(RESULTS_TABLE.read_text())
+
+
+def write_results(mlp_tables: str | None, full_tables: str | None) -> None:
+    """Rewrite results.md: the MLP-only grid, then the full fine-tune section after its marker. None
+    keeps that part as it is in the file (each benchmark rewrites only its own part)."""
+    old = RESULTS_TABLE.read_text() if RESULTS_TABLE.is_file() else ""
+    old_mlp, _, old_full = old.partition(FULL_SECTION_MARKER)
+    mlp = old_mlp.rstrip("\n") + "\n" if mlp_tables is None else mlp_tables
+    full = old_full.strip("\n") + "\n" if full_tables is None else full_tables
+    text = mlp if not full.strip() else f"{mlp}\n{FULL_SECTION_MARKER}\n\n{full}"
+    RESULTS_TABLE.write_text(text)
 
 
 def run(eval_block_count: int, only: list[str] | None, worker: int, workers: int) -> None:
