@@ -214,6 +214,8 @@ def test_results_table_reports_gain_retained() -> None:
     assert "| f | 6.000 | 5.000 | 19.000 | 80% | 50% | -5.0% | 0.20 / 0.50 / 0.30 |" in full_table
     assert f"| {MERGEKIT_NAME} | 9.000 | 7.000 | 22.000 | 20% | 17% | +10.0% |" in full_table
     assert "other tool: failed: `ImportError: no module named x`" in full_table
+    full["dense"]["code full fine-tune"] = entry(11, 8, 21)  # worse than the base on code: no gain to keep
+    assert "| f | 6.000 | 5.000 | 19.000 | n/a | 50% |" in render_full_tables(full)
 
 
 def test_results_file_keeps_each_benchmarks_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

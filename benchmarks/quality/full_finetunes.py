@@ -189,6 +189,13 @@ def _summary(entry: dict[str, Any]) -> str:
     return ", ".join(f"{domain} {entry[domain]['perplexity']:.3f}" for domain in EVAL_DOMAINS)
 
 
+def _kept(base: float, merged: float, expert: float) -> str:
+    """Gain kept, or "n/a" when the expert is no better than the base on its own domain (no gain to keep)."""
+    if expert >= base:
+        return "n/a"
+    return f"{gain_retained(base, merged, expert):.0%}"
+
+
 def render_tables(results: dict[str, Any]) -> str:
     """Markdown: the dense rows, then per merge perplexities, gain kept of each full fine-tune's own gain,
     prose against the base and routing shares."""
@@ -221,7 +228,8 @@ def render_tables(results: dict[str, Any]) -> str:
         return "\n".join(lines) + "\n"
     lines += [
         "",
-        "Gain kept = (ppl_base - ppl_merge) / (ppl_base - ppl_full_fine_tune) on the expert's own domain; prose = "
+        "Gain kept = (ppl_base - ppl_merge) / (ppl_base - ppl_full_fine_tune) on the expert's own domain (n/a: "
+        "that fine-tune is no better than the base there, so it has no gain to keep); prose = "
         "change against the base (negative is better). Routing: share of (token, layer) pairs whose top-1 expert "
         "is general / code / maths.",
         "",
@@ -234,7 +242,7 @@ def render_tables(results: dict[str, Any]) -> str:
     ]
     for name, entry in results.get("merges", {}).items():
         ppl = {domain: entry[domain]["perplexity"] for domain in EVAL_DOMAINS}
-        kept = [f"{gain_retained(base[d], ppl[d], expert[d]):.0%}" for d in EXPERT_DOMAINS]
+        kept = [_kept(base[d], ppl[d], expert[d]) for d in EXPERT_DOMAINS]
         shares = [" / ".join(f"{share:.2f}" for share in entry[d].get("top1_share", [])) for d in EVAL_DOMAINS]
         lines.append(
             f"| {name} | "
