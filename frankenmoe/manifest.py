@@ -88,9 +88,13 @@ def weight_fingerprint(path: Path, full_hash: bool = False) -> dict[str, Any]:
 def source_record(role: str, source: SourceModel, full_hash: bool = False) -> dict[str, Any]:
     """Where a source model was read from and a fingerprint of every file it gave weights or config."""
     files = sorted({location.file for location in source.tensors.values()} | {source.path / "config.json"})
+    model_reference = source.reference.partition("+")[0] if source.adapter is not None else source.reference
     record: dict[str, Any] = {"role": role, "reference": source.reference, "folder": str(source.path)}
-    record.update(hub_location(source.path, source.reference))
+    record.update(hub_location(source.path, model_reference))
     record["files"] = [weight_fingerprint(file, full_hash) for file in files]
+    if source.adapter is not None:
+        adapter_files = (source.adapter.weight_file, source.adapter.weight_file.parent / "adapter_config.json")
+        record["adapter_files"] = [weight_fingerprint(file, full_hash) for file in adapter_files]
     return record
 
 

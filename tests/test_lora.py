@@ -469,3 +469,30 @@ def test_a_base_model_with_an_adapter_and_a_laser_on_adapted_matrices_are_refuse
     assert "which its LoRA adapter changes; laser analyses a model's matrices without the adapter" in " ".join(
         result.output.split()
     )
+
+
+def test_the_build_record_fingerprints_the_adapter_so_an_edited_adapter_rebuilds(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    llama = models["llama"]
+    adapter = make_adapter(llama, tmp_path / "adapter", seed=4, r=4, lora_alpha=8)
+    config = tmp_path / "variant.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "base_model": str(llama),
+                "gate_mode": "random",
+                "experts_per_token": 1,
+                "experts": [{"source_model": str(llama)}, {"source_model": f"{llama}+{adapter.folder}"}],
+            }
+        )
+    )
+    builds = tmp_path / "builds"
+    assert run_cli("build", config, "--out-dir", builds, "--no-check").exit_code == 0
+    manifest = json.loads((builds / "variant" / "frankenmoe-manifest.json").read_text())
+    recorded = [file["name"] for file in manifest["sources"][2]["adapter_files"]]
+    assert recorded == ["adapter_model.safetensors", "adapter_config.json"]
+
+    make_adapter(llama, adapter.folder, seed=5, r=4, lora_alpha=8)
+    rebuilt = run_cli("build", config, "--out-dir", builds, "--no-check")
+    assert rebuilt.exit_code == 0 and "a source model's files changed" in rebuilt.output
