@@ -80,12 +80,12 @@ def depends_on(job: str | Variant) -> dict[str, Any]:
     """What a cached result was computed from (a different record means stale, recomputed)."""
     if job == "base":
         return {}
+    if job == MERGEKIT_NAME:
+        return {"experts": {domain: expert_settings(domain) for domain in EXPERT_DOMAINS}, "tool": "mergekit==0.1.5"}
     if isinstance(job, str):
         domain = job.split()[0]
         return {"expert": expert_settings(domain)}
     experts = {domain: expert_settings(domain) for domain in EXPERT_DOMAINS}
-    if job.name == MERGEKIT_NAME:
-        return {"experts": experts, "tool": "mergekit==0.1.5"}
     return {"experts": experts, "router": asdict(job.resolved_router()), "shared_weights": job.shared_weights}
 
 
@@ -178,6 +178,7 @@ def run_mergekit(eval_block_count: int = 16) -> None:
     entry = {"config": config, "depends_on": depends_on(MERGEKIT_NAME), "merge_seconds": seconds}
     entry.update(evaluate_folder(mergekit_reference.OUT, _eval_blocks(base, eval_block_count)))
     entry["seconds"] = seconds + time.perf_counter() - started
+    results = load_results()  # again: a full_finetunes run may have added rows meanwhile
     results["merges"][MERGEKIT_NAME] = entry
     results.get("failures", {}).pop(MERGEKIT_NAME, None)
     save_results(results)
