@@ -2,6 +2,7 @@
 
     python benchmarks/generation_step.py                  # Mistral-7B-shaped layers, 2 and 4 of them
     python benchmarks/generation_step.py --threads 2      # matrix slices spread over 2 worker threads
+    python benchmarks/generation_step.py --threads 2 --weight-cache 12GB   # float32 slices kept between steps
 
 Writes random-weight bfloat16 models with 2 and 4 layers of the shape (cached in .cache/generation/),
 then times `greedy_continuations` for 8 prompts as the merge's router thread runs it (one intra-op
@@ -22,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from frankenmoe.layers import StreamedDecoder, greedy_continuations
+from frankenmoe.layers import SliceCache, StreamedDecoder, greedy_continuations
 from frankenmoe.memory import keep_large_buffers_out_of_the_heap
+from frankenmoe.plan import parse_size
 from frankenmoe.sources import load_source
 from frankenmoe.toymodels import ToyShape, write_toy_model
 
@@ -31,10 +33,11 @@ CACHE = Path(__file__).resolve().parent / ".cache" / "generation"
 PROMPTS = [torch.tensor([1, 100 + index, 200 + index, 300, 400, 500]) for index in range(8)]
 
 
-def seconds_per_step(folder: Path, steps: int) -> tuple[float, float]:
+def seconds_per_step(folder: Path, steps: int, cache_bytes: int = 0) -> tuple[float, float]:
     """Wall and CPU seconds per generated token (CPU: this process's user + system time, all threads)."""
     source = load_source(str(folder))
-    decoder = StreamedDecoder(source.config, source.tensors)
+    cache = SliceCache(cache_bytes) if cache_bytes else None
+    decoder = StreamedDecoder(source.config, source.tensors, slice_cache=cache)
     greedy_continuations(decoder, PROMPTS, 1, set())  # warm the page cache
     cpu_started, started = _cpu_seconds(), time.perf_counter()
     greedy_continuations(decoder, PROMPTS, steps, set())
@@ -53,6 +56,7 @@ def main() -> None:
     parser.add_argument("--model-layers", type=int, default=32, help="layers of the full model to extrapolate to")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="slice worker threads (sets OMP_NUM_THREADS)")
+    parser.add_argument("--weight-cache", default="0", help="float32 slices kept between steps (layers.SliceCache)")
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by frankenmoe.layers.slice_workers
     keep_large_buffers_out_of_the_heap()
@@ -63,7 +67,7 @@ def main() -> None:
         folder = CACHE / f"h{args.hidden}-i{args.intermediate}-l{layers}"
         if not (folder / "model.safetensors").is_file():
             write_toy_model(folder, shape=shape, dtype="bfloat16")
-        timings[layers], cpu[layers] = seconds_per_step(folder, args.steps)
+        timings[layers], cpu[layers] = seconds_per_step(folder, args.steps, 0 if args.weight_cache == "0" else parse_size(args.weight_cache))
         print(
             f"{layers} layers: {timings[layers]:.2f} s per generated token, {cpu[layers]:.2f} s CPU "
             f"(8 prompts, {args.threads} thread(s))",

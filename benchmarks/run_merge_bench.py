@@ -4,6 +4,8 @@
     python benchmarks/run_merge_bench.py --shape small --repeats 5
     python benchmarks/run_merge_bench.py --cold --update-readme
     python benchmarks/run_merge_bench.py --shape large --mode random --mode hidden --routing-check --drop-caches
+    python benchmarks/run_merge_bench.py --shape large --mode random --mode hidden --routing-check \
+        --mergekit-moe benchmarks/.cache/mergekit-venv/bin/mergekit-moe
 
 Each merge runs as its own process. For every run this records the wall time, the peak RSS
 (ru_maxrss from wait4), and the process's I/O counters from /proc/PID/io, read after the process
@@ -11,7 +13,9 @@ exits but before it is reaped. Right after each merge, `cp` copies the same numb
 same source files and `sync` flushes them, as the merge fsyncs its shards: that is the floor a merge
 cannot beat on this disk. The default is a warm page cache; --cold evicts the source files first,
 --drop-caches empties the whole page cache (as root) before every merge and every cp. --variant runs
-the merge with one of frankenmoe's speed-ups switched off, to measure what it gains.
+the merge with one of frankenmoe's speed-ups switched off, to measure what it gains. With
+--mergekit-moe (the executable of a mergekit installed in a virtual environment of its own, never a
+frankenmoe dependency), mergekit-moe merges the same config right after each frankenmoe merge.
 
 This process imports neither torch nor frankenmoe: a child's ru_maxrss starts from its parent's peak
 RSS (exec keeps the old address space's high-water mark), so the parent must stay small.
@@ -38,6 +42,7 @@ README = BENCH_DIR / "README.md"
 TABLE_START = "<!-- merge-bench:start -->"
 TABLE_END = "<!-- merge-bench:end -->"
 GATE_MODES = ("random", "cheap_embed", "hidden", "fit")
+MERGEKIT_MODES = ("random", "cheap_embed", "hidden")
 VARIANTS = {
     "default": "",
     # No read-ahead hints: neither ReadAhead's ahead of the writer nor the hidden pass's per layer.
@@ -63,6 +68,8 @@ class Measurement:
     wchar: int
     read_bytes: int
     write_bytes: int
+    cpu_s: float = 0.0
+    """User + system CPU seconds of the merge process (all threads): less disturbed by other load than wall time."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,7 @@ def measure(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Me
         wchar=int(io["wchar"]),
         read_bytes=int(io["read_bytes"]),
         write_bytes=int(io["write_bytes"]),
+        cpu_s=usage.ru_utime + usage.ru_stime,
     )
 
 
@@ -201,11 +209,22 @@ def run_shape(shape: str, args: argparse.Namespace, work: Path) -> list[Row]:
             print(f"{shape} {mode} run {repeat + 1}: {_describe(measurement)}; stages: {stages}", flush=True)
             # The floor is taken right after each merge, so both see the disk in the same state (a long
             # compute-bound merge lets earlier writeback finish; a copy right after it runs faster).
+            if args.mergekit_moe and mode in MERGEKIT_MODES:
+                shutil.rmtree(out, ignore_errors=True)
+                make_cold(args, sources)
+                command = [args.mergekit_moe, str(configs[mode]), str(out), "--quiet"]
+                if mode == "random":
+                    command.append("--i-understand-this-is-not-useful-without-training")
+                reference = measure(command, work / f"{shape}-mergekit-{mode}-{repeat}.log")
+                shutil.rmtree(out)
+                runs.setdefault(f"mergekit-moe {mode}", []).append(reference)
+                floors.setdefault(f"mergekit-moe {mode}", [])
+                print(f"{shape} mergekit-moe {mode} run {repeat + 1}: {_describe(reference)}", flush=True)
             make_cold(args, sources)
             floor = copy_floor(sources, output_bytes, work / "floor", work / f"{shape}-{mode}-floor-{repeat}.log")
             floors[mode].append(floor)
             print(f"{shape} cp floor after {mode} run {repeat + 1}: {floor:.2f} s for {output_bytes / 1e9:.2f} GB")
-    return [Row(shape, mode, runs[mode], floors[mode], output_bytes) for mode in args.modes]
+    return [Row(shape, task, runs[task], floors[task], output_bytes) for task in runs]
 
 
 def import_baseline(work: Path, repeats: int) -> Row:
@@ -231,7 +250,7 @@ def _stage_seconds(out: Path) -> str:
 
 def _describe(run: Measurement) -> str:
     return (
-        f"{run.wall_s:.2f} s, peak RSS {run.peak_rss_bytes / 1e6:.0f} MB, "
+        f"{run.wall_s:.2f} s ({run.cpu_s:.1f} s CPU), peak RSS {run.peak_rss_bytes / 1e6:.0f} MB, "
         f"read {run.rchar / 1e9:.2f} GB, written {run.wchar / 1e9:.2f} GB"
     )
 
@@ -302,6 +321,11 @@ def targets(rows: list[Row], check_on: bool = False, cold: bool = False) -> list
             if ("large", mode) in by_key:
                 row = by_key["large", mode]
                 checks.append((f"large {mode}, cold: wall / cold cp floor <= 1.3", row.wall_s / row.floor_s, 1.3))
+    for shape in ("small", "large"):
+        for mode in ("random", "hidden"):
+            if (shape, mode) in by_key and (shape, f"mergekit-moe {mode}") in by_key:
+                ratio = by_key[shape, mode].wall_s / by_key[shape, f"mergekit-moe {mode}"].wall_s
+                checks.append((f"{shape} {mode}: frankenmoe wall / mergekit-moe wall <= 0.6", ratio, 0.6))
     if ("large", "fit") in by_key and ("large", "hidden") in by_key:
         ratio = by_key["large", "fit"].wall_s / by_key["large", "hidden"].wall_s
         checks.append(("large: fit wall / hidden wall <= 3", ratio, 3.0))
@@ -335,6 +359,7 @@ def main() -> None:
         help="empty the whole page cache before each merge and each cp (root; every other process's files go cold too)",
     )
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="default", help="switch a speed-up off")
+    parser.add_argument("--mergekit-moe", help="mergekit-moe executable to time on the same configs")
     parser.add_argument("--update-readme", action="store_true", help=f"replace the results table in {README}")
     args = parser.parse_args()
     args.modes = args.modes or list(GATE_MODES)

@@ -200,28 +200,76 @@ class MLPWeights:
     down_scale: float | None = None
 
 
-def sliced_linear(tokens: torch.Tensor, matrix: MatrixRows, bias: torch.Tensor | None = None) -> torch.Tensor:
+class SliceCache:
+    """Float32 matrix slices kept from pass to pass, up to `budget` bytes in all.
+
+    Text generation (router.continuation_tokens) streams the whole model once per token: with a
+    budget, the slices converted in the first step are kept and the later steps only multiply. A
+    cached slice is the very tensor a read would give, so results are the same with or without it;
+    past the budget, slices are read as usual. See `weight_cache_bytes` in GateRequest.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self._slices: dict[object, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def slice(self, matrix: MatrixRows, start: int, device: torch.device) -> torch.Tensor:
+        """Slice `start` of `matrix` in float32: kept, newly kept, or (past the budget) read as
+        `matrix.read(start, device, reuse=True)` gives it."""
+        key = (matrix, start)
+        try:
+            with self._lock:
+                cached = self._slices.get(key)
+        except TypeError:  # a matrix whose parts cannot be hashed is never kept
+            return matrix.read(start, device, reuse=True)
+        if cached is not None:
+            return cached
+        rows = min(matrix.slice_starts.step, matrix.num_rows - start)
+        nbytes = rows * matrix.location.shape[-1] * 4
+        with self._lock:
+            fits = self.used + nbytes <= self.budget
+            if fits:
+                self.used += nbytes
+        if not fits:
+            return matrix.read(start, device, reuse=True)
+        value = matrix.read(start, device)
+        with self._lock:
+            self._slices[key] = value
+        return value
+
+
+def _float_slice(matrix: MatrixRows, start: int, device: torch.device, cache: SliceCache | None) -> torch.Tensor:
+    return matrix.read(start, device, reuse=True) if cache is None else cache.slice(matrix, start, device)
+
+
+def sliced_linear(
+    tokens: torch.Tensor, matrix: MatrixRows, bias: torch.Tensor | None = None, cache: SliceCache | None = None
+) -> torch.Tensor:
     """tokens [N, in] @ matrix.T (+ bias): [N, rows], one row slice of the matrix at a time."""
     device = tokens.device
 
     def rows(start: int) -> torch.Tensor:
-        return tokens @ matrix.read(start, device, reuse=True).T
+        return tokens @ _float_slice(matrix, start, device, cache).T
 
     output = torch.cat(map_slices(rows, matrix.slice_starts, device), dim=-1)
     return output if bias is None else output + bias
 
 
-def sliced_mlp(tokens: torch.Tensor, weights: MLPWeights, activation: nn.Module) -> torch.Tensor:
+def sliced_mlp(
+    tokens: torch.Tensor, weights: MLPWeights, activation: nn.Module, cache: SliceCache | None = None
+) -> torch.Tensor:
     """down_proj(act(gate_proj x) * up_proj x) for tokens [N, hidden], one row slice at a time."""
     device = tokens.device
 
     def gated(start: int) -> torch.Tensor:
-        gate = activation(tokens @ weights.gate_proj.read(start, device, reuse=True).T)
-        # The up slice is read into the buffer the gate slice was in: the gate product is made by now.
-        return gate * (tokens @ weights.up_proj.read(start, device, reuse=True).T)
+        gate = activation(tokens @ _float_slice(weights.gate_proj, start, device, cache).T)
+        # The up slice may be read into the buffer the gate slice was in: the gate product is made by now.
+        return gate * (tokens @ _float_slice(weights.up_proj, start, device, cache).T)
 
     intermediate = torch.cat(map_slices(gated, weights.gate_proj.slice_starts, device), dim=-1)
-    output = sliced_linear(intermediate, weights.down_proj)
+    output = sliced_linear(intermediate, weights.down_proj, cache=cache)
     return output if weights.down_scale is None else output * weights.down_scale
 
 
@@ -242,6 +290,7 @@ def moe_forward(
     activation: nn.Module,
     renormalize: bool = True,
     shared: SharedExpert | None = None,
+    cache: SliceCache | None = None,
 ) -> torch.Tensor:
     """A sparse MoE MLP: softmax over all experts in float32, top-k (weights renormalised to 1 when
     `renormalize`), plus the shared expert behind its sigmoid gate when there is one."""
@@ -251,12 +300,12 @@ def moe_forward(
         top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
     output = torch.zeros_like(tokens)
     if shared is not None and shared.weights.down_proj.num_rows and shared.weights.gate_proj.num_rows:
-        output += torch.sigmoid(tokens @ shared.gate.T) * sliced_mlp(tokens, shared.weights, activation)
+        output += torch.sigmoid(tokens @ shared.gate.T) * sliced_mlp(tokens, shared.weights, activation, cache)
     for index, weights in enumerate(experts):
         chosen = (top_experts == index).any(dim=-1).nonzero().squeeze(-1)
         if len(chosen):
             weight = (top_weights[chosen] * (top_experts[chosen] == index)).sum(dim=-1, keepdim=True)
-            output[chosen] += weight * sliced_mlp(tokens[chosen], weights, activation)
+            output[chosen] += weight * sliced_mlp(tokens[chosen], weights, activation, cache)
     return output
 
 
@@ -295,6 +344,8 @@ class StreamedDecoder:
     read_ahead: bool = False
     """Before each layer, ask the kernel to start reading the next one's tensors (`advise_will_need`), so
     that from a cold page cache the disk reads while this layer computes; each layer is advised once."""
+    slice_cache: SliceCache | None = None
+    """Where matrix slices converted to float32 are kept between passes (text generation), if anywhere."""
 
     def __post_init__(self) -> None:
         from transformers import AutoConfig
@@ -379,7 +430,7 @@ class StreamedDecoder:
             setattr(module.self_attn, name, _Precomputed())
         module.self_attn.o_proj = _Deferred()
         module.load_state_dict(weights, assign=True, strict=True)
-        return LoadedAttention(module.to(self.device).eval(), projections, biases)
+        return LoadedAttention(module.to(self.device).eval(), projections, biases, self.slice_cache)
 
     def forward_layer(
         self, layer: int, hidden: list[torch.Tensor], caches: Sequence[DynamicCache] | None = None
@@ -442,15 +493,22 @@ class StreamedDecoder:
 
     def mlp(self, layer: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's MLP on `tokens` [N, hidden], and for a MoE layer its router logits [N, experts]."""
-        if self.moe is None or self.layout is None:
+        logits = self.router_logits(layer, tokens)
+        if logits is None or self.moe is None or self.layout is None:
             return self.dense_mlp(layer, tokens), None
-        gate = self._small_tensor(self.layout.router_name(layer)).float().to(self.device)
         experts = expert_mlp_weights(self.layout, self.tensors, layer, self._expert_count)
         top_k = int(self.config.get("num_experts_per_tok", 2))
-        logits = tokens @ gate.T
         renormalize = self.moe.routing.renormalizes(self.config)
         shared = self._shared_expert(layer)
-        return moe_forward(tokens, logits, experts, top_k, self._activation, renormalize, shared), logits
+        output = moe_forward(tokens, logits, experts, top_k, self._activation, renormalize, shared, self.slice_cache)
+        return output, logits
+
+    def router_logits(self, layer: int, tokens: torch.Tensor) -> torch.Tensor | None:
+        """A MoE layer's router logits [N, experts] for `tokens` [N, hidden] (None for a dense layer)."""
+        if self.moe is None or self.layout is None:
+            return None
+        gate = self._small_tensor(self.layout.router_name(layer)).float().to(self.device)
+        return tokens @ gate.T
 
     def _shared_expert(self, layer: int) -> SharedExpert | None:
         slots = None if self.moe is None else self.moe.shared_expert
@@ -466,7 +524,7 @@ class StreamedDecoder:
             raise ModelError("A MoE checkpoint has no dense MLP; use mlp, which routes to its experts.")
         family = self.family
         weights = MLPWeights(*(MatrixRows.whole(self._tensor(family.mlp_name(layer, part))) for part in MLP_PARTS))
-        return sliced_mlp(tokens, weights, self._activation)
+        return sliced_mlp(tokens, weights, self._activation, self.slice_cache)
 
     def run_layer(self, module: nn.Module, hidden: torch.Tensor, cache: DynamicCache | None = None) -> LayerOutputs:
         """Run one sequence ([1, T, hidden]) through a loaded layer, capturing the router's view.
@@ -508,7 +566,7 @@ class StreamedDecoder:
 
 
         def slice_best(start: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return (normed @ head.read(start, self.device, reuse=True).T).max(dim=-1)
+            return (normed @ _float_slice(head, start, self.device, self.slice_cache).T).max(dim=-1)
 
         starts = head.slice_starts
         for start, (slice_logits, slice_tokens) in zip(starts, map_slices(slice_best, starts, self.device), strict=True):
@@ -597,10 +655,11 @@ class LoadedAttention:
     module: nn.Module
     projections: dict[str, MatrixRows]
     biases: dict[str, torch.Tensor]
+    cache: SliceCache | None = None
 
     def project(self, name: str, tokens: torch.Tensor) -> torch.Tensor:
         """Projection `name` (q_proj, k_proj, v_proj, o_proj) of tokens [N, in], as nn.Linear computes it."""
-        return sliced_linear(tokens, self.projections[name], self.biases.get(name))
+        return sliced_linear(tokens, self.projections[name], self.biases.get(name), self.cache)
 
 
 class _Precomputed(nn.Module):

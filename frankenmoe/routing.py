@@ -101,10 +101,17 @@ def route_prompts(
     decoder = StreamedDecoder(checkpoint.config, checkpoint.tensors, device or torch.device("cpu"), in_memory or {})
     hidden = [decoder.embed(prompt.token_ids) for prompt in prompts]
     per_layer: list[list[torch.Tensor]] = []
-    for layer in layers if layers is not None else range(checkpoint.num_layers):
-        layer_pass = decoder.forward_layer(layer, hidden)
-        hidden = layer_pass.hidden
-        per_layer.append([torch.softmax(logits.float(), dim=-1).cpu() for logits in layer_pass.router_logits or []])
+    chosen = list(layers) if layers is not None else list(range(checkpoint.num_layers))
+    for position, layer in enumerate(chosen):
+        if position + 1 < len(chosen):
+            layer_pass = decoder.forward_layer(layer, hidden)
+            hidden, logits = layer_pass.hidden, layer_pass.router_logits
+        else:  # the last layer's MLP output would feed no router: its attention and router are enough
+            router_inputs = [output.router_input for output in decoder.attend(layer, hidden)]
+            with torch.no_grad():
+                routed = decoder.router_logits(layer, torch.cat(router_inputs))
+            logits = None if routed is None else list(routed.split([len(inputs) for inputs in router_inputs]))
+        per_layer.append([torch.softmax(layer_logits.float(), dim=-1).cpu() for layer_logits in logits or []])
     return [
         PromptRouting(
             prompt=prompt,

@@ -34,6 +34,8 @@ MAX_GROWING_BYTES = 2**62
 """What `read_growing_header` lets a file's data section grow to."""
 COPY_CHUNK_BYTES = 64 * 1024 * 1024
 HASH_CHUNK_BYTES = 8 * 1024 * 1024
+RANGE_HASH_CHUNK_BYTES = 1024 * 1024
+"""What StreamHasher reads back of a kernel-copied range at a time (small enough for the CPU's cache)."""
 _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF})
 ALIGNMENT = 8
 
@@ -395,6 +397,7 @@ class StreamHasher:
         self._queue: queue.Queue[bytes | tuple[Path, int, int] | None] = queue.Queue(maxsize=2)
         self._digest = hashlib.sha256()
         self._error: OSError | None = None
+        self._range_buffer: memoryview | None = None
         self._thread = threading.Thread(target=self._run, name="frankenmoe-hash", daemon=True)
         self._thread.start()
 
@@ -428,13 +431,19 @@ class StreamHasher:
                 self._error = error
 
     def _hash_range(self, path: Path, start: int, count: int) -> None:
+        # One small buffer, read into again and again: it stays in the CPU's cache between the copy
+        # and the hash, and costs no allocation (a fresh 8 MiB bytes object per chunk was a new
+        # zero-filled mapping each time: about a tenth of the hashing thread's time).
+        if self._range_buffer is None:
+            self._range_buffer = memoryview(bytearray(RANGE_HASH_CHUNK_BYTES))
+        buffer = self._range_buffer
         with path.open("rb", buffering=0) as handle:
             while count:
-                chunk = os.pread(handle.fileno(), min(count, HASH_CHUNK_BYTES), start)
-                if not chunk:
+                filled = os.preadv(handle.fileno(), [buffer[: min(count, len(buffer))]], start)
+                if not filled:
                     raise OSError(errno.EIO, f"{path} ended while its bytes were being hashed")
-                self._digest.update(chunk)
-                start, count = start + len(chunk), count - len(chunk)
+                self._digest.update(buffer[:filled])
+                start, count = start + filled, count - filled
 
 
 class ShardWriter:

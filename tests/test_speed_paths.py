@@ -1,7 +1,8 @@
 """The fast paths compute what the plain ones do: the routing check run while the checkpoint is being
 written equals the check run on the finished checkpoint; matrix slices spread over worker threads give
-the same bits for any number of workers; attention applied to all sequences at once matches
-transformers' decoder layer run on each; the dual ridge solve equals the primal one."""
+the same bits for any number of workers, and with or without the float32 weight cache; attention
+applied to all sequences at once matches transformers' decoder layer run on each; the dual ridge
+solve equals the primal one."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ import yaml
 
 from frankenmoe import layers, routing
 from frankenmoe.config import RouterConfig, load_config
+from frankenmoe.errors import ConfigError
 from frankenmoe.layers import (
     MatrixRows,
     MLPWeights,
+    SliceCache,
     StreamedDecoder,
     activation_function,
     greedy_continuations,
@@ -27,6 +30,7 @@ from frankenmoe.pipeline import MergeOptions, execute_merge, prepare_merge
 from frankenmoe.routers import GateRequest, compute_gates
 from frankenmoe.routers.fit import ridge_solution
 from frankenmoe.routers.prompts import load_tokenizer
+from frankenmoe.routers.request import weight_cache_from_environment
 from frankenmoe.routing import WrittenTensors, check_positive_prompts
 from frankenmoe.sources import load_source
 from frankenmoe.tensor_io import ShardEntry, ShardWriter, read_growing_header, read_tensor, tensor_bytes
@@ -290,3 +294,42 @@ def test_the_ridge_solution_is_the_primal_one_in_either_form(tokens: int) -> Non
     ridge = 0.05 * torch.trace(gram) / 120
     primal = torch.linalg.solve(gram + ridge * torch.eye(120, dtype=torch.float64), x.T @ (w * y))
     torch.testing.assert_close(ridge_solution(x, y, w, 0.05), primal, rtol=1e-9, atol=1e-12)
+
+
+# --- the float32 weight cache ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [0, 64 * 1024, 10**9])
+def test_continuations_and_fit_gates_are_the_same_with_any_weight_cache(
+    tmp_path: Path, tiny_models: TinyModels, many_slices: None, monkeypatch: pytest.MonkeyPatch, budget: int
+) -> None:
+    """Nothing kept, some slices kept (the budget runs out part way), every slice kept: the same bits."""
+    source = load_source(str(tiny_models.base))
+    experts = load_config(write_config(tmp_path / "cache.yaml", tiny_models.base, tiny_models.experts)).experts
+    router = RouterConfig(continuation_tokens=4)
+    plain = compute_gates("fit", GateRequest(base=source, experts=experts, router=router, weight_cache_bytes=0))
+    kept: list[SliceCache] = []
+    original = SliceCache.__init__
+
+    def recorded(self: SliceCache, budget: int) -> None:
+        original(self, budget)
+        kept.append(self)
+
+    monkeypatch.setattr(SliceCache, "__init__", recorded)
+    cached = compute_gates("fit", GateRequest(base=source, experts=experts, router=router, weight_cache_bytes=budget))
+    assert torch.equal(plain.router, cached.router)
+    if budget:
+        (cache,) = kept
+        assert 0 < cache.used <= budget
+    else:
+        assert not kept
+
+
+def test_the_weight_cache_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FRANKENMOE_WEIGHT_CACHE", "6GB")
+    assert weight_cache_from_environment() == 6 * 10**9
+    monkeypatch.setenv("FRANKENMOE_WEIGHT_CACHE", "0")
+    assert weight_cache_from_environment() == 0
+    monkeypatch.setenv("FRANKENMOE_WEIGHT_CACHE", "lots")
+    with pytest.raises(ConfigError, match="FRANKENMOE_WEIGHT_CACHE='lots' is not a size"):
+        weight_cache_from_environment()

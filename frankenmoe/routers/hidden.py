@@ -28,6 +28,7 @@ from frankenmoe.layers import (
     MatrixRows,
     MLPWeights,
     SharedExpert,
+    SliceCache,
     StreamedDecoder,
     activation_function,
     add_mlp_outputs,
@@ -84,7 +85,12 @@ def layerwise_gates(request: GateRequest, rows_for_layer: RowFunction) -> Gates:
     shared = (request.shared_expert,) if request.shared_gate_from_prompts and request.shared_expert else ()
     prompts = collect_expert_prompts(request.base, (*request.experts, *shared), request.router.lead_in)
     decoder = StreamedDecoder(
-        request.base.config, request.base.tensors, request.device, merged=request.trunk, read_ahead=True
+        request.base.config,
+        request.base.tensors,
+        request.device,
+        merged=request.trunk,
+        read_ahead=True,
+        slice_cache=SliceCache(request.weight_cache_bytes) if request.weight_cache_bytes else None,
     )
     if request.router.continuation_tokens:
         prompts = with_continuations(
