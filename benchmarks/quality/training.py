@@ -35,15 +35,19 @@ class TrainingSettings:
     report_every: int = 0
     trained: str = "mlp"
     """"mlp": only the MLPs; "full": every weight except the (tied) embeddings and output head."""
+    warmup_steps: int = 0
+    """The learning rate rises linearly from lr / warmup_steps to lr over these first steps."""
 
 
 def settings_record(settings: TrainingSettings) -> dict:
     """The settings as recorded in an expert's training log. `trained` is left out when it is "mlp",
-    so the logs (and the cached results keyed by them) of MLP-only experts built before the field
-    existed stay valid."""
+    and `warmup_steps` when it is 0, so the logs (and the cached results keyed by them) of experts
+    built before those fields existed stay valid."""
     record = asdict(settings)
     if record["trained"] == "mlp":
         del record["trained"]
+    if record["warmup_steps"] == 0:
+        del record["warmup_steps"]
     return record
 
 
@@ -97,6 +101,8 @@ def train_mlp_expert(base: Path, out: Path, blocks: torch.Tensor, settings: Trai
     trainable = freeze_all_but_mlp(model) if settings.trained == "mlp" else freeze_embeddings(model)
     frozen = sum(parameter.numel() for parameter in model.parameters() if not parameter.requires_grad)
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    warmup = max(settings.warmup_steps, 1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
     order = _batch_order(len(blocks), settings)
     losses = []
     started = time.perf_counter()
@@ -106,6 +112,7 @@ def train_mlp_expert(base: Path, out: Path, blocks: torch.Tensor, settings: Trai
             loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if settings.report_every and (step + 1) % settings.report_every == 0:
