@@ -67,7 +67,9 @@ def main() -> None:
         folder = CACHE / f"h{args.hidden}-i{args.intermediate}-l{layers}"
         if not (folder / "model.safetensors").is_file():
             write_toy_model(folder, shape=shape, dtype="bfloat16")
-        timings[layers], cpu[layers] = seconds_per_step(folder, args.steps, 0 if args.weight_cache == "0" else parse_size(args.weight_cache))
+        timings[layers], cpu[layers] = seconds_per_step(
+            folder, args.steps, parse_size(args.weight_cache, "Weight cache", minimum=0)
+        )
         print(
             f"{layers} layers: {timings[layers]:.2f} s per generated token, {cpu[layers]:.2f} s CPU "
             f"(8 prompts, {args.threads} thread(s))",

@@ -201,6 +201,8 @@ def run_shape(shape: str, args: argparse.Namespace, work: Path) -> list[Row]:
                 argv.append("--no-check")
             if args.shard_size:
                 argv += ["--shard-size", args.shard_size]
+            if args.weight_cache:
+                argv += ["--weight-cache", args.weight_cache]
             measurement = measure(argv, work / f"{shape}-{mode}-{repeat}.log")
             output_bytes = sum(file.stat().st_size for file in out.glob("*.safetensors"))
             stages = _stage_seconds(out)
@@ -345,6 +347,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--shard-size", help="passed to frankenmoe merge --shard-size")
+    parser.add_argument("--weight-cache", help="passed to frankenmoe merge --weight-cache (e.g. 6GB, for fit)")
     parser.add_argument(
         "--cold", action="store_true", help="evict the source files from the page cache before each run"
     )

@@ -75,6 +75,7 @@ def plan_merge(
     force: bool = False,
     check_routing: bool = True,
     hash_sources: bool = False,
+    weight_cache: int | str = 0,
     progress: bool = False,
 ) -> PreparedMerge:
     """Validate everything and plan every tensor of the merge of `config` into `out`; writes nothing.
@@ -95,6 +96,7 @@ def plan_merge(
         force=force,
         check_routing=check_routing,
         hash_sources=hash_sources,
+        weight_cache=weight_cache,
         progress=progress,
     )
     return prepare_merge(config, Path(out), options)
@@ -110,9 +112,13 @@ def plan_options(
     force: bool = False,
     check_routing: bool = True,
     hash_sources: bool = False,
+    weight_cache: int | str = 0,
     progress: bool = False,
 ) -> MergeOptions:
-    """The merge options `plan_merge` and `build` take, as one typed value (validated)."""
+    """The merge options `plan_merge` and `build` take, as one typed value (validated).
+
+    Sizes (`shard_size`, `weight_cache`) are byte counts or text such as "5GB" or "500MiB".
+    """
     if layout is not None and layout not in LAYOUT_NAMES:
         raise ConfigError(f"layout {layout!r} is not valid; choose one of: {', '.join(LAYOUT_NAMES)}.")
     if dtype is not None and dtype not in DTYPES:
@@ -127,6 +133,7 @@ def plan_options(
         show_progress=progress,
         check_routing=check_routing,
         hash_sources=hash_sources,
+        weight_cache_bytes=parse_size(str(weight_cache), "Weight cache", minimum=0),
     )
 
 

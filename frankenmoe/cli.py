@@ -170,6 +170,13 @@ def _note_late_signals(signals: Sequence[int]) -> None:
         )
 
 
+WEIGHT_CACHE_HELP = (
+    "Memory the hidden-state pass may use to keep the base model's matrices in float32 between passes, "
+    "e.g. 6GB: fit's text generation then converts each matrix once instead of once per generated token. "
+    "Default 0: stream them (bounded memory). The output is the same either way."
+)
+
+
 @app.command()
 def merge(
     config: Annotated[Path, typer.Argument(help="The merge config (mergekit-moe YAML schema).", show_default=False)],
@@ -203,6 +210,7 @@ def merge(
             "--hash-sources", help="Record every source weight file's full sha256 in the manifest (reads them again)."
         ),
     ] = False,
+    weight_cache: Annotated[str, typer.Option("--weight-cache", help=WEIGHT_CACHE_HELP)] = "0",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More logging; tracebacks on errors.")] = False,
 ) -> None:
     """Merge the models named in CONFIG into a MoE checkpoint in OUT (with its build record, frankenmoe-manifest.json)."""
@@ -222,6 +230,7 @@ def merge(
             force=force,
             check_routing=not no_check,
             hash_sources=hash_sources,
+            weight_cache=weight_cache,
             progress=_show_progress(verbose),
         )
         _print_plan(prepared, detailed=dry_run)
@@ -294,6 +303,7 @@ def build(
     hash_sources: Annotated[
         bool, typer.Option("--hash-sources", help="Fingerprint sources by their full sha256 (reads them again).")
     ] = False,
+    weight_cache: Annotated[str, typer.Option("--weight-cache", help=WEIGHT_CACHE_HELP)] = "0",
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More logging; tracebacks on errors.")] = False,
 ) -> None:
     """Build several configs one after another, skipping those whose output is up to date.
@@ -316,6 +326,7 @@ def build(
             device=device,
             check_routing=not no_check,
             hash_sources=hash_sources,
+            weight_cache=weight_cache,
             progress=_show_progress(verbose),
         )
         say(f"{'config':<32} {'status':<11} {'time (s)':>9} {'size':>10}  note")

@@ -53,6 +53,10 @@ class MergeOptions:
     check_routing: bool = True
     hash_sources: bool = False
     """Record each source weight file's full sha256 in the manifest (it reads every source byte once more)."""
+    weight_cache_bytes: int = 0
+    """Memory the hidden-state pass may spend keeping the base's matrices in float32 from one pass to
+    the next (fit's text generation streams the whole base once per token). 0 keeps the streaming
+    bound. It changes no byte of the output, so the manifest does not record it."""
 
     def recorded(self, plan: MergePlan) -> dict[str, Any]:
         """The options that change the output's bytes, resolved, as the manifest records them."""
@@ -246,6 +250,7 @@ def gate_request(plan: MergePlan, options: MergeOptions) -> GateRequest:
         seed=options.seed,
         device=resolve_device(options.device),
         show_progress=options.show_progress,
+        weight_cache_bytes=options.weight_cache_bytes,
     )
 
 

@@ -575,8 +575,12 @@ def output_config(
     return output
 
 
-def parse_size(text: str) -> int:
-    """'5GB', '500MB', '2GiB' or a plain byte count."""
+def parse_size(text: str, what: str = "Shard size", minimum: int = 1) -> int:
+    """'5GB', '500MB', '2GiB' or a plain byte count; `what` names the value in errors.
+
+        >>> parse_size("2GiB")
+        2147483648
+    """
     units = {
         "": 1,
         "B": 1,
@@ -595,8 +599,8 @@ def parse_size(text: str) -> int:
         value = float(number) * units[unit]
     except (ValueError, KeyError):
         raise ConfigError(
-            f"Shard size {text!r} is not a size. Use a byte count or a value like 5GB, 500MB, 2GiB."
+            f"{what} {text!r} is not a size. Use a byte count or a value like 5GB, 500MB, 2GiB."
         ) from None
-    if value < 1:
-        raise ConfigError(f"Shard size {text!r} must be at least one byte.")
+    if value < minimum:
+        raise ConfigError(f"{what} {text!r} must be at least {minimum} byte{'s' if minimum != 1 else ''}.")
     return int(value)

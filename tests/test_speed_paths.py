@@ -15,8 +15,8 @@ import torch
 import yaml
 
 from frankenmoe import layers, routing
+from frankenmoe.api import plan_merge
 from frankenmoe.config import RouterConfig, load_config
-from frankenmoe.errors import ConfigError
 from frankenmoe.layers import (
     MatrixRows,
     MLPWeights,
@@ -26,17 +26,16 @@ from frankenmoe.layers import (
     greedy_continuations,
     sliced_mlp,
 )
-from frankenmoe.pipeline import MergeOptions, execute_merge, prepare_merge
+from frankenmoe.pipeline import MergeOptions, execute_merge, gate_request, prepare_merge
 from frankenmoe.routers import GateRequest, compute_gates
 from frankenmoe.routers.fit import ridge_solution
 from frankenmoe.routers.prompts import load_tokenizer
-from frankenmoe.routers.request import weight_cache_from_environment
 from frankenmoe.routing import WrittenTensors, check_positive_prompts
 from frankenmoe.sources import load_source
 from frankenmoe.tensor_io import ShardEntry, ShardWriter, read_growing_header, read_tensor, tensor_bytes
 from frankenmoe.toymodels import write_toy_model
 from tests.conftest import TinyModels
-from tests.support import write_config
+from tests.support import run_cli, write_config
 
 # --- the routing check while writing -----------------------------------------------------------------------------
 
@@ -325,11 +324,19 @@ def test_continuations_and_fit_gates_are_the_same_with_any_weight_cache(
         assert not kept
 
 
-def test_the_weight_cache_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FRANKENMOE_WEIGHT_CACHE", "6GB")
-    assert weight_cache_from_environment() == 6 * 10**9
-    monkeypatch.setenv("FRANKENMOE_WEIGHT_CACHE", "0")
-    assert weight_cache_from_environment() == 0
-    monkeypatch.setenv("FRANKENMOE_WEIGHT_CACHE", "lots")
-    with pytest.raises(ConfigError, match="FRANKENMOE_WEIGHT_CACHE='lots' is not a size"):
-        weight_cache_from_environment()
+def test_the_weight_cache_option_reaches_the_router_computation(tmp_path: Path, tiny_models: TinyModels) -> None:
+    config = write_config(tmp_path / "cache.yaml", tiny_models.base, tiny_models.experts, gate_mode="fit")
+    prepared = plan_merge(config, tmp_path / "out", weight_cache="6GB")
+    assert prepared.options.weight_cache_bytes == 6 * 10**9
+    assert gate_request(prepared.plan, prepared.options).weight_cache_bytes == 6 * 10**9
+    assert gate_request(prepared.plan, plan_merge(config, tmp_path / "out").options).weight_cache_bytes == 0
+
+
+def test_a_weight_cache_that_is_not_a_size_is_refused_before_anything_is_read(
+    tmp_path: Path, tiny_models: TinyModels
+) -> None:
+    config = write_config(tmp_path / "cache.yaml", tiny_models.base, tiny_models.experts, gate_mode="fit")
+    result = run_cli("merge", config, tmp_path / "out", "--weight-cache", "lots")
+    assert result.exit_code == 2
+    assert "Weight cache 'lots' is not a size" in result.output
+    assert not (tmp_path / "out").exists()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -10,7 +9,6 @@ from dataclasses import dataclass, field
 import torch
 
 from frankenmoe.config import ExpertConfig, RouterConfig
-from frankenmoe.errors import ConfigError
 from frankenmoe.sources import SourceModel
 from frankenmoe.trunk import TrunkMerge
 
@@ -37,10 +35,10 @@ class GateRequest:
     progress: GateProgress | None = field(default=None, compare=False)
     """Where a layerwise gate mode publishes each layer's rows as soon as they are final (for the
     merge's routing check, which runs behind the router computation)."""
-    weight_cache_bytes: int = field(default_factory=lambda: weight_cache_from_environment())
+    weight_cache_bytes: int = 0
     """Memory the hidden-state pass may spend keeping the base's matrices in float32 between passes
     (layers.SliceCache): text generation then converts each slice once instead of once per token.
-    0 (the default) keeps the streaming bound; the environment's FRANKENMOE_WEIGHT_CACHE sets it."""
+    0 (the default) keeps the streaming bound."""
 
     @property
     def num_layers(self) -> int:
@@ -92,22 +90,3 @@ class GateProgress:
     def finished(self, layer: int) -> Gates | None:
         with self._lock:
             return self._gates if layer < self._layers else None
-
-
-WEIGHT_CACHE_VARIABLE = "FRANKENMOE_WEIGHT_CACHE"
-
-
-def weight_cache_from_environment() -> int:
-    """FRANKENMOE_WEIGHT_CACHE as bytes ('6GB', '500MiB', a byte count); 0 when unset."""
-    from frankenmoe.plan import parse_size
-
-    text = os.environ.get(WEIGHT_CACHE_VARIABLE, "").strip()
-    if text in ("", "0"):
-        return 0
-    try:
-        return parse_size(text)
-    except (ConfigError, ValueError):
-        raise ConfigError(
-            f"{WEIGHT_CACHE_VARIABLE}={text!r} is not a size. Give one such as 6GB or 500MiB, or unset it to "
-            "keep the hidden-state pass streaming."
-        ) from None
