@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -191,7 +192,10 @@ def test_version_and_help_import_no_heavy_module(arguments: list[str]) -> None:
 
 
 @pytest.fixture
-def ctrl_c_during_the_swap(monkeypatch: pytest.MonkeyPatch) -> None:
+def ctrl_c_during_the_swap(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # A shell that starts the tests in the background (`nohup make test &`) leaves SIGINT ignored;
+    # these tests are about Python's usual Ctrl-C handler.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     swap = output._swap_into_place
 
     def swap_with_ctrl_c(*args: object) -> None:
@@ -199,6 +203,8 @@ def ctrl_c_during_the_swap(monkeypatch: pytest.MonkeyPatch) -> None:
         swap(*args)
 
     monkeypatch.setattr(output, "_swap_into_place", swap_with_ctrl_c)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.usefixtures("ctrl_c_during_the_swap")
