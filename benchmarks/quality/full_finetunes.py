@@ -45,7 +45,6 @@ SHARED_TRUNKS: tuple[tuple[str, dict[str, Any]], ...] = (
     # Equal thirds of base, code and maths: the general expert is the base itself, so its weight is
     # 0 here (base_weight 1 already counts the base once).
     ("linear, base/code/maths 1/3 each", {"method": "linear", "weights": [0.0, 1.0, 1.0], "base_weight": 1.0}),
-    ("task_arithmetic lambda=0.5", {"method": "task_arithmetic", "lambda": 0.5}),
 )
 
 
