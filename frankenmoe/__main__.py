@@ -1,3 +1,3 @@
-from frankenmoe.cli import app
+from frankenmoe.cli import console_main
 
-app(prog_name="frankenmoe")
+console_main()

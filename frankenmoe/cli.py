@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import traceback
@@ -37,6 +39,31 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 T = TypeVar("T")
+
+
+def console_main() -> None:
+    """The `frankenmoe` command (and `python -m frankenmoe`): the CLI, then an immediate exit.
+
+    Once a command has returned, everything it wrote is closed and fsynced; what Python's own
+    shutdown would still do is run torch's finalisers, about a second of nothing. Output streams
+    and log handlers are flushed first, and the exit code is the one the command chose. An
+    exception that escapes the CLI (a bug) takes the usual path, traceback and all. Code that
+    calls `app` itself (the tests do) exits normally.
+    """
+    try:
+        app(prog_name="frankenmoe")
+        code = 0
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code or 0
+        else:
+            print(stop.code, file=sys.stderr)
+            code = 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can reach the reader
+            stream.flush()
+    os._exit(code)
 
 
 def _version(value: bool) -> None:

@@ -386,15 +386,17 @@ class StreamHasher:
 
     Bytes copied by the kernel never pass through Python, so their source range is read back (from
     the page cache the copy just filled) and hashed there; written bytes are handed over as a copy.
-    hashlib releases the GIL, so hashing overlaps the writer's work; the queue is short, so at most
-    two handed-over chunks of 8 MiB wait at a time.
+    hashlib releases the GIL, so hashing overlaps the writer's work. A range is a path and two
+    numbers, so any number of them may wait and the writer never waits for the hasher to copy on;
+    of the handed-over chunks of 8 MiB, at most two wait at a time.
 
         >>> hasher = StreamHasher(); hasher.add_bytes(b"abc"); hasher.hexdigest()[:8]
         'ba7816bf'
     """
 
     def __init__(self) -> None:
-        self._queue: queue.Queue[bytes | tuple[Path, int, int] | None] = queue.Queue(maxsize=2)
+        self._queue: queue.Queue[bytes | tuple[Path, int, int] | None] = queue.Queue()
+        self._chunks = threading.BoundedSemaphore(2)
         self._digest = hashlib.sha256()
         self._error: OSError | None = None
         self._range_buffer: memoryview | None = None
@@ -405,6 +407,7 @@ class StreamHasher:
         # Copied in chunks, so what waits in the queue stays a few MiB whatever the tensor's size.
         view = memoryview(data).cast("B")
         for start in range(0, len(view), HASH_CHUNK_BYTES):
+            self._chunks.acquire()
             self._queue.put(bytes(view[start : start + HASH_CHUNK_BYTES]))
 
     def add_range(self, path: Path, start: int, count: int) -> None:
@@ -420,15 +423,17 @@ class StreamHasher:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            if self._error is not None:
-                continue
             try:
-                if isinstance(item, bytes):
-                    self._digest.update(item)
-                else:
-                    self._hash_range(*item)
+                if self._error is None:
+                    if isinstance(item, bytes):
+                        self._digest.update(item)
+                    else:
+                        self._hash_range(*item)
             except OSError as error:
                 self._error = error
+            finally:
+                if isinstance(item, bytes):
+                    self._chunks.release()
 
     def _hash_range(self, path: Path, start: int, count: int) -> None:
         # One small buffer, read into again and again: it stays in the CPU's cache between the copy
@@ -490,7 +495,8 @@ class ShardWriter:
             raise _write_error(self.path, error) from None
         self._hasher.add_range(location.file, location.start, location.nbytes)
 
-    def close(self) -> None:
+    def close(self) -> str:
+        """Flush and fsync the file and wait for its hash; its sha256 (also kept in `sha256`)."""
         if self._next != len(self._entries) or self._remaining_in_tensor:
             raise RuntimeError(f"shard {self.path.name} closed before all tensors were written")
         try:
@@ -501,6 +507,7 @@ class ShardWriter:
             raise _write_error(self.path, error) from None
         finally:
             self._handle.close()
+        return self.sha256
 
     def abort(self) -> None:
         self._handle.close()

@@ -6,6 +6,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -39,11 +40,18 @@ def write_checkpoint(
     """
     device = device or torch.device("cpu")
     records: dict[str, FileRecord] = {}
-    with tqdm(total=plan.output_bytes, desc="writing", unit="B", unit_scale=True, disable=not show_progress) as bar:
+    # A shard's fsync and the end of its hash run on a thread of their own while the next shard is
+    # written; leaving the block waits for them.
+    with (
+        tqdm(total=plan.output_bytes, desc="writing", unit="B", unit_scale=True, disable=not show_progress) as bar,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="frankenmoe-fsync") as closer,
+    ):
+        closing: list[tuple[Path, Future[str]]] = []
         for shard in range(plan.shard_count):
             path = folder / plan.shard_name(shard)
-            digest = _write_shard(plan, shard, gates, path, bar, device)
-            records[path.name] = FileRecord(path.name, path.stat().st_size, digest)
+            closing.append((path, closer.submit(_write_shard(plan, shard, gates, path, bar, device).close)))
+        for path, digest in closing:
+            records[path.name] = FileRecord(path.name, path.stat().st_size, digest.result())
     index = {
         "metadata": {"total_size": plan.output_bytes},
         "weight_map": {job.name: plan.shard_name(job.shard) for job in plan.jobs},
@@ -62,8 +70,8 @@ def write_checkpoint(
 
 def _write_shard(
     plan: MergePlan, shard: int, gates: Callable[[], Gates], path: Path, bar: tqdm, device: torch.device
-) -> str:
-    """Write one shard; its sha256."""
+) -> ShardWriter:
+    """Write every tensor of one shard; its writer, for `close` to flush, fsync and hash."""
     jobs = plan.shard_jobs(shard)
     writer = ShardWriter(path, [ShardEntry(job.name, job.dtype, job.shape) for job in jobs], {"format": "pt"})
     try:
@@ -82,12 +90,10 @@ def _write_shard(
                 else:
                     writer.write_bytes(tensor_bytes(produce_piece(piece, job, device)))
             bar.update(job.nbytes)
-        writer.close()
     except BaseException:
         writer.abort()
         raise
-    assert writer.sha256 is not None
-    return writer.sha256
+    return writer
 
 
 MERGE_BLOCK_BYTES = 4 * 1024 * 1024
