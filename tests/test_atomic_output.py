@@ -275,6 +275,22 @@ def test_disk_filling_up_during_the_write_removes_the_partial_output(
     assert siblings(disk / "out") <= {"filler", "lost+found"}
 
 
+def test_an_fsync_failure_while_the_next_shard_is_written_fails_the_merge_and_leaves_no_output(
+    tmp_path: Path, tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Shards are fsynced on a thread of their own while the next shard is written; its error must
+    # still end the merge, with no output.
+    def failing_fsync(_descriptor: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(tensor_io.os, "fsync", failing_fsync)
+    result = run_cli("merge", three_expert_config(tmp_path, tiny_models), tmp_path / "out", "--shard-size", "1MB")
+    assert result.exit_code == IO_ERROR, result.output
+    message = result.stderr.strip().splitlines()[-1]
+    assert re.search(r"Writing .*model-00001-of-\d{5}\.safetensors failed: Input/output error", message), message
+    assert siblings(tmp_path / "out") == {"moe.yaml"}
+
+
 # --- stale and concurrent temporary folders -------------------------------------------------------------------------
 
 

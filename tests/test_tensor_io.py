@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from frankenmoe.tensor_io import (
     ALIGNMENT,
     ShardEntry,
     ShardWriter,
+    StreamHasher,
     read_header,
     read_tensor,
     shard_header,
@@ -197,3 +200,29 @@ def test_deeply_nested_header_is_a_corrupt_file_not_a_crash(tmp_path: Path) -> N
 
     assert f"{path} is not a valid safetensors file: its header's JSON is nested too deeply" in caught.value.message
     assert caught.value.exit_code == 3
+
+
+def test_the_hasher_takes_copied_ranges_without_blocking_but_holds_at_most_two_written_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = tmp_path / "source.bin"
+    source.write_bytes(bytes(range(256)) * 64)
+    release = threading.Event()
+    original = StreamHasher._hash_range
+
+    def stalled(self: StreamHasher, path: Path, start: int, count: int) -> None:
+        release.wait()
+        original(self, path, start, count)
+
+    monkeypatch.setattr(StreamHasher, "_hash_range", stalled)
+    hasher = StreamHasher()
+    for start in range(0, 16384, 1024):  # the hasher is stalled on the first range: none of these may wait
+        hasher.add_range(source, start, 1024)
+    chunks = [b"a" * 10, b"b" * 10, b"c" * 10]
+    adding = threading.Thread(target=lambda: [hasher.add_bytes(chunk) for chunk in chunks])
+    adding.start()
+    adding.join(timeout=0.5)
+    assert adding.is_alive(), "a third written chunk was taken while two were waiting"
+    release.set()
+    adding.join()
+    assert hasher.hexdigest() == hashlib.sha256(source.read_bytes() + b"".join(chunks)).hexdigest()
