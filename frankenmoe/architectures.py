@@ -46,13 +46,19 @@ def attention_projection_name(projection: str) -> str:
     return f"self_attn.{projection}.weight"
 
 
+LAYER_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
+"""A decoder layer's RMS norms: before its attention, and before its MLP (the router's input)."""
+QK_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+"""Per-head RMS norms of queries and keys, before the rotary embedding (Qwen3)."""
+
+
 def _attention(*extras: Weight) -> tuple[Weight, ...]:
     """A layer's weights outside the MLP, in checkpoint order: norm, attention (with `extras`), norm."""
     return (
-        Weight("input_layernorm.weight", ("hidden",)),
+        Weight(LAYER_NORMS[0], ("hidden",)),
         *(Weight(attention_projection_name(name), shape) for name, shape in ATTENTION_PROJECTIONS.items()),
         *extras,
-        Weight("post_attention_layernorm.weight", ("hidden",)),
+        Weight(LAYER_NORMS[1], ("hidden",)),
     )
 
 
@@ -65,7 +71,7 @@ def _qkv_biases(flag: str | None = None) -> tuple[Weight, ...]:
 
 
 def _qk_norms() -> tuple[Weight, ...]:
-    return (Weight("self_attn.q_norm.weight", ("head_dim",)), Weight("self_attn.k_norm.weight", ("head_dim",)))
+    return tuple(Weight(name, ("head_dim",)) for name in QK_NORMS)
 
 
 DENSE_MLP = {

@@ -1,8 +1,11 @@
 """Run a decoder one layer at a time from streamed weights, so no pass holds a whole model.
 
-A layer's attention is a transformers decoder-layer module built on the meta device and filled
-with that layer's norms in float32, so the maths is what transformers computes at inference. Every
-matrix (the four attention projections, the MLP, dense or Mixtral's experts behind the router, and
+A layer's attention is computed here from the table's weights, in float32, the way transformers'
+decoder layers compute it at inference (RMS norms, q/k norms where a family has them, rotary
+embedding as the config resolves it, grouped-query scaled dot-product attention, the sliding window
+in the mask); the tests hold it to transformers' own layer for every family. Transformers' modeling
+modules take about two seconds to import, so a merge's router pass and routing check never import
+them; only laser, which runs whole dense layers, does. Every matrix (the four attention projections, the MLP, dense or Mixtral's experts behind the router, and
 the language-model head) is applied from the checkpoint file in slices of rows, to every
 sequence's tokens at once: each slice is read once per pass however many sequences there are, and
 a float32 copy of a whole matrix is never made.
@@ -14,6 +17,7 @@ does not depend on how many workers there are: it is bit for bit the one-worker 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import threading
@@ -29,10 +33,12 @@ from frankenmoe.architectures import (
     ATTENTION_PROJECTIONS,
     EMBEDDINGS,
     FINAL_NORM,
+    LAYER_NORMS,
     LAYER_PREFIX,
     LM_HEAD,
     MLP_PARTS,
     OUTPUT_ARCHITECTURES,
+    QK_NORMS,
     SOURCE_FAMILIES,
     OutputArchitecture,
     OutputLayout,
@@ -54,7 +60,7 @@ from frankenmoe.trunk import TrunkMerge
 
 if TYPE_CHECKING:  # transformers is slow to import: a merge that runs no decoder never imports it
     from transformers import PretrainedConfig
-    from transformers.cache_utils import DynamicCache
+    from transformers.cache_utils import Cache
 
 SLICE_BYTES = 4 * 1024 * 1024
 """Float32 bytes of a matrix (attention, MLP or language-model head) converted at a time. On the CPU
@@ -360,16 +366,16 @@ class StreamedDecoder:
         self.hf_config: PretrainedConfig = AutoConfig.for_model(**self.config)
         self.hf_config._attn_implementation = "sdpa"
         self.hf_config._experts_implementation = "eager"
-        layer_class, rotary_class = transformers_class(entry.decoder_layer), transformers_class(entry.rotary)
-        self._layer_class = layer_class
+        self._entry = entry
         self._attention_weights = tuple(weight.name for weight in entry.layer_weights)
-        # transformers renamed the decoder layer's cache argument from past_key_values to cache.
-        self._cache_argument = (
-            "cache" if "cache" in inspect.signature(layer_class.forward).parameters else "past_key_values"
-        )
         self._activation = activation_function(self.hf_config.hidden_act)
         self._advised: set[int] = set()
-        self._rotary = rotary_class(config=self.hf_config).to(self.device)
+        self._heads = int(self.hf_config.num_attention_heads)
+        self._kv_heads = int(getattr(self.hf_config, "num_key_value_heads", None) or self._heads)
+        self._head_dim = int(getattr(self.hf_config, "head_dim", None) or self.hf_config.hidden_size // self._heads)
+        self._eps = float(self.hf_config.rms_norm_eps)
+        inverse_frequencies, self._rotary_scaling = rotary_frequencies(self.hf_config, self._head_dim)
+        self._inverse_frequencies = inverse_frequencies.to(self.device)
         self.layout: OutputLayout | None = None if self.moe is None else detect_layout(self.moe, self.tensors)
         self._expert_count = 0 if self.moe is None else int(self.config.get(self.moe.expert_count_key) or 0)
 
@@ -391,18 +397,14 @@ class StreamedDecoder:
         weights = self._layer_weights(layer)
         weights.update(overrides or {})
         with torch.device("meta"):
-            module = self._layer_class(self.hf_config, layer_idx=layer)
+            module = transformers_class(self._entry.decoder_layer)(self.hf_config, layer_idx=layer)
         module.load_state_dict(weights, assign=True, strict=True)
         return module.to(self.device).eval()
 
     def load_attention(self, layer: int) -> LoadedAttention:
-        """Layer `layer`'s attention: its module with the norms loaded, and where its projections are.
-
-        The module's four projections and its MLP are stand-ins: `attend` applies the projections in
-        slices to every sequence at once, and `mlp` computes the MLP from the file in slices.
-        """
+        """Layer `layer`'s attention: its norms in float32, and where its projections and their biases are."""
         prefix = LAYER_PREFIX.format(layer=layer)
-        weights: dict[str, torch.Tensor] = {}
+        norms: dict[str, torch.Tensor] = {}
         projections: dict[str, MatrixRows] = {}
         biases: dict[str, torch.Tensor] = {}
         # Only the table's weights: buffers such as rotary_emb.inv_freq are recomputed from the config.
@@ -412,7 +414,9 @@ class StreamedDecoder:
             module_name, _, parameter = name.rpartition(".")
             projection = module_name.removeprefix("self_attn.")
             if projection not in ATTENTION_PROJECTIONS or module_name == projection:
-                weights[name] = self._float_tensor(prefix + name)
+                if name not in (*LAYER_NORMS, *QK_NORMS):
+                    raise ModelError(f"Layer weight {prefix + name} has no place in the streamed attention.")
+                norms[name] = self._float_tensor(prefix + name).to(self.device)
             elif parameter == "weight":
                 merged = self.merged.get(prefix + name)
                 projections[projection] = (
@@ -421,19 +425,14 @@ class StreamedDecoder:
             else:
                 biases[projection] = self._float_tensor(prefix + name).to(self.device)
         missing = [name for name in ATTENTION_PROJECTIONS if name not in projections]
+        missing += [name for name in LAYER_NORMS if name not in norms]
         if missing:
-            raise ModelError(f"The checkpoint is missing tensor {prefix}self_attn.{missing[0]}.weight.")
-        with torch.device("meta"):
-            module = self._layer_class(self.hf_config, layer_idx=layer)
-        module.mlp = _NoMLP()
-        for name in ("q_proj", "k_proj", "v_proj"):
-            setattr(module.self_attn, name, _Precomputed())
-        module.self_attn.o_proj = _Deferred()
-        module.load_state_dict(weights, assign=True, strict=True)
-        return LoadedAttention(module.to(self.device).eval(), projections, biases, self.slice_cache)
+            name = missing[0]
+            raise ModelError(f"The checkpoint is missing tensor {prefix}{name if '.' in name else f'self_attn.{name}.weight'}.")
+        return LoadedAttention(norms, projections, biases, self.slice_cache)
 
     def forward_layer(
-        self, layer: int, hidden: list[torch.Tensor], caches: Sequence[DynamicCache] | None = None
+        self, layer: int, hidden: list[torch.Tensor], caches: Sequence[KeyValueCache] | None = None
     ) -> LayerPass:
         """Run every sequence ([1, T, hidden] each) through layer `layer` (behind its cache, see `attend`)."""
         outputs = self.attend(layer, hidden, caches)
@@ -448,7 +447,7 @@ class StreamedDecoder:
         )
 
     def attend(
-        self, layer: int, hidden: list[torch.Tensor], caches: Sequence[DynamicCache] | None = None
+        self, layer: int, hidden: list[torch.Tensor], caches: Sequence[KeyValueCache] | None = None
     ) -> list[LayerOutputs]:
         """Every sequence through layer `layer`'s attention: the residual stream after it, and the MLP's input.
 
@@ -459,37 +458,64 @@ class StreamedDecoder:
             self._advise(layer)
             self._advise(layer + 1)
         attention = self.load_attention(layer)
-        module, attention_module = attention.module, attention.module.self_attn
         per_sequence = caches if caches is not None else [None] * len(hidden)
         lengths = [state.shape[1] for state in hidden]
         with torch.no_grad():
             residual = torch.cat([state[0] for state in hidden])
-            normed = module.input_layernorm(residual)
+            normed = self._rms_norm(residual, attention.norms[LAYER_NORMS[0]])
             q, k, v = (attention.project(name, normed) for name in ("q_proj", "k_proj", "v_proj"))
             attended = []
             offset = 0
-            for state, cache, length in zip(hidden, per_sequence, lengths, strict=True):
+            for cache, length in zip(per_sequence, lengths, strict=True):
                 rows = slice(offset, offset + length)
                 offset += length
-                attention_module.q_proj.value = q[rows].unsqueeze(0)
-                attention_module.k_proj.value = k[rows].unsqueeze(0)
-                attention_module.v_proj.value = v[rows].unsqueeze(0)
-                past = 0 if cache is None else cache.get_seq_length(layer)
-                position_ids = torch.arange(past, past + length, device=self.device).unsqueeze(0)
-                output, _ = attention_module(
-                    hidden_states=normed[rows].unsqueeze(0),
-                    attention_mask=self._causal_mask(layer, length, past),
-                    position_ids=position_ids,
-                    position_embeddings=self._rotary(state, position_ids),
-                    **{self._cache_argument: cache},
+                past = 0 if cache is None else cache.length(layer)
+                query = self._heads_of(q[rows], self._heads, attention.norms.get(QK_NORMS[0]))
+                key = self._heads_of(k[rows], self._kv_heads, attention.norms.get(QK_NORMS[1]))
+                value = self._heads_of(v[rows], self._kv_heads)
+                query, key = self._rotate(query, key, torch.arange(past, past + length, device=self.device))
+                if cache is not None:
+                    key, value = cache.extend(layer, key, value)
+                groups = self._heads // self._kv_heads
+                output = nn.functional.scaled_dot_product_attention(
+                    query,
+                    key.repeat_interleave(groups, dim=1),
+                    value.repeat_interleave(groups, dim=1),
+                    attn_mask=self._causal_mask(layer, length, past),
+                    scale=self._head_dim**-0.5,
                 )
-                attended.append(output[0])
+                attended.append(output[0].transpose(0, 1).reshape(length, self._heads * self._head_dim))
             after = residual + attention.project("o_proj", torch.cat(attended))
-            router_inputs = module.post_attention_layernorm(after)
+            router_inputs = self._rms_norm(after, attention.norms[LAYER_NORMS[1]])
         return [
             LayerOutputs(state.unsqueeze(0), router_input)
             for state, router_input in zip(after.split(lengths), router_inputs.split(lengths), strict=True)
         ]
+
+    def _rms_norm(self, tokens: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        variance = tokens.pow(2).mean(-1, keepdim=True)
+        return weight * (tokens * torch.rsqrt(variance + self._eps))
+
+    def _heads_of(self, projected: torch.Tensor, heads: int, norm: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, heads * head_dim] -> [1, heads, T, head_dim], each head RMS-normed first where the family does."""
+        split = projected.view(len(projected), heads, self._head_dim)
+        if norm is not None:
+            split = self._rms_norm(split, norm)
+        return split.transpose(0, 1).unsqueeze(0)
+
+    def _rotate(
+        self, query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary position embedding of queries and keys [1, heads, T, head_dim] at `positions`."""
+        angles = positions[:, None].float() * self._inverse_frequencies[None, :]
+        both = torch.cat((angles, angles), dim=-1)
+        cos, sin = both.cos() * self._rotary_scaling, both.sin() * self._rotary_scaling
+
+        def rotated(states: torch.Tensor) -> torch.Tensor:
+            first, second = states.chunk(2, dim=-1)
+            return states * cos + torch.cat((-second, first), dim=-1) * sin
+
+        return rotated(query), rotated(key)
 
     def mlp(self, layer: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's MLP on `tokens` [N, hidden], and for a MoE layer its router logits [N, experts]."""
@@ -526,10 +552,11 @@ class StreamedDecoder:
         weights = MLPWeights(*(MatrixRows.whole(self._tensor(family.mlp_name(layer, part))) for part in MLP_PARTS))
         return sliced_mlp(tokens, weights, self._activation, self.slice_cache)
 
-    def run_layer(self, module: nn.Module, hidden: torch.Tensor, cache: DynamicCache | None = None) -> LayerOutputs:
-        """Run one sequence ([1, T, hidden]) through a loaded layer, capturing the router's view.
+    def run_layer(self, module: nn.Module, hidden: torch.Tensor, cache: Cache | None = None) -> LayerOutputs:
+        """Run one sequence ([1, T, hidden]) through a layer `load_layer` made, capturing the router's view.
 
-        With a `cache`, the T tokens follow the ones it holds for this layer.
+        Everything here is transformers' own: the layer, its rotary embedding and, with a `cache` (a
+        transformers cache), the T tokens following the ones it holds for this layer.
         """
         captured: dict[str, torch.Tensor] = {}
         hook = module.post_attention_layernorm.register_forward_hook(
@@ -544,12 +571,17 @@ class StreamedDecoder:
                     hidden,
                     attention_mask=self._causal_mask(module.self_attn.layer_idx, length, past),
                     position_ids=position_ids,
-                    position_embeddings=self._rotary(hidden, position_ids),
-                    **{self._cache_argument: cache},
+                    position_embeddings=self._transformers_rotary(hidden, position_ids),
+                    # transformers renamed the decoder layer's cache argument from past_key_values to cache.
+                    **{"cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values": cache},
                 )
         finally:
             hook.remove()
         return LayerOutputs(output, captured["router_input"][0])
+
+    @functools.cached_property
+    def _transformers_rotary(self) -> nn.Module:
+        return transformers_class(self._entry.rotary)(config=self.hf_config).to(self.device)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and language-model head: [1, T, hidden] -> [T, vocab]."""
@@ -649,10 +681,10 @@ def add_mlp_outputs(outputs: list[LayerOutputs], mlp_outputs: torch.Tensor) -> l
 
 @dataclass
 class LoadedAttention:
-    """One layer's attention: the decoder-layer module (norms loaded; projections and MLP stand-ins)
-    and where its projection matrices and their biases are."""
+    """One layer's attention: its norms (the layer's two, and q/k norms where the family has them) in
+    float32, and where its projection matrices and their biases are."""
 
-    module: nn.Module
+    norms: dict[str, torch.Tensor]
     projections: dict[str, MatrixRows]
     biases: dict[str, torch.Tensor]
     cache: SliceCache | None = None
@@ -662,40 +694,57 @@ class LoadedAttention:
         return sliced_linear(tokens, self.projections[name], self.biases.get(name), self.cache)
 
 
-class _Precomputed(nn.Module):
-    """Stands in for q_proj, k_proj or v_proj: gives back `value` once, the projection `attend` computed
-    for this sequence's tokens together with every other sequence's."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.value: torch.Tensor | None = None
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        value, self.value = self.value, None
-        if value is None or value.shape[:-1] != hidden.shape[:-1]:
-            raise RuntimeError("an attention projection was called without its precomputed rows")
-        return value
-
-
-class _Deferred(nn.Module):
-    """Stands in for o_proj: the attention's output before it, which `attend` projects for all sequences."""
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "gelu": nn.GELU,
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU,
+}
+"""config `hidden_act` values and the functions transformers gives them (every family here uses silu)."""
 
 
 def activation_function(name: str) -> nn.Module:
-    """transformers' activation module of this name (silu for every family in the tables)."""
-    from transformers.activations import ACT2FN
+    """The MLP activation a config's `hidden_act` names."""
+    if name not in ACTIVATIONS:
+        raise ModelError(
+            f"The config's hidden_act {name!r} is not one frankenmoe can run layer by layer "
+            f"({', '.join(ACTIVATIONS)}); use gate_mode random, which runs no model."
+        )
+    return ACTIVATIONS[name]()
 
-    return ACT2FN[name]
+
+def rotary_frequencies(config: PretrainedConfig, head_dim: int) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies [head_dim / 2] and the scale of its cos and sin, from the config as
+    transformers resolves it (rope scaling of every kind included)."""
+    parameters = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = parameters.get("rope_type", "default")
+    if rope_type == "default":
+        theta = float(parameters.get("rope_theta") or getattr(config, "rope_theta", 10000.0))
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    inverse_frequencies, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    return inverse_frequencies.float(), float(scaling)
 
 
-class _NoMLP(nn.Module):
-    """Stands in for a layer's MLP so the layer's output is the residual stream after attention."""
+class KeyValueCache:
+    """One sequence's keys (rotary embedding applied) and values in every layer, for the tokens seen so far."""
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(hidden)
+    def __init__(self) -> None:
+        self._layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def length(self, layer: int) -> int:
+        held = self._layers.get(layer)
+        return 0 if held is None else held[0].shape[-2]
+
+    def extend(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add new tokens' keys and values ([1, kv_heads, T, head_dim]); the layer's keys and values so far."""
+        held = self._layers.get(layer)
+        if held is not None:
+            keys, values = torch.cat((held[0], keys), dim=-2), torch.cat((held[1], values), dim=-2)
+        self._layers[layer] = (keys, values)
+        return keys, values
 
 
 def detect_layout(arch: OutputArchitecture, tensors: dict[str, TensorLocation]) -> OutputLayout:
@@ -740,9 +789,7 @@ def greedy_continuations(
     limit = int(decoder.config.get("max_position_embeddings") or 0)
     budgets = [max(0, min(max_new_tokens, limit - len(tokens))) if limit else max_new_tokens for tokens in sequences]
     written: list[list[int]] = [[] for _ in sequences]
-    from transformers.cache_utils import DynamicCache
-
-    caches = [DynamicCache() for _ in sequences]
+    caches = [KeyValueCache() for _ in sequences]
     feeding = {index: tokens for index, tokens in enumerate(sequences) if budgets[index] > 0}
     with reuse_large_buffers():
         for _ in range(max(budgets, default=0)):
@@ -762,7 +809,7 @@ def greedy_continuations(
     return [torch.tensor(tokens, dtype=torch.long) for tokens in written]
 
 
-def _greedy_step(decoder: StreamedDecoder, new_tokens: list[torch.Tensor], caches: list[DynamicCache]) -> list[int]:
+def _greedy_step(decoder: StreamedDecoder, new_tokens: list[torch.Tensor], caches: list[KeyValueCache]) -> list[int]:
     """Run each sequence's new tokens through every layer behind its cache; the next token of each."""
     hidden = [decoder.embed(tokens) for tokens in new_tokens]
     for layer in range(decoder.num_layers):

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from transformers.cache_utils import DynamicCache
 
 from frankenmoe import layers, routing
 from frankenmoe.api import plan_merge
 from frankenmoe.config import RouterConfig, load_config
 from frankenmoe.layers import (
+    KeyValueCache,
     MatrixRows,
     MLPWeights,
     SliceCache,
@@ -244,10 +246,30 @@ def test_fit_gates_are_identical_from_run_to_run(tmp_path: Path, tiny_models: Ti
 
 FAMILIES = {
     "mistral": {},
+    "mistral-sliding-window": {"sliding_window": 3},
     "llama-with-biases": {"attention_bias": True},
-    "qwen2": {},
+    "llama-llama3-rope": {
+        "rope_parameters": {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        }
+    },
+    "qwen2-yarn-rope": {
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 128,
+        }
+    },
     "qwen3": {},
 }
+"""Every family, and the attention variants the streamed decoder computes itself: a sliding window,
+biases, rope scaling (llama3's frequencies, yarn's scaled cos and sin), q/k norms."""
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -260,10 +282,10 @@ def test_attention_for_all_sequences_at_once_matches_the_transformers_layer_on_e
     decoder = StreamedDecoder(source.config, source.tensors)
     generator = torch.Generator().manual_seed(1)
     sequences = [torch.randint(0, 32000, (length,), generator=generator) for length in (5, 1, 9)]
-    caches = [layers_cache() for _ in sequences]
-    reference_caches = [layers_cache() for _ in sequences]
+    caches = [KeyValueCache() for _ in sequences]
+    reference_caches = [DynamicCache() for _ in sequences]
     module = decoder.load_layer(1)
-    module.mlp = layers._NoMLP()
+    module.mlp = NoMLP()
     for step in range(2):
         # First the whole sequences, then one new token each behind the caches.
         hidden = [decoder.embed(tokens if step == 0 else tokens[-1:] + 1) for tokens in sequences]
@@ -274,10 +296,11 @@ def test_attention_for_all_sequences_at_once_matches_the_transformers_layer_on_e
             torch.testing.assert_close(output.router_input, alone.router_input, rtol=1e-5, atol=1e-5)
 
 
-def layers_cache() -> object:
-    from transformers.cache_utils import DynamicCache
+class NoMLP(torch.nn.Module):
+    """Stands in for the reference layer's MLP, so its output is the residual stream after attention."""
 
-    return DynamicCache()
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(hidden)
 
 
 # --- the dual ridge solve ----------------------------------------------------------------------------------------------
