@@ -248,13 +248,7 @@ def read_rows(location: TensorLocation, start: int, stop: int) -> torch.Tensor:
     row_bytes = columns * item_size
     count = (stop - start) * row_bytes
     buffer = bytearray(count)
-    try:
-        with location.file.open("rb", buffering=0) as handle:
-            filled = os.preadv(handle.fileno(), [buffer], location.start + start * row_bytes)
-    except OSError as error:
-        raise ModelError(f"Cannot read tensor {location.name!r} from {location.file}: {error}.") from None
-    if filled != count:
-        raise _cut_short(location)
+    _read_exactly(location, memoryview(buffer), location.start + start * row_bytes)
     return torch.frombuffer(buffer, dtype=torch_dtype).reshape(stop - start, columns)
 
 
@@ -269,14 +263,23 @@ def read_rows_into(location: TensorLocation, start: int, stop: int, buffer: torc
     raw = buffer.view(torch.uint8).reshape(-1)[:count]
     if len(raw) < count:
         raise ValueError(f"a buffer of {len(raw)} bytes cannot hold {count}")
+    _read_exactly(location, memoryview(raw.numpy()), location.start + start * columns * item_size)
+    return raw.view(torch_dtype).reshape(stop - start, columns)
+
+
+def _read_exactly(location: TensorLocation, buffer: memoryview, offset: int) -> None:
+    """Fill `buffer` from `location`'s file at `offset`. A bare descriptor, not a Python file object:
+    the passes read thousands of slices, and a file object per read cost seconds of CPU in total."""
     try:
-        with location.file.open("rb", buffering=0) as handle:
-            filled = os.preadv(handle.fileno(), [raw.numpy()], location.start + start * columns * item_size)
+        descriptor = os.open(location.file, os.O_RDONLY)
+        try:
+            filled = os.preadv(descriptor, [buffer], offset)
+        finally:
+            os.close(descriptor)
     except OSError as error:
         raise ModelError(f"Cannot read tensor {location.name!r} from {location.file}: {error}.") from None
-    if filled != count:
+    if filled != len(buffer):
         raise _cut_short(location)
-    return raw.view(torch_dtype).reshape(stop - start, columns)
 
 
 def advise_will_need(locations: Iterable[TensorLocation]) -> None:
