@@ -44,11 +44,12 @@ T = TypeVar("T")
 def console_main() -> None:
     """The `frankenmoe` command (and `python -m frankenmoe`): the CLI, then an immediate exit.
 
-    Once a command has returned, everything it wrote is closed and fsynced; what Python's own
-    shutdown would still do is run torch's finalisers, about a second of nothing. Output streams
-    and log handlers are flushed first, and the exit code is the one the command chose. An
-    exception that escapes the CLI (a bug) takes the usual path, traceback and all. Code that
-    calls `app` itself (the tests do) exits normally.
+    Once a command has returned, everything it wrote is closed and fsynced, and its log handler
+    (a stream handler on stderr, flushed with every record) is removed; what Python's own shutdown
+    would still do is run torch's finalisers, about a second of nothing. stdout and stderr are
+    flushed first, and the exit code is the one the command chose. An exception that escapes the
+    CLI (a bug) takes the usual path, traceback and all. Code that calls `app` itself (the tests
+    do) exits normally.
     """
     try:
         app(prog_name="frankenmoe")
@@ -59,7 +60,6 @@ def console_main() -> None:
         else:
             print(stop.code, file=sys.stderr)
             code = 1
-    logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing more can reach the reader
             stream.flush()

@@ -195,3 +195,40 @@ def test_the_ci_makefile_example_builds_and_verifies_both_variants_then_skips_th
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     assert second.returncode == 0, second.stdout + second.stderr
     assert json.loads((out / "build-summary.json").read_text())["counts"]["up to date"] == 2
+
+
+class ExitCalledError(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+@pytest.mark.parametrize(
+    ("arguments", "code", "printed"),
+    [
+        (["--version"], 0, "frankenmoe "),
+        (["merge", "missing.yaml", "out"], 2, "Config file missing.yaml does not exist"),
+        (["no-such-command"], 2, "No such command"),
+    ],
+)
+def test_the_command_ends_the_process_with_the_cli_exit_code_after_flushing_its_output(
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    arguments: list[str],
+    code: int,
+    printed: str,
+) -> None:
+    from frankenmoe import cli
+
+    def end_process(status: int) -> None:
+        raise ExitCalledError(status)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["frankenmoe", *arguments])
+    monkeypatch.setattr(cli.os, "_exit", end_process)
+    with pytest.raises(ExitCalledError) as ended:
+        cli.console_main()
+    assert ended.value.code == code
+    output = capfd.readouterr()
+    assert printed in output.out + output.err
