@@ -3,10 +3,10 @@
 A layer's attention is computed here from the table's weights, in float32, the way transformers'
 decoder layers compute it at inference (RMS norms, q/k norms where a family has them, rotary
 embedding as the config resolves it, grouped-query scaled dot-product attention, the sliding window
-in the mask); the tests hold it to transformers' own layer for every family. Transformers' modeling
+in the mask); the tests hold it to transformers' own layer for every family. transformers' modeling
 modules take about two seconds to import, so a merge's router pass and routing check never import
-them; only laser, which runs whole dense layers, does. Every matrix (the four attention projections, the MLP, dense or Mixtral's experts behind the router, and
-the language-model head) is applied from the checkpoint file in slices of rows, to every
+them; only laser, which runs whole dense layers, does. Every matrix (the four attention
+projections, the MLP, dense or Mixtral's experts behind the router, and the language-model head) is applied from the checkpoint file in slices of rows, to every
 sequence's tokens at once: each slice is read once per pass however many sequences there are, and
 a float32 copy of a whole matrix is never made.
 
@@ -424,11 +424,10 @@ class StreamedDecoder:
                 )
             else:
                 biases[projection] = self._float_tensor(prefix + name).to(self.device)
-        missing = [name for name in ATTENTION_PROJECTIONS if name not in projections]
+        missing = [f"self_attn.{name}.weight" for name in ATTENTION_PROJECTIONS if name not in projections]
         missing += [name for name in LAYER_NORMS if name not in norms]
         if missing:
-            name = missing[0]
-            raise ModelError(f"The checkpoint is missing tensor {prefix}{name if '.' in name else f'self_attn.{name}.weight'}.")
+            raise ModelError(f"The checkpoint is missing tensor {prefix}{missing[0]}.")
         return LoadedAttention(norms, projections, biases, self.slice_cache)
 
     def forward_layer(
@@ -464,6 +463,7 @@ class StreamedDecoder:
             residual = torch.cat([state[0] for state in hidden])
             normed = self._rms_norm(residual, attention.norms[LAYER_NORMS[0]])
             q, k, v = (attention.project(name, normed) for name in ("q_proj", "k_proj", "v_proj"))
+            groups = self._heads // self._kv_heads
             attended = []
             offset = 0
             for cache, length in zip(per_sequence, lengths, strict=True):
@@ -476,7 +476,6 @@ class StreamedDecoder:
                 query, key = self._rotate(query, key, torch.arange(past, past + length, device=self.device))
                 if cache is not None:
                     key, value = cache.extend(layer, key, value)
-                groups = self._heads // self._kv_heads
                 output = nn.functional.scaled_dot_product_attention(
                     query,
                     key.repeat_interleave(groups, dim=1),
@@ -708,8 +707,9 @@ def activation_function(name: str) -> nn.Module:
     """The MLP activation a config's `hidden_act` names."""
     if name not in ACTIVATIONS:
         raise ModelError(
-            f"The config's hidden_act {name!r} is not one frankenmoe can run layer by layer "
-            f"({', '.join(ACTIVATIONS)}); use gate_mode random, which runs no model."
+            f"The config's hidden_act {name!r} is not one frankenmoe's layer-by-layer passes know "
+            f"({', '.join(ACTIVATIONS)}), so they cannot run this model. Merge with gate_mode: random and "
+            "--no-check, which run no forward pass."
         )
     return ACTIVATIONS[name]()
 

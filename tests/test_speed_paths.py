@@ -18,6 +18,7 @@ from transformers.cache_utils import DynamicCache
 from frankenmoe import layers, routing
 from frankenmoe.api import plan_merge
 from frankenmoe.config import RouterConfig, load_config
+from frankenmoe.errors import ModelError
 from frankenmoe.layers import (
     KeyValueCache,
     MatrixRows,
@@ -363,3 +364,16 @@ def test_a_weight_cache_that_is_not_a_size_is_refused_before_anything_is_read(
     assert result.exit_code == 2
     assert "Weight cache 'lots' is not a size" in result.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", sorted(layers.ACTIVATIONS))
+def test_each_activation_computes_what_transformers_gives_that_name(name: str) -> None:
+    from transformers.activations import ACT2FN
+
+    values = torch.linspace(-6, 6, 101)
+    torch.testing.assert_close(activation_function(name)(values), ACT2FN[name](values), rtol=0, atol=0)
+
+
+def test_an_activation_the_passes_do_not_know_is_refused_with_the_way_out() -> None:
+    with pytest.raises(ModelError, match=r"hidden_act 'gelu_new' .* gate_mode: random and --no-check"):
+        activation_function("gelu_new")
