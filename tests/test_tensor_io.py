@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import struct
 import threading
@@ -226,3 +227,29 @@ def test_the_hasher_takes_copied_ranges_without_blocking_but_holds_at_most_two_w
     release.set()
     adding.join()
     assert hasher.hexdigest() == hashlib.sha256(source.read_bytes() + b"".join(chunks)).hexdigest()
+
+
+def test_a_shard_is_sent_to_the_disk_range_after_range_while_it_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from frankenmoe import tensor_io
+
+    started: list[tuple[int, int]] = []
+    real = tensor_io.start_writeback
+
+    def recording(descriptor: int, start: int, count: int) -> None:
+        started.append((start, count))
+        real(descriptor, start, count)
+
+    monkeypatch.setattr(tensor_io, "WRITEBACK_BYTES", 64)
+    monkeypatch.setattr(tensor_io, "start_writeback", recording)
+    tensors = sample_tensors()
+    path = tmp_path / "model.safetensors"
+    write_with_shard_writer(path, tensors)
+
+    assert len(started) > 1
+    assert [start for start, _ in started] == [0, *itertools.accumulate(count for _, count in started[:-1])]
+    assert sum(count for _, count in started) > path.stat().st_size - 64
+    loaded = load_file(path)
+    for name, tensor in tensors.items():
+        assert torch.equal(loaded[name], tensor)
