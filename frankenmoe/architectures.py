@@ -99,7 +99,9 @@ class SourceFamily:
     model_types: tuple[str, ...]
     class_name: str
     decoder_layer: str
+    """transformers' decoder-layer class ('module:Class'), for laser's whole-layer passes (`StreamedDecoder.load_layer`)."""
     rotary: str
+    """transformers' rotary-embedding class of the family, used with `decoder_layer`."""
     natural_output: str
     """What `architecture: auto` picks for this family's sources when nothing else decides."""
     layer_weights: tuple[Weight, ...]
@@ -220,8 +222,6 @@ class OutputArchitecture:
 
     model_type: str
     class_name: str
-    decoder_layer: str
-    rotary: str
     accepts: tuple[str, ...]
     """Source family names whose every weight has a place here."""
     refuses: dict[str, str]
@@ -341,8 +341,6 @@ OUTPUT_ARCHITECTURE_LIST = (
     OutputArchitecture(
         model_type="mixtral",
         class_name="MixtralForCausalLM",
-        decoder_layer="mixtral.modeling_mixtral:MixtralDecoderLayer",
-        rotary="mixtral.modeling_mixtral:MixtralRotaryEmbedding",
         accepts=("llama", "mistral"),
         refuses={
             "qwen2": _BIASES_LOST.format(output="Mixtral") + "; use `architecture: qwen2_moe`",
@@ -361,8 +359,6 @@ OUTPUT_ARCHITECTURE_LIST = (
     OutputArchitecture(
         model_type="qwen2_moe",
         class_name="Qwen2MoeForCausalLM",
-        decoder_layer="qwen2_moe.modeling_qwen2_moe:Qwen2MoeDecoderLayer",
-        rotary="qwen2_moe.modeling_qwen2_moe:Qwen2MoeRotaryEmbedding",
         accepts=("qwen2", "llama", "mistral"),
         refuses={"qwen3": _NORMS_LOST.format(output="Qwen2-MoE") + "; use `architecture: qwen3_moe`"},
         layer_weights=_attention(*_qkv_biases()),
@@ -378,8 +374,6 @@ OUTPUT_ARCHITECTURE_LIST = (
     OutputArchitecture(
         model_type="qwen3_moe",
         class_name="Qwen3MoeForCausalLM",
-        decoder_layer="qwen3_moe.modeling_qwen3_moe:Qwen3MoeDecoderLayer",
-        rotary="qwen3_moe.modeling_qwen3_moe:Qwen3MoeRotaryEmbedding",
         accepts=("qwen3",),
         refuses={
             "qwen2": _BIASES_LOST.format(output="Qwen3-MoE") + "; use `architecture: qwen2_moe`",

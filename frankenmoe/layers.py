@@ -366,7 +366,6 @@ class StreamedDecoder:
         self.hf_config: PretrainedConfig = AutoConfig.for_model(**self.config)
         self.hf_config._attn_implementation = "sdpa"
         self.hf_config._experts_implementation = "eager"
-        self._entry = entry
         self._attention_weights = tuple(weight.name for weight in entry.layer_weights)
         self._activation = activation_function(self.hf_config.hidden_act)
         self._advised: set[int] = set()
@@ -397,7 +396,7 @@ class StreamedDecoder:
         weights = self._layer_weights(layer)
         weights.update(overrides or {})
         with torch.device("meta"):
-            module = transformers_class(self._entry.decoder_layer)(self.hf_config, layer_idx=layer)
+            module = transformers_class(self._dense_family.decoder_layer)(self.hf_config, layer_idx=layer)
         module.load_state_dict(weights, assign=True, strict=True)
         return module.to(self.device).eval()
 
@@ -580,7 +579,13 @@ class StreamedDecoder:
 
     @functools.cached_property
     def _transformers_rotary(self) -> nn.Module:
-        return transformers_class(self._entry.rotary)(config=self.hf_config).to(self.device)
+        return transformers_class(self._dense_family.rotary)(config=self.hf_config).to(self.device)
+
+    @property
+    def _dense_family(self) -> SourceFamily:
+        if self.family is None:
+            raise ModelError("A whole MoE layer is never loaded; use forward_layer, which streams the experts.")
+        return self.family
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and language-model head: [1, T, hidden] -> [T, vocab]."""
@@ -662,10 +667,8 @@ class StreamedDecoder:
         return read_tensor(self._tensor(name)) if given is None else given
 
     def _layer_weights(self, layer: int) -> dict[str, torch.Tensor]:
-        if self.family is None:
-            raise ModelError("A whole MoE layer is never loaded; use forward_layer, which streams the experts.")
         prefix = LAYER_PREFIX.format(layer=layer)
-        names = (*self._attention_weights, *(weight.name for weight in self.family.mlp.values()))
+        names = (*self._attention_weights, *(weight.name for weight in self._dense_family.mlp.values()))
         return {name: read_tensor(self.tensors[prefix + name]).float() for name in names if prefix + name in self.tensors}
 
 
