@@ -6,9 +6,10 @@ embedding as the config resolves it, grouped-query scaled dot-product attention,
 in the mask); the tests hold it to transformers' own layer for every family. transformers' modeling
 modules take about two seconds to import, so a merge's router pass and routing check never import
 them; only laser, which runs whole dense layers, does. Every matrix (the four attention
-projections, the MLP, dense or Mixtral's experts behind the router, and the language-model head) is applied from the checkpoint file in slices of rows, to every
-sequence's tokens at once: each slice is read once per pass however many sequences there are, and
-a float32 copy of a whole matrix is never made.
+projections, the MLP, dense or Mixtral's experts behind the router, and the language-model head)
+is applied from the checkpoint file in slices of rows, to every sequence's tokens at once: each
+slice is read once per pass however many sequences there are, and a float32 copy of a whole matrix
+is never made.
 
 On the CPU the slices of one matrix are spread over `slice_workers()` threads. Each slice is
 computed by one thread with one intra-op thread, into that thread's reused buffers, so a result
@@ -612,9 +613,7 @@ class StreamedDecoder:
         return best_tokens
 
     def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        norm_weight = self._float_tensor(FINAL_NORM.name).to(self.device)
-        variance = hidden.pow(2).mean(-1, keepdim=True)
-        return hidden * torch.rsqrt(variance + float(self.config.get("rms_norm_eps", 1e-6))) * norm_weight
+        return self._rms_norm(hidden, self._float_tensor(FINAL_NORM.name).to(self.device))
 
     def _head(self) -> TensorLocation:
         return self._tensor(EMBEDDINGS.name if self.config.get("tie_word_embeddings") else LM_HEAD.name)

@@ -460,13 +460,12 @@ class StreamHasher:
 class ShardWriter:
     """Writes one shard whose tensor list is known in advance, one tensor at a time, in order.
 
-    Every byte written goes through a StreamHasher, so `sha256` (set by `close`) is the finished
-    file's sha256 without reading the output back.
+    Every byte written goes through a StreamHasher, so `close` gives the finished file's sha256
+    without reading the output back.
     """
 
     def __init__(self, path: Path, entries: Sequence[ShardEntry], metadata: dict[str, str]) -> None:
         self.path = path
-        self.sha256: str | None = None
         self._entries = list(entries)
         self._next = 0
         self._remaining_in_tensor = 0
@@ -505,18 +504,17 @@ class ShardWriter:
         self._grown(location.nbytes)
 
     def close(self) -> str:
-        """Flush and fsync the file and wait for its hash; its sha256 (also kept in `sha256`)."""
+        """Flush and fsync the file and wait for its hash; its sha256."""
         if self._next != len(self._entries) or self._remaining_in_tensor:
             raise RuntimeError(f"shard {self.path.name} closed before all tensors were written")
         try:
             self._handle.flush()
             os.fsync(self._handle.fileno())
-            self.sha256 = self._hasher.hexdigest()
+            return self._hasher.hexdigest()
         except OSError as error:
             raise _write_error(self.path, error) from None
         finally:
             self._handle.close()
-        return self.sha256
 
     def abort(self) -> None:
         self._handle.close()
