@@ -18,6 +18,16 @@ DEFAULT_PROMPTS = (
     ("hello, how are you?", "let's chat about the weather"),
 )
 
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+"""Llama 3.1's rope scaling, with an original context short enough for the toy models to run past."""
+
 
 def write_config(
     path: Path,

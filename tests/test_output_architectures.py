@@ -22,7 +22,7 @@ from frankenmoe.errors import ConfigError, ModelError
 from frankenmoe.plan import NEUTRAL_GATE
 from frankenmoe.routing import load_checkpoint, route_prompts
 from frankenmoe.toymodels import ToyShape, write_toy_model
-from tests.support import run_cli
+from tests.support import LLAMA3_ROPE, run_cli
 
 SHAPE = ToyShape(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
 SHARED_SHAPE = ToyShape(hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
@@ -239,14 +239,7 @@ def write_config_rope(folder: Path, rope: dict[str, Any]) -> None:
 def test_llama3_rope_and_tied_embeddings_into_mixtral_reproduce_the_dense_model_past_the_original_context(
     tmp_path: Path,
 ) -> None:
-    llama3 = {
-        "rope_type": "llama3",
-        "rope_theta": 500000.0,
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16,
-    }
+    llama3 = LLAMA3_ROPE
     base = write_toy_model(
         tmp_path / "llama3", shape=SHAPE, model_type="llama", tie_word_embeddings=True, extra_config={"rope_parameters": llama3}
     )

@@ -38,7 +38,7 @@ from frankenmoe.sources import load_source
 from frankenmoe.tensor_io import ShardEntry, ShardWriter, read_growing_header, read_tensor, tensor_bytes
 from frankenmoe.toymodels import write_toy_model
 from tests.conftest import TinyModels
-from tests.support import run_cli, write_config
+from tests.support import LLAMA3_ROPE, run_cli, write_config
 
 # --- the routing check while writing -----------------------------------------------------------------------------
 
@@ -249,16 +249,7 @@ FAMILIES = {
     "mistral": {},
     "mistral-sliding-window": {"sliding_window": 3},
     "llama-with-biases": {"attention_bias": True},
-    "llama-llama3-rope": {
-        "rope_parameters": {
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 16,
-        }
-    },
+    "llama-llama3-rope": {"rope_parameters": LLAMA3_ROPE},
     "qwen2-yarn-rope": {
         "rope_parameters": {
             "rope_type": "yarn",
