@@ -50,6 +50,12 @@ VARIANTS = {
         "import frankenmoe.layers as layers, frankenmoe.tensor_io as tensor_io\n"
         "tensor_io.advise_will_need = layers.advise_will_need = lambda locations: None\n"
     ),
+    # A lower bound, not a usable merge: the shards' sha256 is never computed (the manifest records
+    # the hash of nothing), so the run shows what hashing every output byte costs.
+    "no-hash": (
+        "import frankenmoe.tensor_io as tensor_io\n"
+        "tensor_io.StreamHasher.add_bytes = tensor_io.StreamHasher.add_range = lambda self, *data: None\n"
+    ),
 }
 """Code run before the CLI in the merge's process (`python -c`)."""
 PROMPTS = (
@@ -195,7 +201,7 @@ def run_shape(shape: str, args: argparse.Namespace, work: Path) -> list[Row]:
             make_cold(args, sources)
             argv = [sys.executable, "-m", "frankenmoe", "merge", str(configs[mode]), str(out)]
             if VARIANTS[args.variant]:
-                cli = "from frankenmoe.cli import app\napp(prog_name='frankenmoe')\n"
+                cli = "from frankenmoe.cli import console_main\nconsole_main()\n"
                 argv[1:3] = ["-c", VARIANTS[args.variant] + cli]
             if not args.routing_check:
                 argv.append("--no-check")
