@@ -4,8 +4,9 @@
     sudo python benchmarks/cold_copy_order.py --repeats 3 --files 4
 
 Copies the weight files of the benchmark's synthetic experts (benchmarks/.cache/<shape>/expertN,
-made by synthetic_models.py) into one output file with `copy_file_range`, each way after emptying
-the whole page cache (root: it writes /proc/sys/vm/drop_caches), then fsyncs it. The ways:
+made by synthetic_models.py) into one output file with the merge writer's own `copy_range`
+(`copy_file_range`), each way after emptying the whole page cache (root: run_merge_bench's
+`drop_page_cache`), then fsyncs it. The ways:
 
 - `cp`: coreutils cp of each file, then sync (the floor run_merge_bench.py uses);
 - `per-file`: one copy_file_range loop per whole file;
@@ -29,7 +30,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from frankenmoe.tensor_io import read_header
+from run_merge_bench import drop_page_cache
+
+from frankenmoe.tensor_io import copy_range, read_header
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 Range = tuple[Path, int, int]
@@ -49,9 +52,7 @@ def copy_ranges(ranges: list[Range], target: Path, sequential_hint: bool = False
             for descriptor in descriptors.values():
                 os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         for file, offset, count in ranges:
-            while count:
-                copied = os.copy_file_range(descriptors[file], output, min(count, 64 << 20), offset)
-                offset, count = offset + copied, count - copied
+            copy_range(descriptors[file], output, offset, count)
         os.fsync(output)
     finally:
         os.close(output)
@@ -107,8 +108,7 @@ def main() -> None:
     try:
         for repeat in range(args.repeats):
             for name, copy in ways(files, args.target).items():
-                os.sync()
-                Path("/proc/sys/vm/drop_caches").write_text("3\n")
+                drop_page_cache()
                 system, started = system_seconds(), time.perf_counter()
                 copy()
                 wall = time.perf_counter() - started

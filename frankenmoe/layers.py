@@ -571,12 +571,17 @@ class StreamedDecoder:
                     attention_mask=self._causal_mask(module.self_attn.layer_idx, length, past),
                     position_ids=position_ids,
                     position_embeddings=self._transformers_rotary(hidden, position_ids),
-                    # transformers renamed the decoder layer's cache argument from past_key_values to cache.
-                    **{"cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values": cache},
+                    **{self._cache_argument: cache},
                 )
         finally:
             hook.remove()
         return LayerOutputs(output, captured["router_input"][0])
+
+    @functools.cached_property
+    def _cache_argument(self) -> str:
+        # transformers renamed the decoder layer's cache argument from past_key_values to cache.
+        layer_class = transformers_class(self._dense_family.decoder_layer)
+        return "cache" if "cache" in inspect.signature(layer_class.forward).parameters else "past_key_values"
 
     @functools.cached_property
     def _transformers_rotary(self) -> nn.Module:

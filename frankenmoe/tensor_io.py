@@ -497,7 +497,7 @@ class ShardWriter:
         self._remaining_in_tensor -= location.nbytes
         try:
             with location.file.open("rb", buffering=0) as source:
-                _copy_range(source.fileno(), self._handle.fileno(), location.start, location.nbytes)
+                copy_range(source.fileno(), self._handle.fileno(), location.start, location.nbytes)
         except OSError as error:
             raise _write_error(self.path, error) from None
         self._hasher.add_range(location.file, location.start, location.nbytes)
@@ -576,7 +576,9 @@ def _write_all(target_fd: int, data: memoryview) -> None:
         data = data[written:]
 
 
-def _copy_range(source_fd: int, target_fd: int, start: int, count: int) -> None:
+def copy_range(source_fd: int, target_fd: int, start: int, count: int) -> None:
+    """Append `count` bytes of the source file from offset `start` at the target's position: in the
+    kernel (`copy_file_range`) where the platform allows it, else through a buffer."""
     offset = start
     remaining = count
     kernel_copy = hasattr(os, "copy_file_range")
