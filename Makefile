@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup demo demo-toy test lint bench clean
+.PHONY: setup demo demo-toy test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ demo-toy: setup
 test: setup
 	$(VENV)/bin/ruff check frankenmoe tests examples benchmarks
 	$(PY) -m pytest -q
+
+# Everything but the slow lane (llama.cpp builds and runs) and the tests that reach PyPI.
+test-fast: setup
+	$(VENV)/bin/ruff check frankenmoe tests examples benchmarks
+	$(PY) -m pytest -q -m "not slow and not network"
 
 bench: setup
 	$(PY) benchmarks/run_merge_bench.py

@@ -38,6 +38,9 @@ from frankenmoe.toymodels import ToyShape, write_toy_model
 from tests import llama_cpp
 from tests.support import run_cli, write_config
 
+# The converter is fetched from PyPI on first use (then kept in .cache/llama-cpp).
+pytestmark = pytest.mark.network
+
 LAYERS = 2
 HIDDEN = 64
 EXPERT_FF = 128
