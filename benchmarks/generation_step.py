@@ -2,7 +2,8 @@
 
     python benchmarks/generation_step.py                  # Mistral-7B-shaped layers, 2 and 4 of them
     python benchmarks/generation_step.py --threads 2      # matrix slices spread over 2 worker threads
-    python benchmarks/generation_step.py --threads 2 --weight-cache 12GB   # float32 slices kept between steps
+    python benchmarks/generation_step.py --threads 2 --weight-cache 12GB   # slices kept between steps
+    python benchmarks/generation_step.py --threads 2 --products float32    # before issue 28: float32 products
 
 Writes random-weight bfloat16 models with 2 and 4 layers of the shape (cached in .cache/generation/),
 then times `greedy_continuations` for 8 prompts as the merge's router thread runs it (one intra-op
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from frankenmoe.layers import SliceCache, StreamedDecoder, greedy_continuations
+from frankenmoe.layers import SliceCache, StreamedDecoder, cpu_multiplies_bfloat16, greedy_continuations
 from frankenmoe.memory import keep_large_buffers_out_of_the_heap
 from frankenmoe.plan import parse_size
 from frankenmoe.sources import load_source
@@ -33,10 +34,10 @@ CACHE = Path(__file__).resolve().parent / ".cache" / "generation"
 PROMPTS = [torch.tensor([1, 100 + index, 200 + index, 300, 400, 500]) for index in range(8)]
 
 
-def seconds_per_step(folder: Path, steps: int, cache_bytes: int = 0) -> tuple[float, float]:
+def seconds_per_step(folder: Path, steps: int, cache_bytes: int, bfloat16: bool) -> tuple[float, float]:
     """Wall and CPU seconds per generated token (CPU: this process's user + system time, all threads)."""
     source = load_source(str(folder))
-    cache = SliceCache(cache_bytes) if cache_bytes else None
+    cache = SliceCache(cache_bytes, native_bfloat16=bfloat16)
     decoder = StreamedDecoder(source.config, source.tensors, slice_cache=cache)
     greedy_continuations(decoder, PROMPTS, 1, set())  # warm the page cache
     cpu_started, started = _cpu_seconds(), time.perf_counter()
@@ -56,8 +57,16 @@ def main() -> None:
     parser.add_argument("--model-layers", type=int, default=32, help="layers of the full model to extrapolate to")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="slice worker threads (sets OMP_NUM_THREADS)")
-    parser.add_argument("--weight-cache", default="0", help="float32 slices kept between steps (layers.SliceCache)")
+    parser.add_argument("--weight-cache", default="0", help="slices kept between steps (layers.SliceCache)")
+    parser.add_argument(
+        "--products",
+        choices=("auto", "bfloat16", "float32"),
+        default="auto",
+        help="how matrices are multiplied; auto: as a merge does (bfloat16 where the CPU has bfloat16 units)",
+    )
     args = parser.parse_args()
+    bfloat16 = args.products == "bfloat16" or (args.products == "auto" and cpu_multiplies_bfloat16())
+    print(f"products: {'bfloat16' if bfloat16 else 'float32'}", flush=True)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by frankenmoe.layers.slice_workers
     keep_large_buffers_out_of_the_heap()
     torch.set_num_threads(1)
@@ -68,7 +77,7 @@ def main() -> None:
         if not (folder / "model.safetensors").is_file():
             write_toy_model(folder, shape=shape, dtype="bfloat16")
         timings[layers], cpu[layers] = seconds_per_step(
-            folder, args.steps, parse_size(args.weight_cache, "Weight cache", minimum=0)
+            folder, args.steps, parse_size(args.weight_cache, "Weight cache", minimum=0), bfloat16
         )
         print(
             f"{layers} layers: {timings[layers]:.2f} s per generated token, {cpu[layers]:.2f} s CPU "

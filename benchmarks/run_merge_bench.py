@@ -348,7 +348,7 @@ def update_readme(table: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", action="append", choices=("tiny", "small", "large"), help="default: small, large")
+    parser.add_argument("--shape", action="append", choices=("tiny", "small", "large", "mistral7b"), help="default: small, large")
     parser.add_argument("--mode", action="append", dest="modes", choices=GATE_MODES, help="default: every mode")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--experts", type=int, default=4)

@@ -75,6 +75,27 @@ def smollm2_demo() -> None:
     frankenmoe("route", out, *(part for prompt in ROUTE_PROMPTS for part in ("--prompt", prompt)))
     question = "Write one sentence about why the sky is blue."
     print(f"\nGeneration by the merged MoE (greedy, chat template):\n  Q: {question}\n  A: {chat(out, question)}")
+    write_gguf(ROOT / "configs" / "smollm2-4x.yaml", OUTPUT / "smollm2-4x-gguf", "smollm2-4x")
+
+
+def write_gguf(config: Path, out: Path, name: str) -> None:
+    """The same merge as one f16 GGUF file, and how to run it in llama.cpp and Ollama.
+
+    f16, not a K-quant: Q4_K_M and friends come from llama.cpp's C quantiser (docs/gguf-runtime.md).
+    """
+    frankenmoe("merge", config, out, "--force", "--format", "gguf", "--gguf-type", "f16")
+    (gguf,) = out.glob("*.gguf")
+    quantised = out / f"{name}-Q4_K_M.gguf"
+    print(
+        f"\nThe same MoE as one GGUF file: {gguf}\n"
+        f"Run it in llama.cpp:\n"
+        f"  llama-cli -m {gguf} -p 'Why is the sky blue?'\n"
+        f"Make the Q4_K_M file Ollama users expect, with llama.cpp's quantiser:\n"
+        f"  llama-quantize {gguf} {quantised} Q4_K_M\n"
+        f"Or let Ollama quantise it while importing:\n"
+        f"  printf 'FROM {gguf}\\n' > {out / 'Modelfile'}\n"
+        f"  ollama create {name} -q q4_K_M -f {out / 'Modelfile'} && ollama run {name}"
+    )
 
 
 def toy_demo() -> None:

@@ -211,6 +211,9 @@ class Routing:
     """
 
     renormalize_key: str | None = None
+    llama_cpp_renormalizes: bool = True
+    """Whether llama.cpp's graph for this architecture renormalises the top-k weights: it ignores the config's
+    key and hard-codes it per architecture (llama and qwen3moe do, qwen2moe does not)."""
 
     def renormalizes(self, config: dict[str, Any]) -> bool:
         return self.renormalize_key is None or bool(config.get(self.renormalize_key, False))
@@ -241,6 +244,9 @@ class OutputArchitecture:
     fixed_fields: dict[str, Any]
     routing: Routing
     shared_expert: SharedExpertSlots | None = None
+    explicit_head: bool = False
+    """The output always carries its own lm_head.weight (the embeddings' copy for a tied base) and says
+    `tie_word_embeddings: false`: llama.cpp's qwen2moe refuses a file without an output matrix."""
 
     @property
     def default_layout(self) -> str:
@@ -248,6 +254,26 @@ class OutputArchitecture:
 
     def layer_slot_names(self) -> frozenset[str]:
         return frozenset(weight.name for weight in self.layer_weights)
+
+    def llama_cpp_mismatch(self, config: dict[str, Any]) -> str | None:
+        """Why llama.cpp would compute an output with this config.json differently than transformers, or None.
+
+        Renormalising the chosen experts' weights changes nothing when every expert is chosen (the softmax
+        over all of them already sums to 1), so only `experts_per_token` < experts can differ.
+        """
+        used, count = config.get("num_experts_per_tok"), config.get(self.expert_count_key)
+        renormalizes = self.routing.renormalizes(config)
+        if renormalizes == self.routing.llama_cpp_renormalizes or used is None or count is None or used >= count:
+            return None
+        setting = f"{self.routing.renormalize_key}: {str(renormalizes).lower()}"
+        runtime_does = "renormalises" if self.routing.llama_cpp_renormalizes else "never renormalises"
+        return (
+            f"llama.cpp (and so Ollama and LM Studio) {runtime_does} the weights of the {used} experts a "
+            f"{self.model_type} model picks per token out of {count}, whatever its config says, while this output "
+            f"({setting}) is computed the other way by transformers and vLLM: converted to GGUF it would be a "
+            f"different model. To run it in llama.cpp, set `experts_per_token: {count}` (every expert, where "
+            f"renormalising changes nothing)."
+        )
 
 
 COMMON_CONFIG_FIELDS = (
@@ -321,7 +347,7 @@ QWEN_MOE_FIXED_FIELDS: dict[str, Any] = {
 """Every layer a MoE layer, and the routing the identity tests prove (config fields both Qwen MoEs share)."""
 
 
-def _qwen_moe_entry_fields() -> dict[str, Any]:
+def _qwen_moe_entry_fields(llama_cpp_renormalizes: bool) -> dict[str, Any]:
     """What the Qwen MoE entries share: tensor names, config keys and routing."""
     return {
         "layouts": _qwen_layout(),
@@ -329,7 +355,7 @@ def _qwen_moe_entry_fields() -> dict[str, Any]:
         "expert_size_key": "moe_intermediate_size",
         "carried_fields": (*COMMON_CONFIG_FIELDS, "sliding_window", "max_window_layers"),
         "carried_defaults": {"use_sliding_window": False},
-        "routing": Routing(renormalize_key="norm_topk_prob"),
+        "routing": Routing(renormalize_key="norm_topk_prob", llama_cpp_renormalizes=llama_cpp_renormalizes),
     }
 
 
@@ -364,12 +390,13 @@ OUTPUT_ARCHITECTURE_LIST = (
         layer_weights=_attention(*_qkv_biases()),
         zero_filled=frozenset(weight.name for weight in _qkv_biases()),
         fixed_fields={**QWEN_MOE_FIXED_FIELDS, "qkv_bias": True},
-        **_qwen_moe_entry_fields(),
+        **_qwen_moe_entry_fields(llama_cpp_renormalizes=False),
         shared_expert=SharedExpertSlots(
             mlp={part: f"model.layers.{{layer}}.mlp.shared_expert.{part}.weight" for part in MLP_PARTS},
             gate="model.layers.{layer}.mlp.shared_expert_gate.weight",
             size_key="shared_expert_intermediate_size",
         ),
+        explicit_head=True,
     ),
     OutputArchitecture(
         model_type="qwen3_moe",
@@ -385,7 +412,7 @@ OUTPUT_ARCHITECTURE_LIST = (
         layer_weights=_attention(*_qk_norms()),
         zero_filled=frozenset(),
         fixed_fields={**QWEN_MOE_FIXED_FIELDS, "attention_bias": False},
-        **_qwen_moe_entry_fields(),
+        **_qwen_moe_entry_fields(llama_cpp_renormalizes=True),
     ),
 )
 OUTPUT_ARCHITECTURES: dict[str, OutputArchitecture] = {arch.model_type: arch for arch in OUTPUT_ARCHITECTURE_LIST}

@@ -34,7 +34,8 @@ def model_card(plan: MergePlan, config_text: str, extra_sections: tuple[str, ...
             else f"are a {plan.config.shared_weights.method} merge of the base model `{plan.base.reference}` and the experts"
         )
         + "; each expert's MLP comes from its source model; routers were "
-        f"initialised with gate mode `{config.gate_mode}`. No training was done.{_local_sources_note(plan)}\n",
+        f"initialised with gate mode `{config.gate_mode}`{' (the default)' if config.gate_mode_defaulted else ''}. "
+        f"No training was done.{_local_sources_note(plan)}\n",
         "| | |\n|---|---|\n"
         f"| architecture | {plan.architecture.class_name} ({plan.layout.name} tensor layout; {plan.architecture_reason}) |\n"
         + (
@@ -47,7 +48,7 @@ def model_card(plan: MergePlan, config_text: str, extra_sections: tuple[str, ...
         f"| experts | {len(plan.experts)}, {config.experts_per_token} per token |\n"
         f"| parameters | {plan.total_parameters:,} total, {plan.active_parameters:,} active per token |\n"
         f"| dtype | {SAFETENSORS_TO_CONFIG_DTYPE[plan.dtype]} |\n"
-        f"| gate mode | {config.gate_mode} |\n"
+        f"| gate mode | {config.gate_mode_description} |\n"
         f"| router prompts | {router_summary(config)} |\n"
         f"| source weights | {weight_formats_summary((plan.base, *plan.experts))} |\n",
         "## Experts\n\n| # | source | positive prompts |\n|---|---|---|\n" + expert_lines + "\n",

@@ -19,6 +19,8 @@ from frankenmoe.architectures import ARCHITECTURE_NAMES, ATTENTION_PROJECTIONS, 
 from frankenmoe.errors import ConfigError
 
 GATE_MODES = ("hidden", "cheap_embed", "random", "uniform_random", "fit")
+DEFAULT_GATE_MODE = "hidden"
+"""The gate mode of a config that names none (mergekit-moe's default is `hidden`)."""
 PROMPT_GATE_MODES = frozenset({"hidden", "cheap_embed", "fit"})
 CONTINUING_GATE_MODES = frozenset({"hidden", "fit"})
 AUTO_CONTINUATION_TOKENS = {"fit": 32}
@@ -28,6 +30,18 @@ MAX_CONTINUATION_TOKENS = 1024
 DTYPES = ("bfloat16", "float16", "float32")
 TRUNK_METHODS = ("base", "linear", "task_arithmetic", "dare_linear", "dare_ties")
 """`shared_weights.method`: how the non-expert tensors are made (formulas in frankenmoe.trunk)."""
+TRUNK_METHOD_KEYS = {
+    "base": (),
+    "linear": ("weights", "base_weight", "normalize"),
+    "task_arithmetic": ("weights", "lambda"),
+    "dare_linear": ("weights", "lambda", "density"),
+    "dare_ties": ("weights", "lambda", "density", "normalize"),
+}
+"""The `shared_weights` keys (besides `method`) that each method's formula reads; any other is refused."""
+MAX_LINEAR_AMPLIFICATION = 100.0
+"""linear with normalize divides every weight by their sum S: (|b| + Σ|wᵢ|) / |S| is how much a 1% change
+of one weight changes the result, relative to the deltas. Above 100, a 1% change of a weight can change
+the merged tensors by more than the deltas themselves: the result is set by the cancellation in S."""
 POOLINGS = ("mean", "last")
 ROUTER_INPUTS = ("router", "residual")
 LASER_METHODS = ("snr", "fixed", "optimal")
@@ -105,7 +119,7 @@ class SharedWeightsConfig:
 class MergeConfig:
     base_model: str
     experts: tuple[ExpertConfig, ...]
-    gate_mode: str = "hidden"
+    gate_mode: str = DEFAULT_GATE_MODE
     dtype: str | None = None
     experts_per_token: int = 2
     architecture: str = "auto"
@@ -113,10 +127,19 @@ class MergeConfig:
     shared_weights: SharedWeightsConfig = field(default_factory=SharedWeightsConfig)
     router: RouterConfig = field(default_factory=RouterConfig)
     base_laser: LaserConfig | None = None
+    gate_mode_defaulted: bool = False
+    """True when the config names no gate_mode and DEFAULT_GATE_MODE was taken."""
 
     @property
     def needs_prompts(self) -> bool:
         return self.gate_mode in PROMPT_GATE_MODES
+
+    @property
+    def gate_mode_description(self) -> str:
+        """The gate mode that runs and why, as the dry run, the model card and the manifest say it."""
+        if self.gate_mode_defaulted:
+            return f"{self.gate_mode} (the default: the config names no gate_mode)"
+        return self.gate_mode
 
 
 def load_config(path: Path) -> MergeConfig:
@@ -241,7 +264,7 @@ def _merge_config(data: Mapping[str, Any], source: str) -> MergeConfig:
         raise ConfigError(f"{source}: `experts` is empty. List at least one expert with a `source_model`.")
     experts = tuple(_expert(item, f"experts[{index}]", source) for index, item in enumerate(raw_experts))
 
-    gate_mode = _choice(data.get("gate_mode", "hidden"), GATE_MODES, "gate_mode", source)
+    gate_mode = _choice(data.get("gate_mode", DEFAULT_GATE_MODE), GATE_MODES, "gate_mode", source)
     dtype = None if data.get("dtype") is None else _choice(data["dtype"], DTYPES, "dtype", source)
     experts_per_token = _integer(data.get("experts_per_token", 2), "experts_per_token", source)
     if not 1 <= experts_per_token <= len(experts):
@@ -282,6 +305,7 @@ def _merge_config(data: Mapping[str, Any], source: str) -> MergeConfig:
         shared_weights=shared_weights,
         router=router,
         base_laser=base_laser,
+        gate_mode_defaulted="gate_mode" not in data,
     )
 
 
@@ -305,6 +329,13 @@ def _shared_weights(item: Any, expert_count: int, source: str) -> SharedWeightsC
     _check_keys(data, SHARED_WEIGHTS_KEYS, path, source)
     defaults = SharedWeightsConfig()
     method = _choice(data.get("method", defaults.method), TRUNK_METHODS, f"{path}.method", source)
+    unused = [key for key in data if key != "method" and key not in TRUNK_METHOD_KEYS[method]]
+    if unused:
+        used = ", ".join(f"`{key}`" for key in TRUNK_METHOD_KEYS[method]) or "no other key"
+        raise ConfigError(
+            f"{source}: `{path}.{unused[0]}` has no effect with `{path}.method: {method}`, which reads {used}. "
+            "Remove the key, or choose the method that uses it (see the README's Shared weights section)."
+        )
     weights = None
     if data.get("weights") is not None:
         weights = tuple(
@@ -321,11 +352,17 @@ def _shared_weights(item: Any, expert_count: int, source: str) -> SharedWeightsC
         raise ConfigError(f"{source}: `{path}.density` is {density}; it must be in (0, 1] (the fraction of each delta kept).")
     base_weight = _number(data.get("base_weight", defaults.base_weight), f"{path}.base_weight", source)
     normalize = _boolean(data.get("normalize", defaults.normalize), f"{path}.normalize", source)
-    if method == "linear" and normalize and base_weight + sum(weights or (1.0,) * expert_count) == 0:
-        raise ConfigError(
-            f"{source}: `{path}` weights (base_weight and weights) sum to 0, so the linear average is undefined. "
-            "Give weights with a non-zero sum, or set normalize: false."
-        )
+    if method == "linear" and normalize:
+        all_weights = (base_weight, *(weights or (1.0,) * expert_count))
+        total = sum(all_weights)
+        if abs(total) * MAX_LINEAR_AMPLIFICATION < sum(abs(weight) for weight in all_weights):
+            raise ConfigError(
+                f"{source}: `{path}` weights (base_weight and weights) sum to {total:g}, and normalize divides "
+                f"each weight by that sum, so the result is undefined or set by their cancellation: when the sum "
+                f"is under 1/{MAX_LINEAR_AMPLIFICATION:g} of the weights' total size, a 1% change of one weight "
+                "can change the merged tensors by more than an expert's own difference from the base. Give weights "
+                "whose sum is not close to 0 (positive weights always work), or set normalize: false."
+            )
     return SharedWeightsConfig(
         method=method,
         weights=weights,

@@ -40,3 +40,10 @@ class MergeInterruptedError(FrankenMoEError):
 
     exit_code = 130
     kind = "interrupted"
+
+
+class InternalError(FrankenMoEError):
+    """An exception frankenmoe did not anticipate (a bug), reported as an error event under --log-format json."""
+
+    exit_code = 1
+    kind = "internal error"

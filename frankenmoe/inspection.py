@@ -25,7 +25,7 @@ from frankenmoe.tensor_io import CONFIG_DTYPE_TO_SAFETENSORS, TensorLocation, re
 NEAR_DUPLICATE_COSINE = 0.99
 """Two gate rows this aligned give their experts almost the same logit for every token."""
 DEGENERATE_CONDITION = 1e3
-"""A gate matrix this ill-conditioned routes along fewer directions than it has experts."""
+"""Centred gate rows this ill-conditioned tell the experts apart along fewer directions than they need."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,13 @@ class MergeRecipe:
 
 @dataclass(frozen=True)
 class RouterDiagnostics:
-    """One layer's gate matrix [experts, hidden], seen as a set of expert directions."""
+    """One layer's gate matrix [experts, hidden], seen as a set of expert directions.
+
+    A softmax router is unchanged by adding one vector to every row (every logit moves by the same
+    amount), so only the differences between rows matter: rank and conditioning are those of the
+    centred rows (each row minus the mean row), whose rank is at most experts - 1. A healthy
+    2-expert router (fit's rows are w and -w) has centred rank 1, which is full.
+    """
 
     layer: int
     row_norms: tuple[float, ...]
@@ -49,19 +55,25 @@ class RouterDiagnostics:
     """Pairs (i, j, cosine) with cosine above NEAR_DUPLICATE_COSINE."""
     zero_rows: tuple[int, ...]
     rank: int
+    """Rank of the centred rows."""
+    full_rank: int
+    """The most `rank` can be: experts - 1 (or the hidden size, if smaller)."""
     condition_number: float
-    """Largest over smallest singular value; infinite when the matrix is rank-deficient."""
+    """Largest over smallest of the centred rows' `full_rank` singular values; infinite when rank-deficient."""
 
     @property
     def degenerate(self) -> bool:
-        return self.rank < len(self.row_norms) or self.condition_number > DEGENERATE_CONDITION
+        return self.rank < self.full_rank or self.condition_number > DEGENERATE_CONDITION
 
     @property
     def warnings(self) -> tuple[str, ...]:
         found = [f"experts {i} and {j} are near-duplicates (cosine {cos:.4f})" for i, j, cos in self.near_duplicates]
         found += [f"expert {row} has an all-zero gate row" for row in self.zero_rows]
-        if self.rank < len(self.row_norms):
-            found.append(f"rank-deficient router (rank {self.rank} < {len(self.row_norms)} experts)")
+        if self.rank < self.full_rank:
+            found.append(
+                f"rank-deficient router (centred rank {self.rank} < {self.full_rank}: some experts' rows are "
+                "identical or affinely dependent, so their logits cannot vary independently)"
+            )
         elif self.condition_number > DEGENERATE_CONDITION:
             found.append(f"ill-conditioned router (condition number {self.condition_number:.3g})")
         return tuple(found)
@@ -177,7 +189,7 @@ def _expert_parameters(checkpoint: Checkpoint, layout: OutputLayout) -> int:
 
 
 def diagnose_router(layer: int, gate: torch.Tensor) -> RouterDiagnostics:
-    """Norms, pairwise cosines and conditioning of one gate matrix [experts, hidden]."""
+    """Norms, pairwise cosines, and rank and conditioning of the centred rows of one gate matrix [experts, hidden]."""
     rows = gate.double()
     norms = rows.norm(dim=1)
     is_zero = norms == 0
@@ -192,11 +204,16 @@ def diagnose_router(layer: int, gate: torch.Tensor) -> RouterDiagnostics:
         for j in range(i + 1, experts)
         if cosine[i, j] > NEAR_DUPLICATE_COSINE
     )
-    singular = torch.linalg.svdvals(rows)
-    # The rows were stored in at most float32 precision, so smaller singular values are rounding noise.
-    tolerance = float(singular[0]) * max(rows.shape) * torch.finfo(torch.float32).eps
+    full_rank = min(experts - 1, rows.shape[1])
+    singular = torch.linalg.svdvals(rows - rows.mean(dim=0, keepdim=True))[:full_rank]
+    # The rows were stored in at most float32 precision, so differences below that precision of the
+    # rows themselves (not of their differences) are rounding noise.
+    scale = float(torch.linalg.matrix_norm(rows, ord=2))
+    tolerance = scale * max(rows.shape) * torch.finfo(torch.float32).eps
     rank = int((singular > tolerance).sum())
-    full_rank = rank == experts and float(singular[-1]) > 0
+    condition = math.inf
+    if rank == full_rank:  # with one expert (full_rank 0) there is nothing to tell apart
+        condition = float(singular[0] / singular[-1]) if full_rank else 1.0
     return RouterDiagnostics(
         layer=layer,
         row_norms=tuple(float(norm) for norm in norms),
@@ -204,7 +221,8 @@ def diagnose_router(layer: int, gate: torch.Tensor) -> RouterDiagnostics:
         near_duplicates=near,
         zero_rows=tuple(int(index) for index in torch.nonzero(is_zero).flatten()),
         rank=rank,
-        condition_number=float(singular[0] / singular[-1]) if full_rank else math.inf,
+        full_rank=full_rank,
+        condition_number=condition,
     )
 
 

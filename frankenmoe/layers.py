@@ -130,6 +130,13 @@ class _SliceBuffers(threading.local):
         rows = read_rows_into(location, start, stop, self.raw)
         return self.converted[: rows.numel()].view(rows.shape).copy_(rows)
 
+    def stored_rows(self, location: TensorLocation, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of `location` in its stored dtype, as a view of this thread's raw buffer."""
+        nbytes = (stop - start) * location.shape[-1] * element_size(location.dtype)
+        if self.raw is None or self.raw.numel() < nbytes:
+            self.raw = torch.empty(nbytes, dtype=torch.uint8)
+        return read_rows_into(location, start, stop, self.raw)
+
 
 _slice_buffers = _SliceBuffers()
 
@@ -207,48 +214,96 @@ class MLPWeights:
     down_scale: float | None = None
 
 
+def cpu_multiplies_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX-BF16), with which torch
+    multiplies bfloat16 matrices directly, accumulating in float32. Read from Linux's /proc/cpuinfo;
+    False where that cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            flags = next((line for line in info if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 class SliceCache:
-    """Float32 matrix slices kept from pass to pass, up to `budget` bytes in all.
+    """How a pass gets its matrix slices: kept from pass to pass up to `budget` bytes in all, and with
+    `native_bfloat16` multiplied in bfloat16 where the matrix is stored in bfloat16.
 
     Text generation (router.continuation_tokens) streams the whole model once per token: with a
-    budget, the slices converted in the first step are kept and the later steps only multiply. A
-    cached slice is the very tensor a read would give, so results are the same with or without it;
-    past the budget, slices are read as usual. See `weight_cache_bytes` in GateRequest.
+    budget, the slices read in the first step are kept and the later steps only multiply. A cached
+    slice is the very tensor a read would give, so results are the same with or without it; past the
+    budget, slices are read as usual. See `weight_cache_bytes` in GateRequest.
+
+    With `native_bfloat16` (text generation on a CPU with bfloat16 matrix units, see
+    `cpu_multiplies_bfloat16`), a bfloat16 slice is multiplied as stored, by the tokens rounded to
+    bfloat16, with float32 accumulation: no float32 copy of the slice is made, and half the bytes go
+    through memory. The products differ from float32 ones by bfloat16 rounding, which can change a
+    greedy token where two are nearly tied; they are the same from run to run on one machine (one
+    thread per slice), but another CPU's bfloat16 kernels may round differently.
     """
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int = 0, native_bfloat16: bool = False) -> None:
         self.budget = budget
+        self.native_bfloat16 = native_bfloat16
         self.used = 0
         self._slices: dict[object, torch.Tensor] = {}
         self._lock = threading.Lock()
 
+    def multiplies_natively(self, matrix: MatrixRows, device: torch.device) -> bool:
+        """Whether `matrix`'s slices are multiplied in their stored bfloat16 (see the class docstring)."""
+        return (
+            self.native_bfloat16
+            and device.type == "cpu"
+            and matrix.location.dtype == "BF16"
+            and matrix.lora is None
+            and matrix.merged is None
+        )
+
     def slice(self, matrix: MatrixRows, start: int, device: torch.device) -> torch.Tensor:
-        """Slice `start` of `matrix` in float32: kept, newly kept, or (past the budget) read as
-        `matrix.read(start, device, reuse=True)` gives it."""
+        """Slice `start` of `matrix` (float32, or bfloat16 where `multiplies_natively`): kept, newly
+        kept, or (past the budget) read into the calling thread's reused buffer."""
+        native = self.multiplies_natively(matrix, device)
         key = (matrix, start)
         try:
             with self._lock:
                 cached = self._slices.get(key)
         except TypeError:  # a matrix whose parts cannot be hashed is never kept
-            return matrix.read(start, device, reuse=True)
+            return self._read(matrix, start, device, native, reuse=True)
         if cached is not None:
             return cached
         rows = min(matrix.slice_starts.step, matrix.num_rows - start)
-        nbytes = rows * matrix.location.shape[-1] * 4
+        nbytes = rows * matrix.location.shape[-1] * (2 if native else 4)
         with self._lock:
             fits = self.used + nbytes <= self.budget
             if fits:
                 self.used += nbytes
         if not fits:
-            return matrix.read(start, device, reuse=True)
-        value = matrix.read(start, device)
+            return self._read(matrix, start, device, native, reuse=True)
+        value = self._read(matrix, start, device, native, reuse=False)
         with self._lock:
             self._slices[key] = value
         return value
 
+    @staticmethod
+    def _read(matrix: MatrixRows, start: int, device: torch.device, native: bool, reuse: bool) -> torch.Tensor:
+        if not native:
+            return matrix.read(start, device, reuse=reuse)
+        first, stop = matrix.first_row + start, matrix.first_row + min(start + matrix.slice_starts.step, matrix.num_rows)
+        return _slice_buffers.stored_rows(matrix.location, first, stop) if reuse else read_rows(matrix.location, first, stop)
+
 
 def _float_slice(matrix: MatrixRows, start: int, device: torch.device, cache: SliceCache | None) -> torch.Tensor:
     return matrix.read(start, device, reuse=True) if cache is None else cache.slice(matrix, start, device)
+
+
+def slice_product(
+    tokens: torch.Tensor, matrix: MatrixRows, start: int, device: torch.device, cache: SliceCache | None
+) -> torch.Tensor:
+    """tokens [N, in] @ slice `start` of `matrix`.T, in float32 (see SliceCache for bfloat16 products)."""
+    if cache is not None and cache.multiplies_natively(matrix, device):
+        return (tokens.to(torch.bfloat16) @ cache.slice(matrix, start, device).T).float()
+    return tokens @ _float_slice(matrix, start, device, cache).T
 
 
 def sliced_linear(
@@ -258,7 +313,7 @@ def sliced_linear(
     device = tokens.device
 
     def rows(start: int) -> torch.Tensor:
-        return tokens @ _float_slice(matrix, start, device, cache).T
+        return slice_product(tokens, matrix, start, device, cache)
 
     output = torch.cat(map_slices(rows, matrix.slice_starts, device), dim=-1)
     return output if bias is None else output + bias
@@ -271,9 +326,9 @@ def sliced_mlp(
     device = tokens.device
 
     def gated(start: int) -> torch.Tensor:
-        gate = activation(tokens @ _float_slice(weights.gate_proj, start, device, cache).T)
+        gate = activation(slice_product(tokens, weights.gate_proj, start, device, cache))
         # The up slice may be read into the buffer the gate slice was in: the gate product is made by now.
-        return gate * (tokens @ _float_slice(weights.up_proj, start, device, cache).T)
+        return gate * slice_product(tokens, weights.up_proj, start, device, cache)
 
     intermediate = torch.cat(map_slices(gated, weights.gate_proj.slice_starts, device), dim=-1)
     output = sliced_linear(intermediate, weights.down_proj, cache=cache)
@@ -601,14 +656,13 @@ class StreamedDecoder:
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         """The most likely next token after each of `hidden` [N, hidden], the head read in row slices."""
         normed = self._final_norm(hidden)
-        merged_head = self.merged.get(self._head().name)
-        head = MatrixRows.whole(self._head()) if merged_head is None else MatrixRows.of_merge(merged_head)
+        head = self._head_rows()
         best_logits = torch.full((len(hidden),), float("-inf"), device=self.device)
         best_tokens = torch.zeros(len(hidden), dtype=torch.long, device=self.device)
 
 
         def slice_best(start: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return (normed @ _float_slice(head, start, self.device, self.slice_cache).T).max(dim=-1)
+            return slice_product(normed, head, start, self.device, self.slice_cache).max(dim=-1)
 
         starts = head.slice_starts
         for start, (slice_logits, slice_tokens) in zip(starts, map_slices(slice_best, starts, self.device), strict=True):
@@ -616,6 +670,28 @@ class StreamedDecoder:
             best_logits = torch.where(better, slice_logits, best_logits)
             best_tokens = torch.where(better, slice_tokens + start, best_tokens)
         return best_tokens
+
+    def target_log_probabilities(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(targets[i] | hidden[i]) for `hidden` [N, hidden], float32 [N]: the head is read in row
+        slices and each slice's log-sum-exp is combined in slice order, so no [N, vocab] logits are held
+        and the result is the same for any number of slice workers."""
+        normed = self._final_norm(hidden)
+        head = self._head_rows()
+
+        def slice_scores(start: int) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = slice_product(normed, head, start, self.device, self.slice_cache)
+            inside = (targets >= start) & (targets < start + logits.shape[-1])
+            picked = logits.gather(1, (targets - start).clamp(0, logits.shape[-1] - 1)[:, None])[:, 0]
+            return torch.logsumexp(logits, dim=-1), torch.where(inside, picked, torch.zeros_like(picked))
+
+        parts = map_slices(slice_scores, head.slice_starts, self.device)
+        normaliser = torch.logsumexp(torch.stack([normalisers for normalisers, _ in parts]), dim=0)
+        # Exactly one slice holds each target; the others add exact zeros.
+        return torch.stack([picked for _, picked in parts]).sum(dim=0) - normaliser
+
+    def _head_rows(self) -> MatrixRows:
+        merged_head = self.merged.get(self._head().name)
+        return MatrixRows.whole(self._head()) if merged_head is None else MatrixRows.of_merge(merged_head)
 
     def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._rms_norm(hidden, self._float_tensor(FINAL_NORM.name).to(self.device))

@@ -9,10 +9,13 @@ writing), wall time and peak RSS. `frankenmoe verify` checks a checkpoint agains
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import resource
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,16 +43,17 @@ class FileRecord:
     sha256: str
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in chunks.
+def file_sha256(path: Path, follow_symlinks: bool = True) -> str:
+    """sha256 of a file, read in chunks; without `follow_symlinks`, a symbolic link is an OSError.
 
-        >>> import tempfile; folder = Path(tempfile.mkdtemp()); (folder / "x").write_bytes(b"abc")
-        3
-        >>> file_sha256(folder / "x")[:8]
-        'ba7816bf'
+    >>> import tempfile; folder = Path(tempfile.mkdtemp()); (folder / "x").write_bytes(b"abc")
+    3
+    >>> file_sha256(folder / "x")[:8]
+    'ba7816bf'
     """
     digest = hashlib.sha256()
-    with path.open("rb", buffering=0) as handle:
+    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    with os.fdopen(os.open(path, flags), "rb", buffering=0) as handle:
         while chunk := handle.read(HASH_CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
@@ -87,7 +91,9 @@ def weight_fingerprint(path: Path, full_hash: bool = False) -> dict[str, Any]:
 
 def source_record(role: str, source: SourceModel, full_hash: bool = False) -> dict[str, Any]:
     """Where a source model was read from and a fingerprint of every file it gave weights or config."""
-    files = sorted({location.file for location in source.tensors.values()} | {source.path / "config.json"})
+    # A Hub source fetched on demand holds only the shards the merge reads (hub.py); the others are not there.
+    read = {location.file for location in source.tensors.values() if source.hub is None or location.file.is_file()}
+    files = sorted(read | {source.path / "config.json"})
     model_reference = source.reference.partition("+")[0] if source.adapter is not None else source.reference
     record: dict[str, Any] = {"role": role, "reference": source.reference, "folder": str(source.path)}
     record.update(hub_location(source.path, model_reference))
@@ -140,18 +146,150 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
+class ManifestError(ModelError):
+    """The build record is there but is not one frankenmoe could have written: unreadable JSON, a
+    symbolic link, or wrong types. `problems` names every difference found."""
+
+    def __init__(self, message: str, problems: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
+def is_plain_name(name: object) -> bool:
+    """Whether `name` is one file name inside a folder: not absolute, no folder part, not `.` or `..`.
+
+    Every file a merge writes sits directly in OUT, so anything else in a manifest or an index would
+    make a reader look outside the folder it was asked to check.
+    """
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+    )
+
+
+def read_plain_file(path: Path) -> bytes:
+    """The bytes of `path` if it is a regular file, never following a symbolic link (OSError otherwise).
+
+    O_NOFOLLOW makes the refusal part of the open itself, so a link swapped in after a check is not
+    followed either; O_NONBLOCK keeps a FIFO from blocking the open until the fstat refuses it.
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(descriptor, "rb", buffering=0) as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return handle.read()
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """The manifest a merge left in `folder`; a ModelError when it is missing or unreadable."""
+    """The manifest a merge left in `folder`, schema-checked.
+
+    A ModelError when it is missing; a ManifestError (a ModelError too) when it is a symbolic link,
+    not JSON, or does not have the types `check_manifest` expects.
+    """
     path = folder / MANIFEST_NAME
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not path.is_symlink() and not path.exists():
         raise ModelError(
             f"{folder} has no {MANIFEST_NAME}, so there is nothing to check it against. Only checkpoints written "
             "by frankenmoe 0.2 or later have one; merge again to get one."
-        ) from None
+        )
+    try:
+        data = json.loads(read_plain_file(path).decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelError(f"{path} cannot be read as JSON ({error}); the build record is damaged.") from None
-    if not isinstance(data, dict) or not isinstance(data.get("files"), list):
-        raise ModelError(f"{path} is not a frankenmoe build record (no list of files).")
+        why = "a symbolic link, which is never followed" if path.is_symlink() else f"not readable JSON ({error})"
+        problem = f"{MANIFEST_NAME}: {why}"
+        raise ManifestError(
+            f"{path} is {why}; the build record is damaged or was replaced. Merge again to get a new one.", (problem,)
+        ) from None
+    problems = check_manifest(data)
+    if problems:
+        raise ManifestError(
+            f"{path} is not a valid frankenmoe build record: {'; '.join(problems)}. It was edited or damaged; "
+            "merge again to get a new one.",
+            tuple(problems),
+        )
     return data
+
+
+MANIFEST_FIELDS: dict[str, type] = {
+    "format": int,
+    "frankenmoe_version": str,
+    "config": str,
+    "config_sha256": str,
+    "architecture": str,
+    "options": dict,
+    "sources": list,
+    "files": list,
+}
+"""Every field a manifest must have, with its JSON type (timings and peak RSS are informative only)."""
+SOURCE_FIELDS: dict[str, type] = {"role": str, "reference": str, "folder": str, "files": list}
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def check_manifest(data: object) -> list[str]:
+    """Every way `data` differs from the manifest schema `build_manifest` writes, in words (empty when valid).
+
+    Fields added by later versions are allowed; the ones listed here must have their types, and every
+    output file must be a plain name inside OUT with a size and a sha256.
+    """
+    where = MANIFEST_NAME
+    if not isinstance(data, dict):
+        return [f"{where}: a JSON {_json_type(data)}, not an object"]
+    problems = _field_problems(data, MANIFEST_FIELDS, where)
+    for index, source in enumerate(data.get("sources") if isinstance(data.get("sources"), list) else []):
+        at = f"{where}: sources[{index}]"
+        if not isinstance(source, dict):
+            problems.append(f"{at} is a JSON {_json_type(source)}, not an object")
+            continue
+        problems += _field_problems(source, SOURCE_FIELDS, at)
+        for key in ("files", "adapter_files"):
+            records = source.get(key, [])
+            if not isinstance(records, list):
+                problems.append(f"{at}.{key} is a JSON {_json_type(records)}, not a list")
+                continue
+            problems += [
+                f"{at}.{key}[{position}] is not an object with a name and a size"
+                for position, record in enumerate(records)
+                if not isinstance(record, dict)
+                or not isinstance(record.get("name"), str)
+                or not _is_size(record.get("size"))
+            ]
+    for index, record in enumerate(data.get("files") if isinstance(data.get("files"), list) else []):
+        at = f"{where}: files[{index}]"
+        if not isinstance(record, dict):
+            problems.append(f"{at} is a JSON {_json_type(record)}, not an object")
+            continue
+        name = record.get("name")
+        if not is_plain_name(name):
+            problems.append(
+                f"{at}.name {name!r} is not a file name inside the checkpoint folder (an absolute path, a `..` or a "
+                "folder part, or not a string); verify reads nothing outside the folder"
+            )
+        if not _is_size(record.get("size")):
+            problems.append(f"{at}.size {record.get('size')!r} is not a byte count")
+        if not isinstance(record.get("sha256"), str) or not SHA256_HEX.fullmatch(record["sha256"]):
+            problems.append(f"{at}.sha256 {record.get('sha256')!r} is not a sha256 in hex")
+    return problems
+
+
+def _field_problems(data: dict[str, Any], fields: dict[str, type], where: str) -> list[str]:
+    problems = []
+    for key, kind in fields.items():
+        if key not in data:
+            problems.append(f"{where} has no {key!r}")
+        elif type(data[key]) is not kind:  # exact: JSON's true is not an integer
+            problems.append(f"{where}: {key!r} is a JSON {_json_type(data[key])}, not {JSON_TYPES[kind]}")
+    return problems
+
+
+JSON_TYPES = {dict: "object", list: "list", str: "string", int: "integer", float: "number", bool: "boolean"}
+
+
+def _json_type(value: object) -> str:
+    return "null" if value is None else JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _is_size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

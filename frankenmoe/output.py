@@ -3,7 +3,12 @@
 A merge writes into `.OUT.frankenmoe-partial` next to OUT and renames it to OUT only after every
 file is written, verified and flushed to disk, so OUT is always either the previous checkpoint,
 absent, or complete. A partial folder left by a killed run is recognised by its owner file (the
-pid of the merge writing it) and removed only when that process is gone and the user asks.
+pid of the merge writing it; removed just before the swap) and is removed by the next run once that
+process is gone: it is never a usable checkpoint. A --force swap is two renames (OUT aside to
+`.OUT.frankenmoe-replaced`, the staged folder to OUT); when a run was killed between them, the next
+run finishes the swap if the staged folder is a complete checkpoint that verifies against its
+manifest, and otherwise puts the previous checkpoint back (`recover_interrupted_output`). Either
+way it says what it did, and nothing advises a step that would delete the last good checkpoint.
 
 What a merge may replace is one rule, applied when it starts and again at the swap: without
 --force OUT must be absent or empty; with --force it may also be a checkpoint a frankenmoe merge
@@ -20,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -55,8 +61,7 @@ CARD_MARKS = ("Built with frankenmoe", "## Merge recipe")
 CARD_READ_LIMIT = 1024 * 1024
 SHOWN_NAMES = 5
 
-_forced_targets: set[Path] = set()
-"""OUTs that check_output_target accepted with --force: at the swap they may still replace a checkpoint."""
+logger = logging.getLogger("frankenmoe")
 
 
 def absolute_target(out: Path) -> Path:
@@ -95,20 +100,17 @@ def check_output_target(out: Path, source_folders: Sequence[Path], config_path: 
     if target.exists() and not target.is_dir():
         raise OutputError(f"The output path {out} exists and is not a folder. Remove it or choose another path.")
     _check_parent_writable(out, target)
-    _check_leftovers(out, force)
+    recover_interrupted_output(out)
     if _has_entries(target):
         _refuse_unless_replaceable(out, target, force)
-    if force:
-        _forced_targets.add(target)
-    else:
-        _forced_targets.discard(target)
 
 
 def not_a_checkpoint_reason(folder: Path) -> str | None:
     """Why `folder` is not recognisably a checkpoint a frankenmoe merge wrote; None when it is one.
 
-    It must hold config.json, safetensors shards and frankenmoe's model card, and nothing a merge
-    does not write: any other file or folder may be someone's work, which replacing OUT would delete.
+    It must hold config.json and frankenmoe's model card, and nothing a merge does not write: any
+    other file or folder may be someone's work, which replacing OUT would delete. Shards are not
+    required: a checkpoint that lost one is damaged, not someone else's, and `build` replaces it.
     """
     entries = sorted(folder.iterdir())
     foreign = [entry.name for entry in entries if not _written_by_a_merge(entry)]
@@ -117,8 +119,6 @@ def not_a_checkpoint_reason(folder: Path) -> str | None:
     names = {entry.name for entry in entries}
     if "config.json" not in names:
         return "it has no config.json"
-    if not any(SHARD_NAME.fullmatch(name) for name in names):
-        return "it has no safetensors shards"
     if "README.md" not in names:
         return "it has no frankenmoe model card (README.md)"
     if not _is_frankenmoe_card(folder / "README.md"):
@@ -207,22 +207,116 @@ def _on_read_only_file_system(path: Path) -> bool:
         return False
 
 
-def _check_leftovers(out: Path, force: bool) -> None:
-    """A partial folder of a merge that is running, or was killed, and a previous checkpoint a killed swap moved aside."""
-    partial = partial_folder(out)
+def recover_interrupted_output(out: Path) -> None:
+    """Clear what a killed merge into OUT left next to it, so that running again needs no step from the user.
+
+    A staging folder whose writer is gone is removed; one a live merge is writing is refused. A
+    previous checkpoint that a killed --force swap moved aside is dealt with by `_recover_swap`.
+    Each step is logged as a warning, naming the folders.
+    """
+    target = absolute_target(out)
+    partial, replaced = partial_folder(out), replaced_folder(out)
     if partial.exists():
         _refuse_if_owned_by_live_merge(partial, out)
-        if not force:
-            raise OutputError(
-                f"A stale partial output from an interrupted merge exists at {partial}. It is not a usable "
-                "checkpoint. Pass --force to remove it and merge again, or delete it yourself."
-            )
-    replaced = replaced_folder(out)
-    if replaced.exists() and not out.exists() and not force:
-        raise OutputError(
-            f"A merge was killed while swapping in a new {out}: the previous checkpoint is still at {replaced}. "
-            f"Rename it back to {out} to keep it, or pass --force to delete it and merge again."
+    if _exists(replaced):
+        _recover_swap(out, target, partial, replaced)
+    elif partial.exists():
+        _remove(partial)
+        logger.warning(
+            "Removed %s: the staging folder of an earlier merge into %s that was stopped before it finished "
+            "(it was never a usable checkpoint).",
+            partial,
+            out,
         )
+
+
+def _recover_swap(out: Path, target: Path, partial: Path, replaced: Path) -> None:
+    """A --force swap was killed: finish it when the staged checkpoint is complete and verified, else undo it."""
+    if _has_entries(target):
+        reason = not_a_checkpoint_reason(target)
+        if reason is not None:
+            raise OutputError(
+                f"{out} holds files that are not a frankenmoe checkpoint ({reason}), and {replaced} holds the "
+                f"previous checkpoint of a merge that was killed while replacing {out}. Nothing was changed: look "
+                f"at both, then move {replaced} back to {out} or delete it yourself, and run again."
+            )
+        # The killed run had completed its swap: only deleting the previous checkpoint was left.
+        _remove(replaced)
+        _remove(partial)
+        logger.warning(
+            "An earlier merge into %s was stopped just after putting its new checkpoint in place; deleted the "
+            "previous checkpoint it had moved aside to %s, as that merge was asked to do.",
+            out,
+            replaced,
+        )
+        return
+    problem = _staged_checkpoint_problem(partial)
+    try:
+        _clear_empty(target)
+        if problem is None:
+            os.rename(partial, target)
+        else:
+            _remove(partial)
+            os.rename(replaced, target)
+        _fsync(target.parent, os.O_RDONLY)
+    except OSError as error:
+        raise OutputError(
+            f"An earlier merge into {out} was killed while swapping in a new checkpoint, and putting things right "
+            f"failed: {error.strerror or error}. The previous checkpoint is at {replaced}; rename it to {out} "
+            "yourself to keep it."
+        ) from None
+    if problem is None:
+        _remove(replaced)
+        logger.warning(
+            "An earlier merge into %s was killed between the two renames of its --force swap. Its new checkpoint "
+            "was complete and verified against its manifest, so the swap was finished: it is now %s, and the "
+            "previous checkpoint (%s) was deleted, as that merge was asked to do.",
+            out,
+            out,
+            replaced,
+        )
+    else:
+        logger.warning(
+            "An earlier merge into %s was killed while swapping in a new checkpoint, which was not usable (%s). "
+            "The previous checkpoint was moved back from %s to %s.",
+            out,
+            problem,
+            replaced,
+            out,
+        )
+
+
+def _staged_checkpoint_problem(partial: Path) -> str | None:
+    """Why a staging folder left by a killed swap is not a finished checkpoint; None when it verifies fully."""
+    if partial.is_symlink() or not partial.is_dir():
+        return f"there is no staged checkpoint at {partial}"
+    if (partial / OWNER_FILE).exists():
+        return "its merge had not finished writing it"
+    reason = not_a_checkpoint_reason(partial)
+    if reason is not None:
+        return reason
+    from frankenmoe.verification import verify_output  # imports torch: only a killed swap needs it
+
+    try:
+        report = verify_output(partial)
+    except FrankenMoEError as error:
+        return error.message
+    if not report.ok:
+        return f"it does not match its manifest: {report.problems[0]}"
+    return None
+
+
+def _clear_empty(target: Path) -> None:
+    """Make way for a rename to OUT: an empty folder (or a link to one, or to nothing) stands for an absent OUT."""
+    if target.is_symlink():
+        target.unlink()
+    elif target.is_dir():
+        target.rmdir()
+
+
+def _exists(path: Path) -> bool:
+    """A folder, or a symlink even when dangling (a swapped symlink OUT is moved aside as the link)."""
+    return path.is_symlink() or path.exists()
 
 
 def _refuse_unless_replaceable(out: Path, target: Path, force: bool) -> None:
@@ -293,17 +387,17 @@ def check_complete(folder: Path, expected_files: Iterable[str]) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(out: Path) -> Iterator[Path]:
+def staged_output(out: Path, *, replace_checkpoint: bool = False) -> Iterator[Path]:
     """Yield an empty staging folder; on success it becomes OUT, on any failure (Ctrl-C, SIGTERM too) it is removed.
 
-    At the swap OUT must still be what check_output_target accepted: absent or empty or, if it was
-    accepted with --force, a checkpoint a merge wrote. Whatever else another run put there meanwhile is kept.
+    At the swap OUT must still be what check_output_target accepted: absent or empty or, with
+    `replace_checkpoint` (the merge's own --force, passed by its caller), a checkpoint a merge wrote.
+    Whatever else another run put there meanwhile is kept.
     """
     target = absolute_target(out)
-    replace_checkpoint = target in _forced_targets
     partial = partial_folder(out)
     if partial.exists():
-        # check_output_target refused a stale folder unless --force was given, so one left here is ours to remove.
+        # A merge killed since check_output_target ran: its folder is ours to remove once its writer is gone.
         _refuse_if_owned_by_live_merge(partial, out)
         shutil.rmtree(partial)
     try:
@@ -322,9 +416,12 @@ def staged_output(out: Path) -> Iterator[Path]:
         ) from None
     try:
         yield partial
-        (partial / OWNER_FILE).unlink()
         _flush_to_disk(partial)
         with _interrupts_held():
+            # The owner file goes last, so that a staging folder without one is one whose writer was killed
+            # in the swap itself, not one still being flushed (which the next run would take as abandoned).
+            (partial / OWNER_FILE).unlink()
+            _fsync(partial, os.O_RDONLY)
             _swap_into_place(partial, target, out, replace_checkpoint)
             _mark_committed()
     except FrankenMoEError as error:
@@ -368,8 +465,14 @@ def _swap_into_place(partial: Path, target: Path, out: Path, replace_checkpoint:
     file. With --force a checkpoint there is first moved aside, and deleted once the new one is in place.
     """
     replaced = replaced_folder(target)
+    if _exists(replaced) and (not _has_entries(target) or not_a_checkpoint_reason(target) is not None):
+        raise OutputError(
+            f"While this merge ran, another merge into {out} was killed while swapping, and the previous checkpoint "
+            f"is at {replaced}. The new checkpoint was not moved there. Run the merge again: it first finishes or "
+            "undoes that interrupted swap."
+        )
     try:
-        _remove(replaced)
+        _remove(replaced)  # left by a swap that completed and was stopped before deleting it
         if replace_checkpoint and _has_entries(target):
             reason = not_a_checkpoint_reason(target)
             if reason is not None:
@@ -474,6 +577,19 @@ def _signals_after_commit() -> list[int]:
     return list(_interrupts.held) if _interrupts.committed else []
 
 
+def take_held_signals() -> list[int]:
+    """The signals held in this command's scope so far, which then starts afresh for the next merge.
+
+    `build` calls it after each config: a signal held during one merge's swap (or its failing cleanup)
+    must stop the batch rather than wait for the end of the command, and the next merge must raise on
+    a signal again instead of holding it as if it had already committed.
+    """
+    taken = list(_interrupts.held)
+    _interrupts.held.clear()
+    _interrupts.committed = False
+    return taken
+
+
 def _mark_committed() -> None:
     """The new checkpoint is in place: from now on the scope's signals are held, for the merge has succeeded."""
     if _interrupts.in_scope and threading.current_thread() is threading.main_thread():
@@ -484,8 +600,9 @@ def _mark_committed() -> None:
 def _interrupts_held() -> Iterator[None]:
     """Hold Ctrl-C and SIGTERM for a moment: cleanup and the swap must not be abandoned half-way.
 
-    Inside an interrupt_scope the scope settles them: they are dropped when the merge is failing
-    anyway, and reported after a commit. Outside one (library use) they are delivered when the block ends.
+    Inside an interrupt_scope the scope settles them: they are reported after a commit, and a failing
+    merge fails anyway; a batch takes them between two merges (`take_held_signals`) and stops. Outside
+    one (library use) they are delivered when the block ends.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -502,8 +619,6 @@ def _interrupts_held() -> Iterator[None]:
             _interrupts.held.clear()
             for signum in pending:
                 signal.raise_signal(signum)
-        elif not _interrupts.holds and not _interrupts.committed:
-            _interrupts.held.clear()
 
 
 def _install_handler() -> dict[int, Any]:

@@ -7,21 +7,26 @@ import contextlib
 import ctypes
 import itertools
 import logging
+import os
+import re
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Generic, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 
 import torch
 import yaml
 
+from frankenmoe.architectures import TOKENIZER_FILES
 from frankenmoe.card import laser_sections, model_card
 from frankenmoe.config import MergeConfig, load_config, parse_config
 from frankenmoe.errors import ConfigError, ModelError
+from frankenmoe.hub import Download, check_download_space, download, fetch, planned_downloads
 from frankenmoe.laser import LaserResult, analyse_lasers, kept_ranks
+from frankenmoe.layers import cpu_multiplies_bfloat16
 from frankenmoe.lora import load_adapter, split_reference
 from frankenmoe.manifest import FileRecord, build_manifest, source_record, write_manifest
 from frankenmoe.output import check_complete, check_free_space, check_output_target, staged_output
@@ -32,7 +37,10 @@ from frankenmoe.routers.request import GateProgress, Gates
 from frankenmoe.routing import RoutingCheck, RoutingCheckWhileWriting, check_positive_prompts, routing_check_markdown
 from frankenmoe.sources import SourceModel, check_compatible, load_source
 from frankenmoe.tensor_io import ReadAhead
-from frankenmoe.write import INDEX_NAME, verify_checkpoint, write_checkpoint, write_text_file
+from frankenmoe.write import INDEX_NAME, NON_FINITE_CHECK, verify_checkpoint, write_checkpoint, write_text_file
+
+if TYPE_CHECKING:
+    from frankenmoe.gguf_output import GgufPlan
 
 logger = logging.getLogger("frankenmoe")
 T = TypeVar("T")
@@ -57,6 +65,8 @@ class MergeOptions:
     """Memory the hidden-state pass may spend keeping the base's matrices in float32 from one pass to
     the next (fit's text generation streams the whole base once per token). 0 keeps the streaming
     bound. It changes no byte of the output, so the manifest does not record it."""
+    gguf_type: str | None = None
+    """None: a safetensors checkpoint; a GGUF type name (q8_0, f16, ...): one GGUF file (gguf_output.py)."""
 
     def recorded(self, plan: MergePlan) -> dict[str, Any]:
         """The options that change the output's bytes, resolved, as the manifest records them."""
@@ -65,6 +75,15 @@ class MergeOptions:
             "dtype": SAFETENSORS_TO_CONFIG_DTYPE[plan.dtype],
             "layout": plan.layout.name,
             "architecture": plan.architecture.model_type,
+            "gate_mode": plan.config.gate_mode_description,
+            # write.py refuses NaN/Inf only in what it computes: verify reports this (issue 23 item 6).
+            "non_finite_check": NON_FINITE_CHECK,
+            # Only merges that generate text record it, so other build records stay up to date.
+            **(
+                {"generation_products": generation_products(resolve_device(self.device))}
+                if plan.config.needs_prompts and plan.config.router.continuation_tokens
+                else {}
+            ),
         }
 
     def requested(self) -> dict[str, Any]:
@@ -75,6 +94,8 @@ class MergeOptions:
             "device": self.device,
             "requested_dtype": self.dtype,
             "requested_layout": self.layout,
+            # Only a GGUF output records its format, so existing safetensors build records stay up to date.
+            **({} if self.gguf_type is None else {"format": f"gguf:{self.gguf_type}"}),
         }
 
 
@@ -89,6 +110,10 @@ class PreparedMerge:
     options: MergeOptions
     config_path: Path | None = None
     planning_seconds: float = 0.0
+    gguf: GgufPlan | None = None
+    """Set when the output is a GGUF file: its tensors, types and tokenizer, decided before writing."""
+    downloads: tuple[Download, ...] = ()
+    """Files of Hub sources the merge reads that the Hugging Face cache does not hold yet (hub.py)."""
 
 
 @dataclass(frozen=True)
@@ -111,35 +136,102 @@ class MergeResult:
         return sum(file.size for file in self.files)
 
 
+@dataclass(frozen=True)
+class LoadedConfig(MergeConfig):
+    """A MergeConfig as `frankenmoe.load_config` returns it: with the YAML text it was parsed from (which the
+    model card and manifest record) and the file it came from, so it can be handed on to a merge or build."""
+
+    source_text: str = field(default="", repr=False, compare=False)
+    source_path: Path | None = field(default=None, repr=False, compare=False)
+
+
 ConfigInput = MergeConfig | Path | str | Mapping[str, Any]
-"""A config file's path, YAML text, a mapping of the YAML's data, or an already parsed MergeConfig."""
+"""A config file's path, YAML text, a mapping of the YAML's data, or what `load_config` returned."""
+
+CONFIG_SUFFIXES = (".yaml", ".yml")
+_YAML_MAPPING = re.compile(r":(\s|$)")
+"""A `key: value` (or `key:` at the end): one line of YAML text rather than a file name."""
 
 
 def read_config_input(config: ConfigInput) -> tuple[MergeConfig, str, Path | None]:
     """The validated config, its YAML text (for the model card and manifest) and its file, if any.
 
-    A `str` naming an existing file is that file; any other `str` is YAML text.
+    A `str` naming an existing file is that file, and so is one that looks like a file name (one line,
+    no `key: value`, ending in .yaml/.yml or holding a path separator): that one is reported as missing.
+    Any other `str` is YAML text.
     """
+    if isinstance(config, LoadedConfig):
+        return _unchanged_since_loading(config), config.source_text, config.source_path
     if isinstance(config, MergeConfig):
         raise ConfigError(
-            "A parsed MergeConfig has lost its YAML text, which the model card and manifest record. Pass the "
-            "config file's path, its YAML text or a dict instead."
+            "This MergeConfig was not made by frankenmoe.load_config, so it carries no YAML text for the model "
+            "card and manifest to record. Pass load_config's result, the config file's path, its YAML text or a dict."
         )
     if isinstance(config, Mapping):
-        text = yaml.safe_dump(dict(config), sort_keys=False)
+        text = _yaml_text(config)
         return parse_config(text, "<dict config>"), text, None
-    path = Path(config) if isinstance(config, Path) or _names_a_file(config) else None
+    if not isinstance(config, (str, os.PathLike)):
+        raise ConfigError(
+            f"A config of type {type(config).__name__} is not one frankenmoe reads. Pass a file's path, YAML text, "
+            "a dict of the YAML's data or load_config's result."
+        )
+    path = Path(config) if not isinstance(config, str) or _names_a_file(config) else None
     if path is None:
-        return parse_config(str(config), "<config text>"), str(config), None
+        return parse_config(config, "<config text>"), config, None
     parsed = load_config(path)
     return parsed, path.read_text(encoding="utf-8"), path
 
 
+def load_config_input(config: ConfigInput) -> LoadedConfig:
+    """`read_config_input`'s config, carrying its text and file so that a merge or build can take it."""
+    parsed, text, path = read_config_input(config)
+    values = {item.name: getattr(parsed, item.name) for item in fields(MergeConfig)}
+    return LoadedConfig(**values, source_text=text, source_path=path)
+
+
+def _unchanged_since_loading(config: LoadedConfig) -> MergeConfig:
+    # dataclasses.replace keeps the text of the config it copied: recording that text would misdescribe the output.
+    parsed = parse_config(config.source_text, str(config.source_path or "<loaded config>"))
+    if any(getattr(parsed, item.name) != getattr(config, item.name) for item in fields(MergeConfig)):
+        raise ConfigError(
+            "This config was changed after load_config read it (dataclasses.replace), so its YAML text, which the "
+            "manifest records, no longer describes it. Change the YAML text or a dict of it and pass that instead."
+        )
+    return parsed
+
+
+def _yaml_text(config: Mapping[str, Any]) -> str:
+    return yaml.safe_dump(_plain_data(config, ""), sort_keys=False)
+
+
+def _plain_data(value: Any, where: str) -> Any:
+    """`value` as data YAML can hold: mappings, lists, text, numbers, booleans; paths become their text."""
+    if isinstance(value, Mapping):
+        return {key: _plain_data(item, f"{where}.{key}".lstrip(".")) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_data(item, f"{where}[{index}]") for index, item in enumerate(value)]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise ConfigError(
+        f"<dict config>: `{where}` is a {type(value).__name__}, which a config cannot hold. Use text, numbers, "
+        "booleans, lists and dicts (a pathlib.Path is written as its text)."
+    )
+
+
 def _names_a_file(text: str) -> bool:
-    try:
-        return "\n" not in text and Path(text).expanduser().is_file()
-    except OSError:
+    if "\n" in text:
         return False
+    try:
+        if Path(text).expanduser().is_file():
+            return True
+    except (OSError, ValueError):  # a name too long or with a NUL byte is no file
+        return False
+    if _YAML_MAPPING.search(text):
+        return False
+    stripped = text.strip()
+    return stripped.lower().endswith(CONFIG_SUFFIXES) or "/" in stripped or os.sep in stripped
 
 
 def prepare_merge(config_input: ConfigInput, out: Path, options: MergeOptions) -> PreparedMerge:
@@ -161,13 +253,22 @@ def prepare_merge(config_input: ConfigInput, out: Path, options: MergeOptions) -
         shard_bytes=options.shard_bytes,
         seed=options.seed,
     )
+    if mismatch := plan.architecture.llama_cpp_mismatch(plan.output_config):
+        logger.warning("%s This safetensors output is right for transformers and vLLM.", mismatch)
     if config.needs_prompts:
         load_tokenizer(base.path)  # fail now, not after the writer has copied every other tensor
-    free = check_free_space(out, plan.output_bytes)
+    gguf = None
+    if options.gguf_type is not None:
+        from frankenmoe.gguf_output import plan_gguf
+
+        gguf = plan_gguf(plan, options.gguf_type, Path(out).name)
+    free = check_free_space(out, plan.output_bytes if gguf is None else gguf.data_bytes)
+    downloads = planned_downloads(plan)
+    check_download_space(downloads, Path(out), plan.output_bytes if gguf is None else gguf.data_bytes)
     seconds = time.monotonic() - started
     logger.info("planning finished in %.1f s", seconds, extra={"stage": "planning", "status": "finished", "seconds": seconds})
     return PreparedMerge(
-        config_text, plan, free, Path(out), options, config_path, planning_seconds=seconds
+        config_text, plan, free, Path(out), options, config_path, planning_seconds=seconds, gguf=gguf, downloads=downloads
     )
 
 
@@ -186,6 +287,9 @@ def load_sources(config: MergeConfig) -> tuple[SourceModel, tuple[SourceModel, .
     base = load_source(config.base_model)
     base.check_tensors()
     base.check_accounted()
+    if base.hub is not None:
+        # The merged model's tokenizer is the base's; only the base's tokenizer files are fetched (small).
+        fetch(base.hub, [name for name in TOKENIZER_FILES if name in base.hub.files], show_progress=False)
     by_reference: dict[str, SourceModel] = {config.base_model: base}
     by_path: dict[Path, SourceModel] = {base.path: base}
     with_adapters: dict[str, SourceModel] = {}
@@ -236,6 +340,7 @@ def resolve_device(name: str) -> torch.device:
 
 def gate_request(plan: MergePlan, options: MergeOptions) -> GateRequest:
     """What the plan's gate mode needs to compute the routers."""
+    device = resolve_device(options.device)
     return GateRequest(
         base=plan.base,
         experts=plan.config.experts,
@@ -248,10 +353,18 @@ def gate_request(plan: MergePlan, options: MergeOptions) -> GateRequest:
         shared_expert_model=plan.shared_expert,
         trunk=plan.trunk_merges,
         seed=options.seed,
-        device=resolve_device(options.device),
+        device=device,
         show_progress=options.show_progress,
         weight_cache_bytes=options.weight_cache_bytes,
+        bfloat16_generation=generation_products(device) == "bfloat16",
     )
+
+
+def generation_products(device: torch.device) -> str:
+    """How text generation (router.continuation_tokens) multiplies the base's bfloat16 matrices here:
+    "bfloat16" on a CPU with bfloat16 matrix units (layers.SliceCache), else "float32". The manifest
+    records it, since greedy text and so the routers can differ between the two."""
+    return "bfloat16" if device.type == "cpu" and cpu_multiplies_bfloat16() else "float32"
 
 
 def execute_merge(prepared: PreparedMerge) -> MergeResult:
@@ -261,6 +374,13 @@ def execute_merge(prepared: PreparedMerge) -> MergeResult:
     checkpoint and the result is added to its model card. The build record (MANIFEST_NAME) is the
     last file written before the swap.
     """
+    if prepared.downloads:
+        # Every check ran before this: only the weight files the merge reads are fetched, into the HF cache.
+        download(prepared.downloads, prepared.options.show_progress)
+    if prepared.gguf is not None:
+        from frankenmoe.gguf_output import execute_gguf_merge
+
+        return execute_gguf_merge(prepared, prepared.gguf)
     plan, options, out = prepared.plan, prepared.options, prepared.out
     timings = {"planning": prepared.planning_seconds}
     request = gate_request(plan, options)
@@ -269,7 +389,8 @@ def execute_merge(prepared: PreparedMerge) -> MergeResult:
     plan = plan.with_laser_ranks(kept_ranks(laser_results))
     card_sections = laser_sections(laser_results)
     card = model_card(plan, prepared.config_text, card_sections)
-    with staged_output(out) as staging:
+    # Whether OUT's checkpoint may be replaced is this plan's own --force, never another plan's.
+    with staged_output(out, replace_checkpoint=options.force) as staging:
         with stage("writing", timings):
             progress = GateProgress()
             request = replace(request, progress=progress)

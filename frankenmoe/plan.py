@@ -340,13 +340,14 @@ def build_plan(
     }
     base_laser = None if config.base_laser is None else laser_group("base_laser", config.base_laser, base)
 
-    def copy_from_base(name: str) -> None:
+    def copy_from_base(name: str, output_name: str | None = None) -> None:
         location = base.tensor(name)
+        output_name = output_name or name
         if trunk.method != "base":
-            unsharded.append((name, location.shape, (), None, trunk_merge(trunk, name, base, experts, seed)))
+            unsharded.append((output_name, location.shape, (), None, trunk_merge(trunk, name, base, experts, seed)))
             return
         laser = None if base_laser is None else base_laser.target(name)
-        unsharded.append((name, location.shape, (TensorPiece(location, laser=laser),), None, None))
+        unsharded.append((output_name, location.shape, (TensorPiece(location, laser=laser),), None, None))
 
     copy_from_base(EMBEDDINGS.name)
     for layer in range(shape.num_hidden_layers):
@@ -382,6 +383,8 @@ def build_plan(
     copy_from_base(FINAL_NORM.name)
     if not base.tie_word_embeddings:
         copy_from_base(LM_HEAD.name)
+    elif arch.explicit_head:
+        copy_from_base(EMBEDDINGS.name, LM_HEAD.name)  # what the tied head computes, as its own matrix
     for layer in range(shape.num_hidden_layers):
         unsharded.append((layout.router_name(layer), (len(experts), shape.hidden_size), (), Computed("router", layer), None))
         if arch.shared_expert is not None:
@@ -560,7 +563,7 @@ def output_config(
         num_key_value_heads=base.shape.num_key_value_heads,
         head_dim=base.shape.head_dim,
         hidden_act=base.shape.hidden_act,
-        tie_word_embeddings=base.tie_word_embeddings,
+        tie_word_embeddings=base.tie_word_embeddings and not arch.explicit_head,
         intermediate_size=base.shape.intermediate_size,
         num_experts_per_tok=config.experts_per_token,
         torch_dtype=dtype_name,

@@ -11,7 +11,7 @@ from pathlib import Path
 from types import ModuleType
 
 from frankenmoe.errors import FrankenMoEError, OutputError
-from frankenmoe.routing import PromptRouting, RoutingSummary, content_probabilities, content_tokens
+from frankenmoe.routing import PromptRouting, RoutingSummary, content_probabilities, content_texts
 
 MAX_FIGURE_INCHES = 40.0
 """Past this width, long prompts shrink their token columns instead of growing the picture."""
@@ -69,7 +69,7 @@ def write_routing_heatmap(
     for axis, routing in zip(axes[1:], routings, strict=True):
         top = content_probabilities(routing).argmax(dim=-1).numpy()
         grid = axis.imshow(top, aspect="auto", cmap=palette, norm=norm, interpolation="nearest")
-        tokens = content_tokens(routing)
+        tokens = content_texts(routing)
         axis.set_title(f"Top-1 expert per token: {_short(routing.prompt.text, 60)!r}", fontsize=9)
         axis.set_ylabel("layer")
         axis.set_yticks(layer_ticks)

@@ -29,6 +29,8 @@ from frankenmoe.sources import index_tensors, read_model_config
 from frankenmoe.tensor_io import DTYPES, TensorLocation, read_growing_header, read_tensor
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from frankenmoe.plan import MergePlan
     from frankenmoe.routers.request import Gates
 
@@ -60,7 +62,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
     config = read_model_config(str(path), path)
     architecture = OUTPUT_ARCHITECTURES.get(str(config.get("model_type")))
     if architecture is None or not config.get(architecture.expert_count_key):
-        expected = ", ".join(f"{arch.model_type} with {arch.expert_count_key}" for arch in OUTPUT_ARCHITECTURES.values())
+        expected = ", ".join(
+            f"{arch.model_type} with {arch.expert_count_key}" for arch in OUTPUT_ARCHITECTURES.values()
+        )
         raise ModelError(
             f"{path} holds a {config.get('model_type')!r} model, not a MoE frankenmoe can read "
             f"(config.json needs one of: {expected})."
@@ -75,8 +79,11 @@ class PromptRouting:
 
     prompt: EncodedPrompt
     tokens: tuple[str, ...]
+    """The tokenizer's own pieces (`Ġdivided`, `▁the`, `<0x0A>`), as `--json` reports them."""
     probabilities: torch.Tensor
     """[layers, tokens, experts], the softmax of the router logits in float32."""
+    texts: tuple[str, ...] = ()
+    """The text each token stands for (`token_texts`): what the text output and the heatmap show."""
 
     @property
     def top_expert(self) -> torch.Tensor:
@@ -117,9 +124,64 @@ def route_prompts(
             prompt=prompt,
             tokens=tuple(tokenizer.convert_ids_to_tokens(prompt.token_ids.tolist())),
             probabilities=torch.stack([layer_probabilities[index] for layer_probabilities in per_layer]),
+            texts=token_texts(tokenizer, prompt.token_ids.tolist()),
         )
         for index, prompt in enumerate(prompts)
     ]
+
+
+def token_texts(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> tuple[str, ...]:
+    """The text each token stands for, as the tokenizer decodes it in context.
+
+    Decoding a token alone loses what its neighbours give it (a SentencePiece `▁the` decodes to
+    "the" at the start of a text but to " the" after another token), so each group of tokens is
+    decoded after the group before it, and its text is what that adds. A group is one token, or the
+    few tokens that only together make whole characters (the bytes of one emoji, say): the group's
+    text goes to its first token and the others get "" (`display_token` shows them as a continuation).
+    """
+    texts: list[str] = []
+    anchor: list[int] = []  # the previous group: whole characters, the context the next group is decoded in
+    start = 0
+    for end in range(1, len(ids) + 1):
+        group = list(ids[start:end])
+        decoded = _decode(tokenizer, anchor + group)
+        if decoded.endswith(INCOMPLETE_CHARACTER) and end < len(ids):
+            continue  # this token ends inside a character: the next ones complete it
+        before = _decode(tokenizer, anchor)
+        text = decoded[len(before) :] if decoded.startswith(before) else _decode(tokenizer, group)
+        texts += [text] + [""] * (len(group) - 1)
+        anchor, start = group, end
+    return tuple(texts)
+
+
+INCOMPLETE_CHARACTER = "\ufffd"
+"""What decoding puts where a token's bytes end inside a UTF-8 character."""
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    if not ids:
+        return ""
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+
+TOKEN_ESCAPES = {" ": "␣", "\n": "\\n", "\t": "\\t", "\r": "\\r", "\\": "\\\\"}
+CONTINUATION = "↳"
+"""Shown for a token that only completes the character the token before it starts."""
+
+
+def display_token(text: str) -> str:
+    """A token's text for a terminal or a picture: spaces visible as ␣, newlines and other control or
+    invisible characters escaped (`\\n`, `\\x00`), so every token keeps to one visible cell.
+
+        >>> display_token(" divided"), display_token("\\n"), display_token("")
+        ('␣divided', '\\\\n', '↳')
+    """
+    if not text:
+        return CONTINUATION
+    return "".join(
+        TOKEN_ESCAPES.get(character, character if character.isprintable() else repr(character)[1:-1])
+        for character in text
+    )
 
 
 @dataclass(frozen=True)
@@ -293,6 +355,7 @@ def routing_to_dict(routings: Sequence[PromptRouting], summary: RoutingSummary, 
             {
                 "text": routing.prompt.text,
                 "tokens": content_tokens(routing),
+                "token_texts": _content(routing, routing.texts),
                 "top_expert": content_probabilities(routing).argmax(dim=-1).tolist(),
                 "expert_share": summarise_routing([routing]).utilisation.tolist(),
                 "preferred_expert": preferred_expert(routing),
@@ -309,7 +372,17 @@ def routing_to_dict(routings: Sequence[PromptRouting], summary: RoutingSummary, 
 
 
 def content_tokens(routing: PromptRouting) -> list[str]:
-    return [token for token, keep in zip(routing.tokens, routing.prompt.content_mask.tolist(), strict=True) if keep]
+    """The raw pieces of the prompt's own tokens (special tokens left out)."""
+    return _content(routing, routing.tokens)
+
+
+def content_texts(routing: PromptRouting) -> list[str]:
+    """What the prompt's own tokens stand for, as `display_token` shows them."""
+    return [display_token(text) for text in _content(routing, routing.texts)]
+
+
+def _content(routing: PromptRouting, values: Sequence[str]) -> list[str]:
+    return [value for value, keep in zip(values, routing.prompt.content_mask.tolist(), strict=True) if keep]
 
 
 def accuracy_to_dict(

@@ -27,6 +27,7 @@ from frankenmoe.errors import ModelError
 from frankenmoe.tensor_io import FLOAT_DTYPES, TensorLocation, WeightFormat, read_header
 
 if TYPE_CHECKING:
+    from frankenmoe.hub import HubRepo
     from frankenmoe.lora import LoraAdapter, LoraDelta
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -80,6 +81,8 @@ class SourceModel:
     tensors: dict[str, TensorLocation]
     adapter: LoraAdapter | None = None
     """A LoRA adapter applied to this model's MLPs (`source_model: model+adapter`, see lora.py)."""
+    hub: HubRepo | None = None
+    """The Hub repo and commit this model was resolved to this run; its weight files may not be downloaded yet."""
 
     @property
     def model_type(self) -> str:
@@ -196,8 +199,10 @@ class SourceModel:
 
 
 def load_source(reference: str) -> SourceModel:
-    """Resolve a model reference and index its tensors (headers only)."""
-    path = resolve_reference(reference)
+    """Resolve a model reference and index its tensors (headers only, read over HTTP for a Hub repo's shards
+    that are not in the cache)."""
+    hub = _resolve_on_hub(reference)
+    path = resolve_reference(reference) if hub is None else hub.folder
     config = read_model_config(reference, path)
     model_type = config.get("model_type")
     family = SOURCE_FAMILIES.get(str(model_type))
@@ -206,22 +211,41 @@ def load_source(reference: str) -> SourceModel:
             f"Model {reference} ({path}) has model_type {model_type!r}, which frankenmoe cannot merge. "
             f"Supported source model types: {', '.join(sorted(SOURCE_FAMILIES))}."
         )
-    return SourceModel(
-        reference, path, config, family, model_shape(reference, path, config), index_tensors(reference, path)
-    )
+    if hub is not None and hub.weight_format == "safetensors":
+        from frankenmoe.hub import remote_tensors
+
+        tensors = remote_tensors(hub, reference)
+    else:
+        tensors = index_tensors(reference, path)  # a pickle repo's weights were downloaded by hub.resolve
+    return SourceModel(reference, path, config, family, model_shape(reference, path, config), tensors, hub=hub)
+
+
+def _resolve_on_hub(reference: str) -> HubRepo | None:
+    """The Hub repo a repo id names, resolved online; None for a local folder or in offline mode."""
+    from frankenmoe.hub import is_offline, resolve
+
+    if Path(reference).expanduser().is_dir() or not _is_repo_id(reference) or is_offline():
+        return None
+    return resolve(reference)
+
+
+def _is_repo_id(reference: str) -> bool:
+    return not reference.startswith((".", "/", "~")) and HF_REPO_ID.match(reference) is not None
 
 
 def resolve_reference(reference: str) -> Path:
-    """A local folder, or a Hugging Face repo id (`org/name` or `org/name@revision`) already in the cache."""
+    """A local folder, or a Hugging Face repo id (`org/name` or `org/name@revision`): its snapshot folder in
+    the cache, fetched from the Hub with its small files (config, index, adapter files) unless offline."""
     candidate = Path(reference).expanduser()
     if candidate.is_dir():
         return candidate.resolve()
-    if reference.startswith((".", "/", "~")) or not HF_REPO_ID.match(reference):
+    if not _is_repo_id(reference):
         raise ModelError(
             f"Model folder {reference!r} does not exist (looked for {candidate.resolve()}). "
             "Check the path in the config; relative paths are relative to the current directory."
         )
-    return _from_hf_cache(reference)
+    hub = _resolve_on_hub(reference)
+    return _from_hf_cache(reference) if hub is None else hub.folder
 
 
 def _from_hf_cache(reference: str) -> Path:
@@ -235,8 +259,9 @@ def _from_hf_cache(reference: str) -> Path:
         fetch = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
         raise ModelError(
             f"Model {reference!r} is not a local folder and is not in the Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}). frankenmoe never downloads models itself: fetch it first with "
-            f"`{fetch}`, or set source_model to a local folder."
+            f"({constants.HF_HUB_CACHE}), and offline mode (--offline or HF_HUB_OFFLINE=1) forbids downloading it: "
+            f"run without offline mode to fetch what the merge reads, fetch it first with `{fetch}`, or set "
+            "source_model to a local folder."
         ) from None
 
 

@@ -140,6 +140,13 @@ def _read_header(path: Path, growing: bool) -> dict[str, TensorLocation] | None:
             raw_header = handle.read(header_length)
     except OSError as error:
         raise ModelError(f"Cannot read {path}: {error.strerror or error}. Check that the file is readable.") from None
+    data_start = 8 + header_length
+    return parse_header(path, raw_header, data_start, MAX_GROWING_BYTES if growing else file_size - data_start)
+
+
+def parse_header(path: Path, raw_header: bytes, data_start: int, data_size: int) -> dict[str, TensorLocation]:
+    """Check a safetensors header's JSON (the bytes after its length) against a data section of `data_size`
+    bytes at `data_start`; also used for headers read over HTTP from a Hub repo (frankenmoe.hub)."""
     try:
         header = json.loads(raw_header)
     except (UnicodeDecodeError, json.JSONDecodeError):
@@ -149,8 +156,6 @@ def _read_header(path: Path, growing: bool) -> dict[str, TensorLocation] | None:
         raise _corrupt(path, "its header's JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "its header is not a JSON object")
-    data_start = 8 + header_length
-    data_size = MAX_GROWING_BYTES if growing else file_size - data_start
     locations: dict[str, TensorLocation] = {}
     for name, entry in header.items():
         if name == "__metadata__":

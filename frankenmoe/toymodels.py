@@ -47,6 +47,8 @@ SHAPES = {
     "tiny": ToyShape(),
     "small": ToyShape(1024, 8, 2816, 16, 8, 32000, 2048),
     "large": ToyShape(2048, 22, 5632, 32, 4, 32000, 2048),
+    # Mistral-7B's shape (14.5 GB in bfloat16 per model): benchmarks only, written tensor by tensor.
+    "mistral7b": ToyShape(4096, 32, 14336, 32, 8, 32000, 32768),
 }
 
 

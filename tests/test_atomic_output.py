@@ -306,12 +306,15 @@ def test_partial_folder_of_a_running_merge_is_refused_even_with_force(tmp_path: 
     assert not out.exists()
 
 
-def test_previous_checkpoint_moved_aside_by_a_killed_swap_is_reported(
+def test_previous_checkpoint_moved_aside_by_a_killed_swap_is_put_back_by_the_next_run(
     tmp_path: Path, tiny_models: TinyModels, existing_out: Path
 ) -> None:
+    before = fingerprint(existing_out)
     existing_out.rename(replaced_folder(existing_out))
-    refused_before_work(three_expert_config(tmp_path, tiny_models), existing_out, "Rename it back", "--force")
-    assert replaced_folder(existing_out).is_dir()
+    # Put back (no staged checkpoint to finish the swap with), then the usual refusal of a merge without --force.
+    refused_before_work(three_expert_config(tmp_path, tiny_models), existing_out, "already holds a checkpoint")
+    assert fingerprint(existing_out) == before
+    assert not replaced_folder(existing_out).exists()
 
 
 # --- kill -9 and Ctrl-C ---------------------------------------------------------------------------------------------
@@ -338,7 +341,7 @@ def start_paused_merge(tmp_path: Path, stage: str, config: Path, out: Path) -> t
     return process, marker
 
 
-def test_kill_9_while_writing_leaves_previous_out_intact_then_stale_folder_is_reported_and_forced(
+def test_kill_9_while_writing_leaves_previous_out_intact_then_the_stale_folder_is_removed_by_the_next_run(
     tmp_path: Path, tiny_models: TinyModels, existing_out: Path
 ) -> None:
     before = fingerprint(existing_out)
@@ -353,8 +356,9 @@ def test_kill_9_while_writing_leaves_previous_out_intact_then_stale_folder_is_re
     assert partial.is_dir()
 
     stale = run_cli("merge", config, existing_out)
-    assert stale.exit_code == IO_ERROR
-    assert f"A stale partial output from an interrupted merge exists at {partial}" in stale.stderr
+    assert stale.exit_code == IO_ERROR  # OUT holds a checkpoint and there is no --force
+    assert f"Removed {partial}: the staging folder of an earlier merge" in stale.stderr
+    assert not partial.exists()
     assert fingerprint(existing_out) == before
 
     forced = run_cli("merge", config, existing_out, "--force")

@@ -24,7 +24,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, MixtralForCausalLM
 
-from frankenmoe.config import load_config
+from frankenmoe.config import DEFAULT_GATE_MODE, load_config
 from frankenmoe.errors import ModelError
 from frankenmoe.sources import load_source, resolve_reference
 from frankenmoe.toymodels import write_toy_model
@@ -96,11 +96,14 @@ def hub_cache(tiny_models: TinyModels, tmp_path_factory: pytest.TempPathFactory)
 
 @contextlib.contextmanager
 def using_hub_cache(folder: Path) -> Iterator[None]:
-    """Point huggingface_hub at `folder`: the env var for anything that reads it later, and the
-    constant it was already read into when huggingface_hub was imported."""
+    """Point huggingface_hub at `folder`, offline: the env vars for anything that reads them later, and the
+    constants they were already read into when huggingface_hub was imported. (Online, a repo id is
+    resolved on the Hub first: tests/test_hub_sources.py.)"""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_HUB_CACHE", str(folder))
         patch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(folder))
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
         yield
 
 
@@ -181,7 +184,7 @@ def test_model_missing_from_the_cache_explains_how_to_fetch_it(cached: HubCache,
     assert f"'{reference}'" in message
     assert str(cached.folder) in message
     assert fetch in message
-    assert "never downloads" in message
+    assert "offline mode" in message
 
 
 def test_cli_reports_an_uncached_model_with_exit_code_3(cached: HubCache, tmp_path: Path) -> None:
@@ -206,7 +209,10 @@ def test_beyonder_dry_run_resolves_every_model_and_writes_nothing(cached: HubCac
     for index, repo_id in enumerate(EXPERT_IDS):
         assert f"expert {index}: {repo_id} (" in result.output
         assert commit_hash(repo_id) in result.output
-    assert "gate mode: hidden; experts per token: 2" in result.output
+    # Beyonder's config names no gate_mode: the dry run says which mode runs and why.
+    assert f"gate mode: {DEFAULT_GATE_MODE} (the default: the config names no gate_mode); experts per token: 2" in (
+        result.output
+    )
     assert "Dry run: nothing was written." in result.output
     assert list(tmp_path.iterdir()) == []
 

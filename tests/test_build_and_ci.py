@@ -112,7 +112,8 @@ def test_a_failing_config_does_not_stop_the_others_and_the_summary_says_why(
     assert statuses(summary) == {"broken.yaml": "failed", "two.yaml": "built", "three.yaml": "built"}
     failure = summary["outcomes"][0]
     assert failure["exit_code"] == 3 and failure["reason"].startswith("model error: Model folder")
-    assert summary["counts"] == {"built": 2, "up to date": 0, "failed": 1} and summary["exit_code"] == 3
+    assert summary["counts"] == {"built": 2, "up to date": 0, "failed": 1, "interrupted": 0, "skipped": 0}
+    assert summary["exit_code"] == 3
     assert "built 2, up to date 0, failed 1" in output
 
 
@@ -190,7 +191,7 @@ def test_the_ci_makefile_example_builds_and_verifies_both_variants_then_skips_th
     assert first.returncode == 0, first.stdout + first.stderr
     assert "two: intact" in first.stdout and "three: intact" in first.stdout
     summary = json.loads((out / "build-summary.json").read_text())
-    assert summary["counts"] == {"built": 2, "up to date": 0, "failed": 0}
+    assert summary["counts"] == {"built": 2, "up to date": 0, "failed": 0, "interrupted": 0, "skipped": 0}
 
     second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     assert second.returncode == 0, second.stdout + second.stderr

@@ -67,19 +67,23 @@ def test_router_diagnostics_of_a_known_matrix() -> None:
 
     assert diagnostics.row_norms == pytest.approx((1.0, 10.0, 100.0))
     assert diagnostics.cosine == ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
-    assert diagnostics.rank == 3
-    assert diagnostics.condition_number == pytest.approx(100.0)
+    # Rank and conditioning are those of the centred rows (tests/test_inspect_rank.py derives why).
+    assert (diagnostics.rank, diagnostics.full_rank) == (2, 2)
+    singular = torch.linalg.svdvals(gate.double() - gate.double().mean(dim=0))
+    assert diagnostics.condition_number == pytest.approx(float(singular[0] / singular[1]))
     assert diagnostics.warnings == ()
 
 
 def test_ill_conditioned_and_zero_rows_are_flagged() -> None:
-    ill = diagnose_router(0, torch.tensor([[1.0, 0.0], [0.0, 1e-4]]))
+    # Centred rows (2a, 0), (-a, 1), (-a, -1) have singular values sqrt(2) and sqrt(6) a: condition 1 / (sqrt(3) a).
+    a = 1e-4 / math.sqrt(3)
+    ill = diagnose_router(0, torch.tensor([[2 * a, 0.0], [-a, 1.0], [-a, -1.0]]))
     with_zero_row = diagnose_router(0, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
 
     assert ill.condition_number == pytest.approx(1e4)
     assert ill.warnings == ("ill-conditioned router (condition number 1e+04)",)
     assert with_zero_row.zero_rows == (1,)
-    assert math.isinf(with_zero_row.condition_number)
+    assert with_zero_row.condition_number == 1.0  # two experts differ along one direction, always well-conditioned
     assert "expert 1 has an all-zero gate row" in with_zero_row.warnings
 
 
@@ -97,13 +101,13 @@ def test_inspect_flags_two_identical_gate_rows(merged: dict[str, Path], tmp_path
 
     layer_one = report["routers"][1]
     assert layer_one["near_duplicates"] == [{"experts": [0, 2], "cosine": pytest.approx(1.0)}]
-    assert layer_one["rank"] == 2
+    assert (layer_one["rank"], layer_one["full_rank"]) == (1, 2)
     assert layer_one["condition_number"] is None
     assert layer_one["degenerate"] is True
     assert report["flagged_layers"] == [1]
     assert report["routers"][0]["warnings"] == []
     assert "experts 0 and 2 are near-duplicates (cosine 1.0000)" in text
-    assert "rank-deficient router (rank 2 < 3 experts)" in text
+    assert "rank-deficient router (centred rank 1 < 2: some experts' rows are identical" in text
     assert "1 of 2 layer(s) flagged: 1" in text
 
 

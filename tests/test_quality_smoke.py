@@ -14,19 +14,25 @@ from transformers import AutoTokenizer
 
 from benchmarks.quality import run as quality_run
 from benchmarks.quality.corpora import Document, code_documents, is_prose, maths_documents, token_blocks
-from benchmarks.quality.evaluate import evaluate, gain_retained, load_model
+from benchmarks.quality.evaluate import gain_retained
 from benchmarks.quality.full_finetunes import MERGEKIT_NAME, SHARED_TRUNKS
 from benchmarks.quality.full_finetunes import render_tables as render_full_tables
 from benchmarks.quality.full_finetunes import variants as full_variants
 from benchmarks.quality.mergekit_reference import mergekit_config
 from benchmarks.quality.run import MAIN_SET, PROMPTS, Variant, merge_variant, render_tables
 from benchmarks.quality.training import TRAINING_LOG, TrainingSettings, settings_record, train_mlp_expert
+from frankenmoe.evaluation import ModelScore, TokenWindows, score_folder
 from frankenmoe.toymodels import write_toy_model
 
 PROSE = (
     "The package keeps its configuration in a single file under the system folder, and every change is "
     "read again when the service starts. Most users never need to edit it by hand.\n"
 ) * 12
+
+
+def evaluate(folder: Path, blocks: torch.Tensor) -> ModelScore:
+    """The benchmark's evaluator: frankenmoe's streamed one, every block scored whole."""
+    return score_folder(folder, {"heldout": TokenWindows.whole(blocks)})["heldout"]
 
 
 def write_fake_stdlib(root: Path) -> Path:
@@ -104,13 +110,12 @@ def test_benchmark_pipeline_on_tiny_models(tmp_path: Path) -> None:
         assert same != (".mlp." in name), name
 
     heldout = {"code": code_blocks[:2], "maths": maths_blocks[:2]}
-    dense_maths = evaluate(load_model(experts["maths"]), heldout["maths"])
+    dense_maths = evaluate(experts["maths"], heldout["maths"])
     assert dense_maths.top1_share is None
 
     moe_folder = tmp_path / "moe"
     merge_variant(Variant("smoke", MAIN_SET, "hidden", "keyword"), base, experts, moe_folder)
-    moe = load_model(moe_folder)
-    result = evaluate(moe, heldout["maths"], batch_size=1)
+    result = evaluate(moe_folder, heldout["maths"])
     assert result.tokens == 2 * 31
     assert result.top1_share is not None and len(result.top1_share) == 3
     assert sum(result.top1_share) == pytest.approx(1.0)
@@ -124,7 +129,7 @@ def test_benchmark_pipeline_on_tiny_models(tmp_path: Path) -> None:
         {"code": experts["maths"], "maths": experts["maths"]},
         same_folder,
     )
-    assert evaluate(load_model(same_folder), heldout["maths"]).perplexity == pytest.approx(
+    assert evaluate(same_folder, heldout["maths"]).perplexity == pytest.approx(
         dense_maths.perplexity, rel=1e-4
     )
 
@@ -155,7 +160,7 @@ def test_full_fine_tune_trains_everything_but_the_embeddings(tmp_path: Path) -> 
     moe_folder = tmp_path / "moe"
     variant = full_variants()[0]
     merge_variant(variant, base, {"code": tmp_path / "full", "maths": tmp_path / "full"}, moe_folder)
-    result = evaluate(load_model(moe_folder), maths_blocks[:2], batch_size=1)
+    result = evaluate(moe_folder, maths_blocks[:2])
     assert result.top1_share is not None and len(result.top1_share) == 3
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,10 +29,11 @@ from transformers import AutoTokenizer
 
 import frankenmoe
 from benchmarks.quality.domains import CACHE, EVAL_DOMAINS, EXPERT_DOMAINS, EXPERTS, base_model, blocks
-from benchmarks.quality.evaluate import evaluate, gain_retained, load_model, relative_change
+from benchmarks.quality.evaluate import gain_retained, relative_change
 from benchmarks.quality.training import TRAINING_LOG
 from frankenmoe.config import GATE_MODES, PROMPT_GATE_MODES, RouterConfig, parse_config
 from frankenmoe.errors import FrankenMoEError
+from frankenmoe.evaluation import TokenWindows, score_folder
 from frankenmoe.routers import GATE_FUNCTIONS
 
 RESULTS_TABLE = Path(__file__).resolve().parent / "results.md"
@@ -165,13 +167,14 @@ def merge_variant(variant: Variant, base: Path, expert_folders: dict[str, Path],
 
 
 def evaluate_folder(folder: Path, eval_blocks: dict[str, torch.Tensor]) -> dict[str, Any]:
-    model = load_model(folder)
+    """Perplexity of every next token of each domain's blocks and, for a MoE, the top-1 share of (token,
+    layer) pairs: frankenmoe's own streamed evaluator (`frankenmoe eval`), each block scored whole."""
+    scores = score_folder(folder, {domain: TokenWindows.whole(blocks) for domain, blocks in eval_blocks.items()})
     result: dict[str, Any] = {}
-    for domain, domain_blocks in eval_blocks.items():
-        evaluation = evaluate(model, domain_blocks)
-        result[domain] = {"perplexity": evaluation.perplexity, "tokens": evaluation.tokens}
-        if evaluation.top1_share is not None:
-            result[domain]["top1_share"] = list(evaluation.top1_share)
+    for domain, score in scores.items():
+        result[domain] = {"perplexity": score.perplexity, "tokens": score.tokens}
+        if score.top1_share is not None:
+            result[domain]["top1_share"] = list(score.top1_share)
     return result
 
 
@@ -242,6 +245,7 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="Rewrite results.md from cached results.")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # frankenmoe's slice workers, in the evaluation too
     if not args.table_only:
         run(args.eval_blocks, args.only, *args.worker)
     write_results(render_tables(load_results()), None)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import yaml
@@ -62,8 +63,11 @@ OUTPUT_TORCH_DTYPE = torch.bfloat16
 @dataclass(frozen=True)
 class Variant:
     name: str
-    gate_mode: str
+    gate_mode: str | None
+    """None: the config names no gate_mode, so the default runs."""
     router: dict[str, Any] = field(default_factory=dict)
+    float32_generation: bool = False
+    """Generate continuations with float32 products even where the CPU multiplies bfloat16 (as before issue 28)."""
 
 
 VARIANTS = (
@@ -92,13 +96,16 @@ VARIANTS = (
     Variant("fit, continuation 32, no centring, no lead-in", "fit", {"center": False, "lead_in": False}),
     Variant("fit, continuation 32, logit_std 2", "fit", {"logit_std": 2.0}),
     Variant("fit, continuation 32, lambda 1", "fit", {"ridge_lambda": 1.0}),
+    Variant("fit, continuation 32, float32 generation (before issue 28)", "fit", {}, float32_generation=True),
+    Variant("fit, continuation 16, float32 generation (before issue 28)", "fit", {"continuation_tokens": 16}, True),
+    Variant("no gate_mode (the default)", None),
 )
 
 
 def config_text(model: Path, prompts: dict[str, list[str]], variant: Variant) -> str:
     data: dict[str, Any] = {
         "base_model": str(model),
-        "gate_mode": variant.gate_mode,
+        **({} if variant.gate_mode is None else {"gate_mode": variant.gate_mode}),
         "dtype": OUTPUT_DTYPE,
         "experts_per_token": 2,
         "experts": [{"source_model": str(model), "positive_prompts": prompts[domain]} for domain in DOMAINS],
@@ -111,7 +118,11 @@ def config_text(model: Path, prompts: dict[str, list[str]], variant: Variant) ->
 def variant_gates(model: Path, prompts: dict[str, list[str]], variant: Variant, work: Path) -> torch.Tensor:
     """The routers a merge with this variant's config writes (as execute_merge computes them)."""
     prepared = frankenmoe.plan_merge(config_text(model, prompts, variant), work / "unused-output", force=True)
-    return frankenmoe.compute_routers(prepared).router.to(OUTPUT_TORCH_DTYPE)
+    if not variant.float32_generation:
+        return frankenmoe.compute_routers(prepared).router.to(OUTPUT_TORCH_DTYPE)
+    # The merge decides bfloat16 products from the CPU alone; the "before" rows pretend it has no bfloat16 units.
+    with mock.patch("frankenmoe.pipeline.cpu_multiplies_bfloat16", return_value=False):
+        return frankenmoe.compute_routers(prepared).router.to(OUTPUT_TORCH_DTYPE)
 
 
 def shared_checkpoint(model: Path, prompts: dict[str, list[str]]) -> Checkpoint:
@@ -124,7 +135,9 @@ def shared_checkpoint(model: Path, prompts: dict[str, list[str]]) -> Checkpoint:
 
 
 def with_routers(checkpoint: Checkpoint, gates: torch.Tensor, file: Path) -> Checkpoint:
-    routers = {checkpoint.layout.router_name(layer): gates[layer].contiguous() for layer in range(checkpoint.num_layers)}
+    routers = {
+        checkpoint.layout.router_name(layer): gates[layer].contiguous() for layer in range(checkpoint.num_layers)
+    }
     save_file(routers, str(file))
     return replace(checkpoint, tensors={**checkpoint.tensors, **read_header(file)})
 

@@ -18,7 +18,7 @@ without a shared expert.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm import tqdm
@@ -84,17 +84,16 @@ def hidden_rows(states: LayerStates, prompts: ExpertPrompts, request: GateReques
 def layerwise_gates(request: GateRequest, rows_for_layer: RowFunction) -> Gates:
     shared = (request.shared_expert,) if request.shared_gate_from_prompts and request.shared_expert else ()
     prompts = collect_expert_prompts(request.base, (*request.experts, *shared), request.router.lead_in)
-    decoder = StreamedDecoder(
-        request.base.config,
-        request.base.tensors,
-        request.device,
-        merged=request.trunk,
-        read_ahead=True,
-        slice_cache=SliceCache(request.weight_cache_bytes) if request.weight_cache_bytes else None,
-    )
+    decoder = StreamedDecoder(request.base.config, request.base.tensors, request.device, merged=request.trunk, read_ahead=True)
     if request.router.continuation_tokens:
+        # Generation streams the whole base once per token, so it alone keeps slices (--weight-cache)
+        # and may multiply in bfloat16; the states the rows are fitted on are computed in float32.
+        writer = replace(
+            decoder,
+            slice_cache=SliceCache(request.weight_cache_bytes, native_bfloat16=request.bfloat16_generation),
+        )
         prompts = with_continuations(
-            prompts, request.base, decoder, request.router.continuation_tokens, request.show_progress
+            prompts, request.base, writer, request.router.continuation_tokens, request.show_progress
         )
     expert_count = len(request.experts)
     routed = routed_prompts(prompts, expert_count)

@@ -39,6 +39,9 @@ class GateRequest:
     """Memory the hidden-state pass may spend keeping the base's matrices in float32 between passes
     (layers.SliceCache): text generation then converts each slice once instead of once per token.
     0 (the default) keeps the streaming bound."""
+    bfloat16_generation: bool = False
+    """Whether text generation (router.continuation_tokens) multiplies the base's bfloat16 matrices as
+    stored, on a CPU with bfloat16 matrix units (layers.SliceCache), instead of in float32."""
 
     @property
     def num_layers(self) -> int:
