@@ -6,6 +6,10 @@
     python benchmarks/run_merge_bench.py --shape large --mode random --mode hidden --routing-check --drop-caches
     python benchmarks/run_merge_bench.py --shape large --mode random --mode hidden --routing-check \
         --mergekit-moe benchmarks/.cache/mergekit-venv/bin/mergekit-moe
+    python benchmarks/run_merge_bench.py --shape large --mode random --mode hidden \
+        --format safetensors --format gguf:q8_0 --format gguf:f16 --then-convert
+    python benchmarks/run_merge_bench.py --shape mistral7b --experts 1 --base-as-expert --mode random \
+        --format safetensors --format gguf:q8_0 --then-convert --repeats 1
 
 Each merge runs as its own process. For every run this records the wall time, the peak RSS
 (ru_maxrss from wait4), and the process's I/O counters from /proc/PID/io, read after the process
@@ -16,6 +20,15 @@ cannot beat on this disk. The default is a warm page cache; --cold evicts the so
 the merge with one of frankenmoe's speed-ups switched off, to measure what it gains. With
 --mergekit-moe (the executable of a mergekit installed in a virtual environment of its own, never a
 frankenmoe dependency), mergekit-moe merges the same config right after each frankenmoe merge.
+
+--format adds the output format as a dimension (repeatable: safetensors, gguf:q8_0, gguf:f16, ...; the
+default is safetensors alone); a GGUF merge is the same config run with `--format gguf --gguf-type TYPE`.
+--then-convert also times what a user does without the direct path: right after each safetensors merge
+(its output still in the page cache), llama.cpp's `convert_hf_to_gguf.py OUT --outfile F --outtype q8_0`
+as a process of its own, run with this Python (the converter from tests/llama_cpp.py, or --converter).
+With either option, the peak disk used by each task is sampled too: the bytes allocated under the
+folder that holds OUT, its staging folder and the converter's file, every DISK_SAMPLE_S while a task runs
+and once after it ends; for merge + convert that is the safetensors output plus the GGUF.
 
 This process imports neither torch nor frankenmoe: a child's ru_maxrss starts from its parent's peak
 RSS (exec keeps the old address space's high-water mark), so the parent must stay small.
@@ -32,8 +45,9 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -43,6 +57,13 @@ TABLE_START = "<!-- merge-bench:start -->"
 TABLE_END = "<!-- merge-bench:end -->"
 GATE_MODES = ("random", "cheap_embed", "hidden", "fit")
 MERGEKIT_MODES = ("random", "cheap_embed", "hidden")
+SAFETENSORS = "safetensors"
+GGUF_TYPES = ("bf16", "f16", "f32", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+"""`frankenmoe merge --gguf-type` values (docs/gguf.md); listed here so this process need not import frankenmoe."""
+FORMATS = (SAFETENSORS, *(f"gguf:{name}" for name in GGUF_TYPES))
+CONVERT_TYPE = "q8_0"
+"""The --outtype of llama.cpp's converter in --then-convert, and the direct GGUF type it is judged against."""
+DISK_SAMPLE_S = 0.1
 VARIANTS = {
     "default": "",
     # No read-ahead hints: neither ReadAhead's ahead of the writer nor the hidden pass's per layer.
@@ -76,6 +97,8 @@ class Measurement:
     write_bytes: int
     cpu_s: float = 0.0
     """User + system CPU seconds of the merge process (all threads): less disturbed by other load than wall time."""
+    peak_disk_bytes: int = 0
+    """Most bytes allocated at once under the watched folder while the process ran (0: not watched)."""
 
 
 @dataclass(frozen=True)
@@ -98,8 +121,53 @@ class Row:
         return statistics.median(getattr(run, field) for run in self.runs)
 
 
-def measure(argv: list[str], log: Path, env: dict[str, str] | None = None) -> Measurement:
-    """Run argv to completion; its wall time, peak RSS and I/O counters. Fails loudly on a non-zero exit."""
+class DiskPeak:
+    """The most bytes allocated at once under `folder`, sampled from a thread while a command runs.
+
+    Allocated blocks, not file sizes, so that a file extended before it is written does not count early.
+    A sample taken on exit catches the final state, the peak of an output that only grows.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> DiskPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.allocated())
+
+    def _sample(self) -> None:
+        while not self._stop.wait(DISK_SAMPLE_S):
+            self.peak = max(self.peak, self.allocated())
+
+    def allocated(self) -> int:
+        total = 0
+        for root, _, files in os.walk(self.folder):
+            for name in files:
+                try:
+                    total += os.lstat(os.path.join(root, name)).st_blocks * 512
+                except FileNotFoundError:  # removed between the listing and the stat (a staging file renamed)
+                    pass
+        return total
+
+
+def measure(
+    argv: list[str], log: Path, env: dict[str, str] | None = None, watch: Path | None = None
+) -> Measurement:
+    """Run argv to completion; its wall time, peak RSS and I/O counters (and the peak disk used under `watch`).
+    Fails loudly on a non-zero exit."""
+    if watch is not None:
+        watch.mkdir(parents=True, exist_ok=True)
+        with DiskPeak(watch) as disk:
+            measurement = measure(argv, log, env)
+        return replace(measurement, peak_disk_bytes=disk.peak)
     start = time.perf_counter()
     with log.open("wb") as output:
         process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, env=env)
@@ -133,9 +201,13 @@ def model_folders(shape: str, experts: int) -> dict[str, object]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def write_config(path: Path, models: dict[str, object], gate_mode: str) -> Path:
-    lines = [f"base_model: {json.dumps(models['base'])}", f"gate_mode: {gate_mode}", "dtype: bfloat16", "experts:"]
-    for index, expert in enumerate(models["experts"]):  # type: ignore[arg-type]
+def write_config(path: Path, models: dict[str, object], gate_mode: str, base_as_expert: bool = False) -> Path:
+    experts = [models["base"], *models["experts"]] if base_as_expert else models["experts"]  # type: ignore[list-item]
+    lines = [f"base_model: {json.dumps(models['base'])}", f"gate_mode: {gate_mode}", "dtype: bfloat16"]
+    if len(experts) == 1:  # the default of 2 experts per token needs two experts
+        lines.append("experts_per_token: 1")
+    lines.append("experts:")
+    for index, expert in enumerate(experts):
         lines.append(f"  - source_model: {json.dumps(expert)}")
         lines.append(f"    positive_prompts: {json.dumps(list(PROMPTS[index % len(PROMPTS)]))}")
     path.write_text("\n".join(lines) + "\n")
@@ -187,52 +259,121 @@ def copy_floor(sources: list[Path], byte_count: int, target: Path, log: Path) ->
         shutil.rmtree(target)
 
 
+def merge_argv(config: Path, out: Path, args: argparse.Namespace, output_format: str) -> list[str]:
+    argv = [sys.executable, "-m", "frankenmoe", "merge", str(config), str(out)]
+    if VARIANTS[args.variant]:
+        cli = "from frankenmoe.cli import console_main\nconsole_main()\n"
+        argv[1:3] = ["-c", VARIANTS[args.variant] + cli]
+    if not args.routing_check:
+        argv.append("--no-check")
+    if output_format != SAFETENSORS:
+        argv += ["--format", "gguf", "--gguf-type", output_format.removeprefix("gguf:")]
+    elif args.shard_size:
+        argv += ["--shard-size", args.shard_size]
+    if args.weight_cache:
+        argv += ["--weight-cache", args.weight_cache]
+    return argv
+
+
 def run_shape(shape: str, args: argparse.Namespace, work: Path) -> list[Row]:
     models = model_folders(shape, args.experts)
     sources = [Path(folder) / "model.safetensors" for folder in [models["base"], *models["experts"]]]  # type: ignore[list-item]
-    configs = {mode: write_config(work / f"{shape}-{mode}.yaml", models, mode) for mode in args.modes}
+    configs = {mode: write_config(work / f"{shape}-{mode}.yaml", models, mode, args.base_as_expert) for mode in args.modes}
     runs: dict[str, list[Measurement]] = {mode: [] for mode in args.modes}
     floors: dict[str, list[float]] = {mode: [] for mode in args.modes}
     output_bytes = 0
-    out = work / "out"
+    produced: dict[str, int] = {}
+    """Output bytes per task other than a safetensors merge (the GGUF file)."""
+    # OUT, its staging folder and the converter's file are alone in `outputs`, whose disk use is sampled.
+    outputs = work / "outputs"
+    out = outputs / "out"
+    watch = outputs if args.extended else None
     for repeat in range(args.repeats):
         for mode in args.modes:
-            shutil.rmtree(out, ignore_errors=True)
-            make_cold(args, sources)
-            argv = [sys.executable, "-m", "frankenmoe", "merge", str(configs[mode]), str(out)]
-            if VARIANTS[args.variant]:
-                cli = "from frankenmoe.cli import console_main\nconsole_main()\n"
-                argv[1:3] = ["-c", VARIANTS[args.variant] + cli]
-            if not args.routing_check:
-                argv.append("--no-check")
-            if args.shard_size:
-                argv += ["--shard-size", args.shard_size]
-            if args.weight_cache:
-                argv += ["--weight-cache", args.weight_cache]
-            measurement = measure(argv, work / f"{shape}-{mode}-{repeat}.log")
-            output_bytes = sum(file.stat().st_size for file in out.glob("*.safetensors"))
-            stages = _stage_seconds(out)
-            shutil.rmtree(out)
-            runs[mode].append(measurement)
-            print(f"{shape} {mode} run {repeat + 1}: {_describe(measurement)}; stages: {stages}", flush=True)
-            # The floor is taken right after each merge, so both see the disk in the same state (a long
-            # compute-bound merge lets earlier writeback finish; a copy right after it runs faster).
-            if args.mergekit_moe and mode in MERGEKIT_MODES:
+            for output_format in args.formats:
                 shutil.rmtree(out, ignore_errors=True)
                 make_cold(args, sources)
-                command = [args.mergekit_moe, str(configs[mode]), str(out), "--quiet"]
-                if mode == "random":
-                    command.append("--i-understand-this-is-not-useful-without-training")
-                reference = measure(command, work / f"{shape}-mergekit-{mode}-{repeat}.log")
+                argv = merge_argv(configs[mode], out, args, output_format)
+                if output_format != SAFETENSORS:
+                    task = f"{mode} {output_format}"
+                    measurement = measure(argv, work / f"{shape}-{task.replace(':', '-').replace(' ', '-')}-{repeat}.log", watch=watch)
+                    produced[task] = sum(file.stat().st_size for file in out.glob("*.gguf"))
+                    shutil.rmtree(out)
+                    runs.setdefault(task, []).append(measurement)
+                    floors.setdefault(task, [])
+                    print(f"{shape} {task} run {repeat + 1}: {_describe(measurement, watch)}", flush=True)
+                    continue
+                measurement = measure(argv, work / f"{shape}-{mode}-{repeat}.log", watch=watch)
+                output_bytes = sum(file.stat().st_size for file in out.glob("*.safetensors"))
+                stages = _stage_seconds(out)
+                runs[mode].append(measurement)
+                print(f"{shape} {mode} run {repeat + 1}: {_describe(measurement, watch)}; stages: {stages}", flush=True)
+                if args.then_convert:
+                    convert_after(shape, mode, repeat, measurement, out, args.converter, work, runs, floors, produced)
                 shutil.rmtree(out)
-                runs.setdefault(f"mergekit-moe {mode}", []).append(reference)
-                floors.setdefault(f"mergekit-moe {mode}", [])
-                print(f"{shape} mergekit-moe {mode} run {repeat + 1}: {_describe(reference)}", flush=True)
-            make_cold(args, sources)
-            floor = copy_floor(sources, output_bytes, work / "floor", work / f"{shape}-{mode}-floor-{repeat}.log")
-            floors[mode].append(floor)
-            print(f"{shape} cp floor after {mode} run {repeat + 1}: {floor:.2f} s for {output_bytes / 1e9:.2f} GB")
-    return [Row(shape, task, runs[task], floors[task], output_bytes) for task in runs]
+                # The floor is taken right after each merge, so both see the disk in the same state (a long
+                # compute-bound merge lets earlier writeback finish; a copy right after it runs faster).
+                if args.mergekit_moe and mode in MERGEKIT_MODES:
+                    shutil.rmtree(out, ignore_errors=True)
+                    make_cold(args, sources)
+                    command = [args.mergekit_moe, str(configs[mode]), str(out), "--quiet"]
+                    if mode == "random":
+                        command.append("--i-understand-this-is-not-useful-without-training")
+                    reference = measure(command, work / f"{shape}-mergekit-{mode}-{repeat}.log")
+                    shutil.rmtree(out)
+                    runs.setdefault(f"mergekit-moe {mode}", []).append(reference)
+                    floors.setdefault(f"mergekit-moe {mode}", [])
+                    print(f"{shape} mergekit-moe {mode} run {repeat + 1}: {_describe(reference)}", flush=True)
+                make_cold(args, sources)
+                floor = copy_floor(sources, output_bytes, work / "floor", work / f"{shape}-{mode}-floor-{repeat}.log")
+                floors[mode].append(floor)
+                print(f"{shape} cp floor after {mode} run {repeat + 1}: {floor:.2f} s for {output_bytes / 1e9:.2f} GB")
+    return [Row(shape, task, runs[task], floors[task], produced.get(task, output_bytes)) for task in runs if runs[task]]
+
+
+def convert_after(
+    shape: str,
+    mode: str,
+    repeat: int,
+    merge: Measurement,
+    out: Path,
+    converter: Path,
+    work: Path,
+    runs: dict[str, list[Measurement]],
+    floors: dict[str, list[float]],
+    produced: dict[str, int],
+) -> None:
+    """Time llama.cpp's converter on the safetensors merge in `out` (still on disk, as a user's would be)
+    and record it alone and added to the merge."""
+    gguf_file = out.parent / f"converted-{CONVERT_TYPE}.gguf"
+    argv = [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(out), "--outfile", str(gguf_file)]
+    argv += ["--outtype", CONVERT_TYPE]
+    conversion = measure(argv, work / f"{shape}-{mode}-convert-{repeat}.log", watch=out.parent)
+    both = Measurement(
+        wall_s=merge.wall_s + conversion.wall_s,
+        peak_rss_bytes=max(merge.peak_rss_bytes, conversion.peak_rss_bytes),
+        rchar=merge.rchar + conversion.rchar,
+        wchar=merge.wchar + conversion.wchar,
+        read_bytes=merge.read_bytes + conversion.read_bytes,
+        write_bytes=merge.write_bytes + conversion.write_bytes,
+        cpu_s=merge.cpu_s + conversion.cpu_s,
+        peak_disk_bytes=max(merge.peak_disk_bytes, conversion.peak_disk_bytes),
+    )
+    size = gguf_file.stat().st_size
+    gguf_file.unlink()
+    for task, measurement in ((convert_task(mode), conversion), (merge_convert_task(mode), both)):
+        runs.setdefault(task, []).append(measurement)
+        floors.setdefault(task, [])
+        produced[task] = size
+        print(f"{shape} {task} run {repeat + 1}: {_describe(measurement, out.parent)}", flush=True)
+
+
+def convert_task(mode: str) -> str:
+    return f"{mode} llama.cpp convert {CONVERT_TYPE}"
+
+
+def merge_convert_task(mode: str) -> str:
+    return f"{mode} merge + convert {CONVERT_TYPE}"
 
 
 def import_baseline(work: Path, repeats: int) -> Row:
@@ -256,11 +397,12 @@ def _stage_seconds(out: Path) -> str:
     return ", ".join(f"{name} {seconds:.1f}" for name, seconds in timings.items())
 
 
-def _describe(run: Measurement) -> str:
-    return (
+def _describe(run: Measurement, watch: Path | None = None) -> str:
+    text = (
         f"{run.wall_s:.2f} s ({run.cpu_s:.1f} s CPU), peak RSS {run.peak_rss_bytes / 1e6:.0f} MB, "
         f"read {run.rchar / 1e9:.2f} GB, written {run.wchar / 1e9:.2f} GB"
     )
+    return text if watch is None else f"{text}, peak disk {run.peak_disk_bytes / 1e9:.2f} GB"
 
 
 def machine() -> str:

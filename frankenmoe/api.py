@@ -120,6 +120,7 @@ def plan_merge(
     progress: bool = False,
     output_format: str = "safetensors",
     gguf_type: str | None = None,
+    stream_sources: bool = False,
 ) -> PreparedMerge:
     """Validate everything and plan every tensor of the merge of `config` into `out`; writes nothing.
 
@@ -143,6 +144,7 @@ def plan_merge(
         progress=progress,
         output_format=output_format,
         gguf_type=gguf_type,
+        stream_sources=stream_sources,
     )
     return prepare_merge(config, Path(out), options)
 
@@ -161,11 +163,14 @@ def plan_options(
     progress: bool = False,
     output_format: str = "safetensors",
     gguf_type: str | None = None,
+    stream_sources: bool = False,
 ) -> MergeOptions:
     """The merge options `plan_merge` and `build` take, as one typed value (validated).
 
     Sizes (`shard_size`, `weight_cache`) are byte counts or text such as "5GB" or "500MiB".
     `output_format` "gguf" writes one GGUF file of `gguf_type` (default q8_0; see docs/gguf.md).
+    `stream_sources` reads Hub sources' tensors over HTTP into the output instead of downloading them
+    (docs/hub.md).
     """
     from frankenmoe.gguf_output import resolve_gguf_type
 
@@ -173,7 +178,13 @@ def plan_options(
         raise ConfigError(f"layout {layout!r} is not valid; choose one of: {', '.join(LAYOUT_NAMES)}.")
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError(f"dtype {dtype!r} is not valid; choose one of: {', '.join(DTYPES)}.")
-    flags = {"force": force, "check_routing": check_routing, "hash_sources": hash_sources, "progress": progress}
+    flags = {
+        "force": force,
+        "check_routing": check_routing,
+        "hash_sources": hash_sources,
+        "progress": progress,
+        "stream_sources": stream_sources,
+    }
     for name, value in flags.items():
         _check_flag(name, value)
     _check_device(device)
@@ -189,6 +200,7 @@ def plan_options(
         hash_sources=hash_sources,
         weight_cache_bytes=_size(weight_cache, "Weight cache", "weight_cache", minimum=0),
         gguf_type=resolve_gguf_type(output_format, gguf_type),
+        stream_sources=stream_sources,
     )
 
 

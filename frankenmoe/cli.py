@@ -382,6 +382,7 @@ def merge(
     ] = "safetensors",
     gguf_type: Annotated[str | None, typer.Option("--gguf-type", help=GGUF_TYPE_HELP, show_default=False)] = None,
     offline: Annotated[bool, typer.Option("--offline", help=OFFLINE_HELP)] = False,
+    stream_sources: Annotated[bool, typer.Option("--stream-sources", help=STREAM_SOURCES_HELP)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More logging; tracebacks on errors.")] = False,
 ) -> None:
     """Merge the models named in CONFIG into a MoE checkpoint in OUT (with its build record, frankenmoe-manifest.json)."""
@@ -405,6 +406,7 @@ def merge(
             progress=_show_progress(verbose),
             output_format=format_,
             gguf_type=gguf_type,
+            stream_sources=stream_sources,
         )
         _print_plan(prepared, detailed=dry_run)
         if dry_run:
@@ -427,6 +429,12 @@ def merge(
 OFFLINE_HELP = (
     "Never contact the Hugging Face Hub: repo ids are read from the local cache only (as HF_HUB_OFFLINE=1 does). "
     "Without it, a repo id not in the cache is checked remotely, then only the files the merge reads are downloaded."
+)
+
+
+STREAM_SOURCES_HELP = (
+    "Read Hub sources' tensors over HTTP range requests straight into the output instead of downloading them: "
+    "disk for the output only (the base is still downloaded when the routers run prompts through it)."
 )
 
 
@@ -464,6 +472,8 @@ def verify(
         else:
             for problem in report.problems:
                 tell("difference", problem, "differs", typer.colors.RED)
+            for note in report.notes:
+                say(f"note: {note}")
             verdict = "intact" if report.ok else f"{len(report.problems)} difference(s)"
             say(f"{checkpoint}: {verdict} ({report.files_checked} files, {report.tensors_checked} tensors checked)")
         return 0 if report.ok else VERIFY_FAILED_EXIT_CODE
@@ -499,6 +509,7 @@ def build(
     ] = "safetensors",
     gguf_type: Annotated[str | None, typer.Option("--gguf-type", help=GGUF_TYPE_HELP, show_default=False)] = None,
     offline: Annotated[bool, typer.Option("--offline", help=OFFLINE_HELP)] = False,
+    stream_sources: Annotated[bool, typer.Option("--stream-sources", help=STREAM_SOURCES_HELP)] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More logging; tracebacks on errors.")] = False,
 ) -> None:
     """Build several configs one after another, skipping those whose output is up to date.
@@ -530,6 +541,7 @@ def build(
                 progress=_show_progress(verbose),
                 output_format=format_,
                 gguf_type=gguf_type,
+                stream_sources=stream_sources,
             )
         except BuildInterrupted as stopped:
             _report_build(stopped.report, json_file)
@@ -634,9 +646,11 @@ def _print_plan(prepared: PreparedMerge, detailed: bool) -> None:
         f"free on disk {format_bytes(prepared.free_bytes)}"
     )
     if prepared.downloads or any(source.hub is not None for source in (plan.base, *plan.experts)):
-        from frankenmoe.hub import describe_downloads
+        from frankenmoe.hub import describe_downloads, describe_streams
 
         say("\n".join(describe_downloads(prepared.downloads)))
+        if prepared.options.stream_sources:
+            say("\n".join(describe_streams(prepared.streams)))
     for group in plan.laser_groups:
         say(describe_group(group, detailed))
     if prepared.gguf is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import errno
 import fnmatch
 import json
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from frankenmoe.errors import ModelError, OutputError
+from frankenmoe.remote_io import RemoteFile
 from frankenmoe.tensor_io import MAX_HEADER_BYTES, TensorLocation, WeightFormat, parse_header
 
 if TYPE_CHECKING:
@@ -222,7 +224,10 @@ def _shard_header(repo: HubRepo, reference: str, shard: str) -> dict[str, Tensor
     raw = head[8 : 8 + header_length]
     if len(raw) < header_length:
         raw += _read_range(repo, reference, shard, len(head), 8 + header_length)
-    return parse_header(path, raw, 8 + header_length, size - 8 - header_length)
+    # Where the bytes are while the shard is not downloaded: --stream-sources reads them from there.
+    remote = RemoteFile(repo.repo_id, repo.commit, shard, size, reference)
+    locations = parse_header(path, raw, 8 + header_length, size - 8 - header_length)
+    return {name: dataclasses.replace(location, remote=remote) for name, location in locations.items()}
 
 
 def _read_range(repo: HubRepo, reference: str, name: str, start: int, end: int) -> bytes:
@@ -331,12 +336,13 @@ def _download_resumable(repo: HubRepo, name: str, show_progress: bool) -> None:
         link.symlink_to(os.path.relpath(blob, link.parent))
 
 
-def planned_downloads(plan: MergePlan) -> tuple[Download, ...]:
+def planned_downloads(plan: MergePlan, stream: bool = False) -> tuple[Download, ...]:
     """The weight files the merge reads that are not in the cache yet, per Hub source.
 
     The base gives every tensor the forward passes (routers, routing check) read, so all its weight
     files; an expert only the files holding a tensor the plan takes from it (its MLPs, and more when
-    it takes part in a merged trunk).
+    it takes part in a merged trunk). With `stream` (--stream-sources) the experts are read over HTTP
+    instead, and so is the base unless `base_is_downloaded` says the router pass reads it.
     """
     read: dict[Path, set[Path]] = {}
     for job in plan.jobs:
@@ -346,7 +352,7 @@ def planned_downloads(plan: MergePlan) -> tuple[Download, ...]:
     sources = [plan.base, *plan.experts, *((plan.shared_expert,) if plan.shared_expert is not None else ())]
     for source in sources:
         repo = source.hub
-        if repo is None:
+        if repo is None or (stream and (source is not plan.base or not base_is_downloaded(plan))):
             continue
         if source is plan.base:
             files = {location.file for location in source.tensors.values()}
@@ -359,6 +365,57 @@ def planned_downloads(plan: MergePlan) -> tuple[Download, ...]:
             if not repo.cached(name):
                 downloads[(repo.repo_id + "@" + repo.commit, name)] = Download(repo, name, repo.files[name])
     return tuple(downloads.values())
+
+
+def base_is_downloaded(plan: MergePlan) -> bool:
+    """Whether --stream-sources still downloads the base: when the routers run prompts through it.
+
+    That pass reads every matrix of the base slice by slice, once per pass (fit's text generation: once
+    per generated token), so streaming it would fetch the base again and again, one request per slice.
+    The writer reads each source byte once, which is what streaming is for.
+    """
+    return plan.config.needs_prompts
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One Hub file the merge reads over HTTP instead of downloading it, and how many of its bytes."""
+
+    repo: HubRepo
+    name: str
+    size: int
+    read_bytes: int
+
+
+def planned_streams(plan: MergePlan, downloads: Iterable[Download]) -> tuple[Stream, ...]:
+    """The Hub files whose tensors the writer reads over HTTP (those neither cached nor downloaded)."""
+    downloaded = {(item.repo.repo_id, item.repo.commit, item.name) for item in downloads}
+    read: dict[tuple[str, str, str], int] = {}
+    repos: dict[tuple[str, str, str], HubRepo] = {}
+    sources = [plan.base, *plan.experts, *((plan.shared_expert,) if plan.shared_expert is not None else ())]
+    by_commit = {(source.hub.repo_id, source.hub.commit): source.hub for source in sources if source.hub is not None}
+    for job in plan.jobs:
+        for piece in job.pieces:
+            remote = piece.location.remote
+            key = (remote.repo_id, remote.commit, remote.name) if remote is not None else None
+            if remote is None or key in downloaded or piece.location.file.is_file():
+                continue
+            read[key] = read.get(key, 0) + piece.location.nbytes
+            repos[key] = by_commit[key[:2]]
+    return tuple(Stream(repos[key], key[2], repos[key].files[key[2]], count) for key, count in sorted(read.items()))
+
+
+def describe_streams(streams: tuple[Stream, ...]) -> list[str]:
+    """The dry run's lines for --stream-sources: what the writer would read over HTTP, file by file."""
+    if not streams:
+        return ["streamed: nothing (no Hub file is read over HTTP)"]
+    total = sum(item.read_bytes for item in streams)
+    lines = [f"streamed over HTTP, not stored: {len(streams)} file(s), {_gb(total)} read in total"]
+    lines += [
+        f"  {item.repo.repo_id}@{item.repo.commit[:12]} {item.name} ({item.read_bytes:,} of {item.size:,} bytes)"
+        for item in streams
+    ]
+    return lines
 
 
 def check_download_space(downloads: Iterable[Download], out: Path, output_bytes: int) -> None:

@@ -56,6 +56,8 @@ Names, not imports, so that this module loads without torch; a test merges and c
 passes not_a_checkpoint_reason, which catches a file the writer adds and this list misses.
 """
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+GGUF_FILE_NAME = re.compile(r"model-[A-Z0-9_]+\.gguf")
+"""The one file of a `--format gguf` merge (gguf_output.GGUF_NAME), written instead of shards and index."""
 CARD_MARKS = ("Built with frankenmoe", "## Merge recipe")
 """Two phrases of every frankenmoe model card (card.py); another tool's README.md has not both."""
 CARD_READ_LIMIT = 1024 * 1024
@@ -108,9 +110,8 @@ def check_output_target(out: Path, source_folders: Sequence[Path], config_path: 
 def not_a_checkpoint_reason(folder: Path) -> str | None:
     """Why `folder` is not recognisably a checkpoint a frankenmoe merge wrote; None when it is one.
 
-    It must hold config.json and frankenmoe's model card, and nothing a merge does not write: any
-    other file or folder may be someone's work, which replacing OUT would delete. Shards are not
-    required: a checkpoint that lost one is damaged, not someone else's, and `build` replaces it.
+    It must hold config.json, its weights (safetensors shards, or a GGUF file) and frankenmoe's model
+    card, and nothing a merge does not write: any other file or folder may be someone's work, which replacing OUT would delete.
     """
     entries = sorted(folder.iterdir())
     foreign = [entry.name for entry in entries if not _written_by_a_merge(entry)]
@@ -119,6 +120,8 @@ def not_a_checkpoint_reason(folder: Path) -> str | None:
     names = {entry.name for entry in entries}
     if "config.json" not in names:
         return "it has no config.json"
+    if not any(SHARD_NAME.fullmatch(name) or GGUF_FILE_NAME.fullmatch(name) for name in names):
+        return "it has no weights (safetensors shards or a GGUF file)"
     if "README.md" not in names:
         return "it has no frankenmoe model card (README.md)"
     if not _is_frankenmoe_card(folder / "README.md"):
@@ -336,7 +339,11 @@ def _refuse_unless_replaceable(out: Path, target: Path, force: bool) -> None:
 
 def _written_by_a_merge(entry: Path) -> bool:
     name = entry.name
-    return entry.is_file() and not entry.is_symlink() and (name in CHECKPOINT_FILES or bool(SHARD_NAME.fullmatch(name)))
+    return (
+        entry.is_file()
+        and not entry.is_symlink()
+        and (name in CHECKPOINT_FILES or bool(SHARD_NAME.fullmatch(name) or GGUF_FILE_NAME.fullmatch(name)))
+    )
 
 
 def _is_frankenmoe_card(path: Path) -> bool:

@@ -24,7 +24,7 @@ from frankenmoe.architectures import TOKENIZER_FILES
 from frankenmoe.card import laser_sections, model_card
 from frankenmoe.config import MergeConfig, load_config, parse_config
 from frankenmoe.errors import ConfigError, ModelError
-from frankenmoe.hub import Download, check_download_space, download, fetch, planned_downloads
+from frankenmoe.hub import Download, Stream, check_download_space, download, fetch, planned_downloads, planned_streams
 from frankenmoe.laser import LaserResult, analyse_lasers, kept_ranks
 from frankenmoe.layers import cpu_multiplies_bfloat16
 from frankenmoe.lora import load_adapter, split_reference
@@ -67,6 +67,9 @@ class MergeOptions:
     bound. It changes no byte of the output, so the manifest does not record it."""
     gguf_type: str | None = None
     """None: a safetensors checkpoint; a GGUF type name (q8_0, f16, ...): one GGUF file (gguf_output.py)."""
+    stream_sources: bool = False
+    """Read Hub sources' tensors over HTTP into the writer instead of downloading them (hub.planned_streams).
+    It changes no byte of the output, so the manifest does not record it."""
 
     def recorded(self, plan: MergePlan) -> dict[str, Any]:
         """The options that change the output's bytes, resolved, as the manifest records them."""
@@ -77,7 +80,7 @@ class MergeOptions:
             "architecture": plan.architecture.model_type,
             "gate_mode": plan.config.gate_mode_description,
             # write.py refuses NaN/Inf only in what it computes: verify reports this (issue 23 item 6).
-            "non_finite_check": NON_FINITE_CHECK,
+            **({} if self.gguf_type is not None else {"non_finite_check": NON_FINITE_CHECK}),
             # Only merges that generate text record it, so other build records stay up to date.
             **(
                 {"generation_products": generation_products(resolve_device(self.device))}
@@ -114,6 +117,8 @@ class PreparedMerge:
     """Set when the output is a GGUF file: its tensors, types and tokenizer, decided before writing."""
     downloads: tuple[Download, ...] = ()
     """Files of Hub sources the merge reads that the Hugging Face cache does not hold yet (hub.py)."""
+    streams: tuple[Stream, ...] = ()
+    """With stream_sources: the Hub files the writer reads over HTTP instead (never stored)."""
 
 
 @dataclass(frozen=True)
@@ -263,12 +268,22 @@ def prepare_merge(config_input: ConfigInput, out: Path, options: MergeOptions) -
 
         gguf = plan_gguf(plan, options.gguf_type, Path(out).name)
     free = check_free_space(out, plan.output_bytes if gguf is None else gguf.data_bytes)
-    downloads = planned_downloads(plan)
+    downloads = planned_downloads(plan, stream=options.stream_sources)
+    streams = planned_streams(plan, downloads) if options.stream_sources else ()
     check_download_space(downloads, Path(out), plan.output_bytes if gguf is None else gguf.data_bytes)
     seconds = time.monotonic() - started
     logger.info("planning finished in %.1f s", seconds, extra={"stage": "planning", "status": "finished", "seconds": seconds})
     return PreparedMerge(
-        config_text, plan, free, Path(out), options, config_path, planning_seconds=seconds, gguf=gguf, downloads=downloads
+        config_text,
+        plan,
+        free,
+        Path(out),
+        options,
+        config_path,
+        planning_seconds=seconds,
+        gguf=gguf,
+        downloads=downloads,
+        streams=streams,
     )
 
 

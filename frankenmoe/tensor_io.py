@@ -26,11 +26,14 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import TYPE_CHECKING, BinaryIO, Literal
 
 import torch
 
 from frankenmoe.errors import ModelError, OutputError
+
+if TYPE_CHECKING:
+    from frankenmoe.remote_io import RemoteFile
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 MAX_GROWING_BYTES = 2**62
@@ -90,10 +93,18 @@ class TensorLocation:
     start: int
     end: int
     file_format: WeightFormat = "safetensors"
+    remote: RemoteFile | None = None
+    """Set for a Hub repo's shard that was not in the cache at planning: while `file` is absent (the merge
+    streams its sources), the bytes are read over HTTP (frankenmoe.remote_io)."""
 
     @property
     def nbytes(self) -> int:
         return self.end - self.start
+
+    @property
+    def streamed(self) -> bool:
+        """Whether reading this tensor now goes over HTTP: a Hub shard that was not downloaded."""
+        return self.remote is not None and not self.file.is_file()
 
 
 def element_size(dtype: str) -> int:
@@ -228,6 +239,10 @@ def read_tensor(location: TensorLocation) -> torch.Tensor:
     torch_dtype = DTYPES[location.dtype][0]
     if location.nbytes == 0:
         return torch.empty(location.shape, dtype=torch_dtype)
+    if location.streamed:
+        buffer = bytearray(location.nbytes)
+        _read_exactly(location, memoryview(buffer), location.start)
+        return torch.frombuffer(buffer, dtype=torch_dtype).reshape(location.shape)
     map_start = location.start - location.start % mmap.ALLOCATIONGRANULARITY
     try:
         with location.file.open("rb") as handle:
@@ -284,6 +299,13 @@ def _read_exactly(location: TensorLocation, buffer: memoryview, offset: int) -> 
             filled = os.preadv(descriptor, [buffer], offset)
         finally:
             os.close(descriptor)
+    except FileNotFoundError as error:
+        if location.remote is None:
+            raise ModelError(f"Cannot read tensor {location.name!r} from {location.file}: {error}.") from None
+        from frankenmoe.remote_io import read_into
+
+        read_into(location.remote, offset, buffer, location.name)
+        return
     except OSError as error:
         raise ModelError(f"Cannot read tensor {location.name!r} from {location.file}: {error}.") from None
     if filled != len(buffer):
@@ -500,6 +522,9 @@ class ShardWriter:
         if location.nbytes > self._remaining_in_tensor:
             raise RuntimeError(f"too many bytes for tensor {self._entries[self._next - 1].name}")
         self._remaining_in_tensor -= location.nbytes
+        if location.streamed:
+            self._write_streamed(location)
+            return
         try:
             with location.file.open("rb", buffering=0) as source:
                 copy_range(source.fileno(), self._handle.fileno(), location.start, location.nbytes)
@@ -507,6 +532,14 @@ class ShardWriter:
             raise _write_error(self.path, error) from None
         self._hasher.add_range(location.file, location.start, location.nbytes)
         self._grown(location.nbytes)
+
+    def _write_streamed(self, location: TensorLocation) -> None:
+        """A Hub shard's tensor read over HTTP straight into this shard, a few MiB at a time."""
+        from frankenmoe.remote_io import iter_range
+
+        assert location.remote is not None
+        for chunk in iter_range(location.remote, location.start, location.end, location.name):
+            self._write(chunk)
 
     def close(self) -> str:
         """Flush and fsync the file and wait for its hash; its sha256."""

@@ -42,6 +42,8 @@ class VerifyReport:
     files_checked: int
     tensors_checked: int
     problems: tuple[str, ...] = field(default_factory=tuple)
+    notes: tuple[str, ...] = field(default_factory=tuple)
+    """What the build record says about the checkpoint that hashes cannot show (e.g. its NaN/Inf check)."""
 
     @property
     def ok(self) -> bool:
@@ -54,6 +56,7 @@ class VerifyReport:
             "files_checked": self.files_checked,
             "tensors_checked": self.tensors_checked,
             "problems": list(self.problems),
+            "notes": list(self.notes),
         }
 
 
@@ -70,19 +73,24 @@ def verify_output(folder: Path) -> VerifyReport:
     if not folder.is_dir():
         raise ModelError(f"{folder} is not a folder. Pass the folder a merge wrote.")
     entries = {path.name: path.lstat() for path in folder.iterdir()}
+    notes: tuple[str, ...] = ()
     try:
-        records = read_manifest(folder)["files"]
+        manifest = read_manifest(folder)
     except ManifestError as error:
         # An invalid build record lists nothing trustworthy; what the folder holds is still checked.
         problems = [*error.problems, *_unlisted_problems(entries, set())]
         records = []
     else:
+        records = manifest["files"]
         problems = _file_problems(folder, entries, records)
+        non_finite = manifest["options"].get("non_finite_check")
+        if isinstance(non_finite, str):
+            notes = (f"NaN/Inf: {non_finite}",)
     from frankenmoe.gguf_output import gguf_folder_problems
 
     # A --format gguf output holds one GGUF file instead of shards and an index.
     tensor_problems, tensors = gguf_folder_problems(folder) or _tensor_problems(folder, entries)
-    return VerifyReport(folder, len(records), tensors, (*problems, *tensor_problems))
+    return VerifyReport(folder, len(records), tensors, (*problems, *tensor_problems), notes)
 
 
 def _file_problems(folder: Path, entries: dict[str, os.stat_result], records: list[dict[str, Any]]) -> list[str]:

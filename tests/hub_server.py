@@ -39,6 +39,11 @@ class Repo:
     """Branch or tag name -> commit hash; every commit serves the same folder."""
     gated: int | None = None
     """401 or 403: files are refused without the token (the repo's API info stays public, as on the Hub)."""
+    moved: tuple[str, Path] | None = None
+    """(commit, folder) that every file request is answered from once the repo has moved (`HubServer.move`),
+    whatever commit it asks for: a mirror serving its branch head, or a repo rewritten mid-merge."""
+    move_after: tuple[int, str, Path] | None = None
+    """(data requests, commit, folder): the repo moves after this many more ranged GETs of its weights."""
 
 
 @dataclass(frozen=True)
@@ -56,12 +61,23 @@ class HubServer:
     cut_after: dict[str, int] = field(default_factory=dict)
     """File path in a repo ("org/name/file") -> the byte at which every transfer of it stops and the
     connection drops, as when a server goes away mid-download (the client's own retries get nothing more)."""
+    faults: dict[str, list[str]] = field(default_factory=dict)
+    """File path in a repo -> faults for its next ranged GETs of tensor bytes (a Range not starting at 0,
+    so header reads are spared), one per request: "drop" sends half the range and closes the connection,
+    "503" answers Service Unavailable."""
     url: str = ""
 
     def add(self, repo_id: str, folder: Path, revisions: dict[str, str] | None = None, gated: int | None = None) -> str:
         """Serve `folder` as `repo_id`; returns its main commit hash."""
         commit = hashlib.sha1(f"{repo_id}@main".encode()).hexdigest()
         self.repos[repo_id] = Repo(folder, {"main": commit, **(revisions or {})}, gated)
+        return commit
+
+    def move(self, repo_id: str, folder: Path, after_requests: int = 0) -> str:
+        """Make `repo_id` answer from `folder` at a new commit after `after_requests` more ranged GETs of
+        its tensor bytes; returns the new commit."""
+        commit = hashlib.sha1(f"{repo_id}@moved".encode()).hexdigest()
+        self.repos[repo_id].move_after = (after_requests, commit, folder)
         return commit
 
     def requests_for(self, repo_id: str) -> list[Request]:
@@ -176,7 +192,21 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if repo.gated and self.headers.get("Authorization") != f"Bearer {hub.token}":
                 self._error(repo.gated, "GatedRepo", f"Access to model {repo_id} is restricted.")
                 return
-            path = _files(repo.folder).get(name)
+            data_request = body and bool(re.match(r"^bytes=[1-9]", self.headers.get("Range") or ""))
+            if data_request and repo.move_after is not None:
+                remaining, new_commit, new_folder = repo.move_after
+                repo.move_after = (remaining - 1, new_commit, new_folder) if remaining else None
+                if not remaining:
+                    repo.moved = (new_commit, new_folder)
+            folder = repo.folder
+            if repo.moved is not None:
+                commit, folder = repo.moved
+            fault = hub.faults.get(f"{repo_id}/{name}")
+            fault = fault.pop(0) if data_request and fault else None
+            if fault == "503":
+                self._error(503, "ServiceUnavailable", "The service is temporarily unavailable.")
+                return
+            path = _files(folder).get(name)
             if path is None:
                 self._error(404, "EntryNotFound", f"{name} does not exist on {revision}")
                 return
@@ -199,6 +229,8 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if not body:
                 return
             cut = hub.cut_after.get(f"{repo_id}/{name}")
+            if fault == "drop":
+                cut = start + (end - start) // 2
             if cut is not None and cut < end:
                 self.wfile.write(content[start : max(start, cut)])
                 self.wfile.flush()

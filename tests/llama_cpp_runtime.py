@@ -207,23 +207,19 @@ def perplexity(model: Path, text: Path, n_ctx: int, chunks: int, scratch: Path) 
 
 
 def greedy(model: Path, prompt: str, new_tokens: int) -> str:
-    """The text llama-completion generates after `prompt` (not repeated), greedily, exactly `new_tokens` long."""
-    log_file = Path(tempfile.mkstemp(prefix="llama-completion-", suffix=".log")[1])
+    """What llama-completion prints on stdout: `prompt` and its greedy continuation of exactly `new_tokens` tokens
+    (its log goes to stderr)."""
+    command = [
+        str(tools() / "llama-completion"), "-m", str(model), "-p", prompt, "-n", str(new_tokens), "--temp", "0",
+        "--top-k", "1", "--ignore-eos", "-no-cnv", "-c", "512", "-s", "1", *COMMON_FLAGS,
+    ]  # fmt: skip
     try:
-        command = [
-            str(tools() / "llama-completion"), "-m", str(model), "-p", prompt, "-n", str(new_tokens), "--temp", "0",
-            "--top-k", "1", "--ignore-eos", "-no-cnv", "--no-display-prompt", "-c", "512", "-s", "1",
-            "--log-file", str(log_file), *COMMON_FLAGS,
-        ]  # fmt: skip
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT)
-        except subprocess.TimeoutExpired as error:
-            raise AssertionError(f"`{' '.join(command)}` took over {RUN_TIMEOUT} s") from error
-        if result.returncode != 0:
-            raise AssertionError(f"`{' '.join(command)}` exited with {result.returncode}:\n{result.stderr[-6000:]}")
-        return result.stdout
-    finally:
-        log_file.unlink(missing_ok=True)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired as error:
+        raise AssertionError(f"`{' '.join(command)}` took over {RUN_TIMEOUT} s") from error
+    if result.returncode != 0:
+        raise AssertionError(f"`{' '.join(command)}` exited with {result.returncode}:\n{result.stderr[-6000:]}")
+    return result.stdout
 
 
 if __name__ == "__main__":

@@ -177,6 +177,10 @@ def test_nan_in_a_copied_or_converted_tensor_keeps_the_sources_values_and_the_ma
     assert torch.equal(written.isnan(), source.isnan())
     assert int(written.isnan().sum()) == 1
     assert json.loads((out / MANIFEST_NAME).read_text())["options"]["non_finite_check"] == NON_FINITE_CHECK
+    verified = run_cli("verify", out)
+    assert verified.exit_code == 0, verified.output
+    assert f"note: NaN/Inf: {NON_FINITE_CHECK}" in verified.output
+    assert run_cli("verify", out, "--json").output.count(NON_FINITE_CHECK) == 1
 
 
 # --- item 7: options that do nothing, weight sums that make the result meaningless ----------------------------------

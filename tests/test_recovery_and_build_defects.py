@@ -379,14 +379,15 @@ def test_output_folder_never_is_the_out_dir_or_outside_it(tmp_path: Path, config
 def test_an_output_whose_shard_was_deleted_is_rebuilt_not_called_up_to_date(
     tmp_path: Path, variants: list[Path]
 ) -> None:
-    out_dir = tmp_path / "builds"
-    assert build(out_dir, variants[:2])[0] == 0
-    (out_dir / "two" / SHARD).unlink()
+    out_dir, small_shards = tmp_path / "builds", ("--shard-size", "10MB")
+    assert build(out_dir, variants[:2], *small_shards)[0] == 0
+    second = sorted((out_dir / "two").glob("model-*.safetensors"))[1]
+    second.unlink()
 
-    code, statuses, reasons, _ = build(out_dir, variants[:2])
+    code, statuses, reasons, _ = build(out_dir, variants[:2], *small_shards)
 
     assert code == 0 and statuses == {"one": "up to date", "two": "built"}
-    assert reasons["two"] == f"the output is not what its build record lists ({SHARD} is missing)"
+    assert reasons["two"] == f"the output is not what its build record lists ({second.name} is missing)"
     assert run_cli("verify", out_dir / "two").exit_code == 0
 
 

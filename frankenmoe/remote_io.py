@@ -1,0 +1,136 @@
+"""Tensor bytes read straight from a Hub repo over HTTP range requests (`--stream-sources`).
+
+A TensorLocation whose shard is not in the Hugging Face cache carries a RemoteFile (hub.remote_tensors
+attaches it). When the shard is still absent at read time, because the merge streams its sources
+instead of downloading them, tensor_io's readers and the shard writer come here: the tensor's byte
+range is requested at the commit resolved at planning time and handed on in chunks of
+STREAM_CHUNK_BYTES, so memory stays a few MiB whatever the tensor's size (except where a caller asks
+for a whole tensor, as transforms and dtype conversion do; they hold it in memory either way).
+
+Transient failures (a dropped connection, a timeout, HTTP 5xx) are retried with back-off, each retry
+asking only for the bytes not received yet. Every answer must come from the resolved commit
+(X-Repo-Commit) and carry the file's first-seen ETag: a repo that changes under a running merge is a
+ModelError naming it, never a checkpoint mixing two versions.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from frankenmoe.errors import ModelError
+
+STREAM_CHUNK_BYTES = 4 * 1024 * 1024
+"""Bytes received and handed on at a time: the memory one streamed copy holds."""
+STREAM_ATTEMPTS = 5
+BACKOFF_SECONDS = 1.0
+"""Wait before the second attempt of a range; doubled before each further one."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One weight file of a Hub repo at the commit a merge resolved it to."""
+
+    repo_id: str
+    commit: str
+    name: str
+    size: int
+    reference: str
+    """The repo as the config names it (`org/name[@revision]`), for messages."""
+
+
+_etags: dict[tuple[str, str, str], str] = {}
+"""(repo, commit, file) -> the ETag of the first answer; later answers must carry the same."""
+_etags_lock = threading.Lock()
+
+
+def read_into(remote: RemoteFile, start: int, buffer: memoryview, tensor: str) -> None:
+    """Fill `buffer` with the file's bytes from offset `start`."""
+    filled = 0
+    for chunk in iter_range(remote, start, start + len(buffer), tensor):
+        buffer[filled : filled + len(chunk)] = chunk
+        filled += len(chunk)
+
+
+def iter_range(remote: RemoteFile, start: int, end: int, tensor: str) -> Iterator[memoryview]:
+    """The file's bytes [start, end) in order, each once, in chunks of at most STREAM_CHUNK_BYTES.
+
+    One request for the whole range (a request per chunk would pay the Hub's latency per chunk); after a
+    transient error, the next attempt asks only for the bytes not yet handed on.
+    """
+    import httpx2
+    from huggingface_hub import constants, hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    from frankenmoe.hub import hub_errors
+
+    url = hf_hub_url(remote.repo_id, remote.name, revision=remote.commit)
+    position = start
+    failure = "the answers ended early"
+    for attempt in range(STREAM_ATTEMPTS):
+        if position >= end:
+            return
+        if attempt:
+            time.sleep(BACKOFF_SECONDS * 2 ** (attempt - 1))
+        headers = {**build_hf_headers(), "Range": f"bytes={position}-{end - 1}"}
+        timeout = constants.HF_HUB_DOWNLOAD_TIMEOUT
+        try:
+            with get_session().stream("GET", url, headers=headers, timeout=timeout) as response:
+                if response.status_code >= 500:
+                    failure = f"HTTP {response.status_code}"
+                    continue
+                if response.status_code >= 400:
+                    response.read()
+                    with hub_errors(remote.reference, remote.name):
+                        hf_raise_for_status(response)
+                _check_same_version(remote, response, tensor)
+                if response.status_code != 206 and position > 0:
+                    raise ModelError(
+                        f"The Hub at {constants.ENDPOINT} ignored a range request for {remote.name} of "
+                        f"{remote.reference} (it answered with the whole file), so it cannot be streamed. Run without "
+                        "--stream-sources: the files the merge reads are then downloaded into the Hugging Face cache."
+                    )
+                for chunk in response.iter_bytes(STREAM_CHUNK_BYTES):
+                    chunk = chunk[: end - position]  # a server that ignores Range at offset 0 sends the whole file
+                    if chunk:
+                        position += len(chunk)
+                        yield memoryview(chunk)
+                    if position >= end:
+                        return
+        except httpx2.TransportError as error:
+            failure = f"{type(error).__name__}: {error}"
+    raise ModelError(
+        f"Streaming {remote.name} of Hub repo {remote.reference} (tensor {tensor!r}) failed {STREAM_ATTEMPTS} times "
+        f"in a row ({failure}) at byte {position} of {remote.size}. Check the network (and HF_ENDPOINT) and run "
+        "again, or run without --stream-sources to download the files first (an interrupted download resumes)."
+    )
+
+
+def _check_same_version(remote: RemoteFile, response: object, tensor: str) -> None:
+    """The answer is the resolved commit's file, with the ETag its first answer had."""
+    from huggingface_hub import constants
+
+    answers = [*getattr(response, "history", ()), response]
+    commits = {answer.headers.get("X-Repo-Commit") for answer in answers} - {None}  # type: ignore[attr-defined]
+    etag = next(
+        (
+            value.strip('"').removeprefix("W/").strip('"')
+            for answer in answers
+            for value in (answer.headers.get("X-Linked-Etag"),)  # type: ignore[attr-defined]
+            if value
+        ),
+        str(response.headers.get("ETag", "")).removeprefix("W/").strip('"'),  # type: ignore[attr-defined]
+    )
+    key = (remote.repo_id, remote.commit, remote.name)
+    with _etags_lock:
+        expected = _etags.setdefault(key, etag)
+    if commits - {remote.commit} or (etag and expected and etag != expected):
+        answered = ", ".join(sorted(commits - {remote.commit})) or remote.commit
+        raise ModelError(
+            f"Hub repo {remote.reference} changed while the merge was streaming it: {remote.name} (tensor {tensor!r}) "
+            f"was asked for at commit {remote.commit} and the endpoint ({constants.ENDPOINT}) answered with commit "
+            f"{answered}, ETag {etag or '?'} (first seen: {expected or '?'}). Nothing was written to the output. Run "
+            "again to merge the repo's new commit, or pin one in the config (org/name@<commit>)."
+        )
