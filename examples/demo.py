@@ -75,17 +75,18 @@ def smollm2_demo() -> None:
     frankenmoe("route", out, *(part for prompt in ROUTE_PROMPTS for part in ("--prompt", prompt)))
     question = "Write one sentence about why the sky is blue."
     print(f"\nGeneration by the merged MoE (greedy, chat template):\n  Q: {question}\n  A: {chat(out, question)}")
-    write_gguf(ROOT / "configs" / "smollm2-4x.yaml", OUTPUT / "smollm2-4x-gguf", "smollm2-4x")
+    write_gguf(out, "smollm2-4x")
 
 
-def write_gguf(config: Path, out: Path, name: str) -> None:
-    """The same merge as one f16 GGUF file, and how to run it in llama.cpp and Ollama.
+def write_gguf(out: Path, name: str) -> None:
+    """The merged checkpoint as one f16 GGUF file beside it, and how to run that in llama.cpp and Ollama.
 
     f16, not a K-quant: Q4_K_M and friends come from llama.cpp's C quantiser (docs/gguf-runtime.md).
     """
-    frankenmoe("merge", config, out, "--force", "--format", "gguf", "--gguf-type", "f16")
-    (gguf,) = out.glob("*.gguf")
-    quantised = out / f"{name}-Q4_K_M.gguf"
+    gguf = out.parent / f"{name}-F16.gguf"
+    frankenmoe("convert", out, "--to", "gguf", "--type", "f16", "--output", gguf)
+    quantised = out.parent / f"{name}-Q4_K_M.gguf"
+    modelfile = out.parent / f"{name}.Modelfile"
     print(
         f"\nThe same MoE as one GGUF file: {gguf}\n"
         f"Run it in llama.cpp:\n"
@@ -93,8 +94,8 @@ def write_gguf(config: Path, out: Path, name: str) -> None:
         f"Make the Q4_K_M file Ollama users expect, with llama.cpp's quantiser:\n"
         f"  llama-quantize {gguf} {quantised} Q4_K_M\n"
         f"Or let Ollama quantise it while importing:\n"
-        f"  printf 'FROM {gguf}\\n' > {out / 'Modelfile'}\n"
-        f"  ollama create {name} -q q4_K_M -f {out / 'Modelfile'} && ollama run {name}"
+        f"  printf 'FROM {gguf}\\n' > {modelfile}\n"
+        f"  ollama create {name} -q q4_K_M -f {modelfile} && ollama run {name}"
     )
 
 

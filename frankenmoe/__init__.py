@@ -37,12 +37,23 @@ _API = {
     "OutputError": "frankenmoe.errors",
     "MergeInterruptedError": "frankenmoe.errors",
 }
-__all__ = ["__version__", *_API]
+_CLIENT = {
+    "DTYPES": "frankenmoe.config",
+    "format_bytes": "frankenmoe.output",
+    "interrupt_scope": "frankenmoe.output",
+    "SigtermInterrupt": "frankenmoe.output",
+    "keep_large_buffers_out_of_the_heap": "frankenmoe.memory",
+}
+"""What a command-line client needs before (or without) loading torch: the choices of plan_merge's `dtype`
+(for help text), the byte formatter of every message, Ctrl-C/SIGTERM handling that cleans up like the CLI's,
+and the allocator policy that keeps a merge's peak memory at one layer (see frankenmoe.memory)."""
+__all__ = ["__version__", *_API, *_CLIENT]
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _API:
+    module = _API.get(name) or _CLIENT.get(name)
+    if module is None:
         raise AttributeError(f"module 'frankenmoe' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(_API[name]), name)
+    return getattr(importlib.import_module(module), name)

@@ -33,11 +33,19 @@ from typing import Any, ParamSpec, TypeVar
 import torch
 
 from frankenmoe.architectures import LAYOUT_NAMES
-from frankenmoe.batch import BuildReport, build_configs
+from frankenmoe.batch import BuildInterrupted, BuildReport, build_configs
 from frankenmoe.config import DTYPES, MergeConfig
+from frankenmoe.describe import describe_plan, describe_result
 from frankenmoe.errors import ConfigError
 from frankenmoe.evaluation import DEFAULT_WINDOW, DomainText, EvaluationReport, evaluate_checkpoint
-from frankenmoe.inspection import CheckpointReport, inspect_checkpoint
+from frankenmoe.hub import offline
+from frankenmoe.inspection import (
+    DEGENERATE_CONDITION,
+    NEAR_DUPLICATE_COSINE,
+    CheckpointReport,
+    inspect_checkpoint,
+    read_recipe,
+)
 from frankenmoe.manifest import FileRecord
 from frankenmoe.memory import keep_large_buffers_out_of_the_heap
 from frankenmoe.pipeline import (
@@ -59,9 +67,15 @@ from frankenmoe.routing import (
     PromptRouting,
     RoutingAccuracy,
     RoutingSummary,
+    accuracy_to_dict,
+    content_texts,
+    expert_names,
     load_checkpoint,
+    load_labels,
+    read_prompts_file,
     route_prompts,
     routing_accuracy,
+    routing_to_dict,
     summarise_routing,
 )
 from frankenmoe.verification import VerifyReport, verify_output
@@ -175,9 +189,9 @@ def plan_options(
     from frankenmoe.gguf_output import resolve_gguf_type
 
     if layout is not None and layout not in LAYOUT_NAMES:
-        raise ConfigError(f"layout {layout!r} is not valid; choose one of: {', '.join(LAYOUT_NAMES)}.")
+        raise ConfigError(f"layout {layout!r} is not valid (--layout); choose one of: {', '.join(LAYOUT_NAMES)}.")
     if dtype is not None and dtype not in DTYPES:
-        raise ConfigError(f"dtype {dtype!r} is not valid; choose one of: {', '.join(DTYPES)}.")
+        raise ConfigError(f"dtype {dtype!r} is not valid (--dtype); choose one of: {', '.join(DTYPES)}.")
     flags = {
         "force": force,
         "check_routing": check_routing,
@@ -298,28 +312,91 @@ class RouteResult:
     routings: tuple[PromptRouting, ...]
     summary: RoutingSummary
     accuracy: RoutingAccuracy | None = None
+    expert_names: tuple[str, ...] = ()
+    """Each expert's source_model where the checkpoint's model card names them, else `expert N`."""
+    labelled: tuple[tuple[PromptRouting, int], ...] = ()
+    """The routings `accuracy` was measured on, each with the expert it should reach."""
+    checkpoint: Path | None = None
+    heatmap: Path | None = None
+    """The PNG written with `png=`."""
+
+    def shown_tokens(self) -> tuple[tuple[str, ...], ...]:
+        """Each prompt's own tokens (special tokens left out) as text shows them: decoded, spaces made visible."""
+        return tuple(tuple(content_texts(routing)) for routing in self.routings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data: per-prompt grids and shares, the summary, and accuracy (null when unlabelled)."""
+        data = {
+            "checkpoint": str(self.checkpoint),
+            **routing_to_dict(self.routings, self.summary, self.expert_names),
+        }
+        routings = [routing for routing, _ in self.labelled]
+        labels = [label for _, label in self.labelled]
+        accuracy = self.accuracy
+        data["accuracy"] = None if accuracy is None else accuracy_to_dict(accuracy, routings, labels, self.expert_names)
+        data["png"] = None if self.heatmap is None else str(self.heatmap)
+        return data
+
+
+NO_PROMPTS = (
+    "No prompts to route. Pass --prompt TEXT (repeatable), --prompts-file FILE or --labels FILE "
+    "(from Python: prompts, prompts_file or labels_file)."
+)
 
 
 @_keeps_torch_threads
 def route(
     checkpoint: Path | str,
-    prompts: str | Sequence[str],
+    prompts: str | Sequence[str] = (),
     *,
     labels: Sequence[int] | None = None,
     device: str = "cpu",
+    prompts_file: Path | str | None = None,
+    labels_file: Path | str | None = None,
+    png: Path | str | None = None,
 ) -> RouteResult:
     """Route `prompts` (one string is one prompt) through a checkpoint; with `labels` (the expert each
     prompt should reach), accuracy too.
 
+    `prompts_file` adds one prompt per line; `labels_file` (YAML: expert index or source_model name ->
+    prompts) adds labelled prompts, routed once each. `png` also draws a heatmap there (needs
+    matplotlib, checked before any work).
+
         >>> route("out/", ["def f(x):"]).summary.mean_entropy   # doctest: +SKIP
         0.41
     """
+    from frankenmoe.plot import require_matplotlib, write_routing_heatmap
+
     texts = _prompts(prompts)
+    if labels is not None and len(labels) != len(texts):
+        raise ConfigError(f"labels gives {len(labels)} expert(s) for {len(texts)} prompt(s); give one per prompt.")
+    if not texts and prompts_file is None and labels_file is None:
+        raise ConfigError(NO_PROMPTS)
     _check_device(device)
-    loaded = load_checkpoint(Path(checkpoint))
+    if png is not None:
+        require_matplotlib()
+    path = Path(checkpoint)
+    loaded = load_checkpoint(path)
+    recipe = read_recipe(path)
+    sources = recipe.expert_sources if recipe else ()
+    if prompts_file is not None:
+        texts += read_prompts_file(Path(prompts_file))
+    from_file = [] if labels_file is None else load_labels(Path(labels_file), loaded.num_experts, sources)
+    texts += list(dict.fromkeys(item.text for item in from_file if item.text not in texts))
+    if not texts:
+        raise ConfigError(NO_PROMPTS)
     routings = route_prompts(loaded, texts, resolve_device(device))
-    accuracy = None if labels is None else routing_accuracy(routings, list(labels))
-    return RouteResult(tuple(routings), summarise_routing(routings), accuracy)
+    by_text = {routing.prompt.text: routing for routing in routings}
+    # `labels` are those of the first prompts (checked above); the prompts file's and the labels file's follow.
+    given = zip(routings, labels or (), strict=False)
+    labelled = [*given, *((by_text[item.text], item.expert) for item in from_file)]
+    accuracy = routing_accuracy(*zip(*labelled, strict=True)) if labelled else None
+    summary = summarise_routing(routings)
+    names = tuple(expert_names(loaded.num_experts, sources))
+    if png is not None:
+        write_routing_heatmap(Path(png), routings, summary, names)
+    heatmap = None if png is None else Path(png)
+    return RouteResult(tuple(routings), summary, accuracy, names, tuple(labelled), path, heatmap)
 
 
 def evaluate(
@@ -361,8 +438,6 @@ def _prompts(prompts: object) -> list[str]:
     texts = list(prompts) if isinstance(prompts, Sequence) else None
     if texts is None or not all(isinstance(text, str) for text in texts):
         raise ConfigError(f"prompts must be a string or a list of strings, not {prompts!r}.")
-    if not texts:
-        raise ConfigError("No prompts to route. Pass one prompt (a string) or a list of them.")
     return texts
 
 
@@ -378,8 +453,8 @@ def verify(checkpoint: Path | str) -> VerifyReport:
 def convert_to_gguf(checkpoint: Path | str, gguf_type: str = "q8_0", output: Path | str | None = None) -> FileRecord:
     """Write a frankenmoe safetensors checkpoint as one GGUF file of `gguf_type`; the file's name, size and sha256.
 
-        >>> convert_to_gguf("out/", "q8_0").name   # doctest: +SKIP
-        'out-Q8_0.gguf'
+    >>> convert_to_gguf("out/", "q8_0").name   # doctest: +SKIP
+    'out-Q8_0.gguf'
     """
     from frankenmoe.gguf_output import convert_checkpoint
 
@@ -426,18 +501,27 @@ def _config_file(config: object, index: int) -> Path:
 
 
 __all__ = [
+    "DEGENERATE_CONDITION",
+    "NEAR_DUPLICATE_COSINE",
+    "BuildInterrupted",
     "BuildReport",
+    "CheckpointReport",
     "EvaluationReport",
+    "FileRecord",
     "MergeResult",
     "PreparedMerge",
     "RouteResult",
     "VerifyReport",
     "build",
     "compute_routers",
+    "convert_to_gguf",
+    "describe_plan",
+    "describe_result",
     "evaluate",
     "inspect",
     "load_config",
     "merge",
+    "offline",
     "plan_merge",
     "route",
     "run_merge",

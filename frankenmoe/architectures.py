@@ -9,7 +9,6 @@ over these entries: adding a family or an output is an entry in the tables below
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,12 +84,6 @@ LM_HEAD = Weight("lm_head.weight", ("vocab", "hidden"))
 """Absent when the config ties the head to the embeddings."""
 
 
-def transformers_class(path: str) -> type:
-    """'module:Class' of transformers, imported on first use (transformers is slow to import)."""
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(f"transformers.models.{module}"), name)
-
-
 @dataclass(frozen=True)
 class SourceFamily:
     """A dense decoder family whose MLPs can become experts."""
@@ -98,10 +91,6 @@ class SourceFamily:
     name: str
     model_types: tuple[str, ...]
     class_name: str
-    decoder_layer: str
-    """transformers' decoder-layer class ('module:Class'), for laser's whole-layer passes (`StreamedDecoder.load_layer`)."""
-    rotary: str
-    """transformers' rotary-embedding class of the family, used with `decoder_layer`."""
     natural_output: str
     """What `architecture: auto` picks for this family's sources when nothing else decides."""
     layer_weights: tuple[Weight, ...]
@@ -123,8 +112,6 @@ SOURCE_FAMILY_LIST = (
         name="llama",
         model_types=("llama",),
         class_name="LlamaForCausalLM",
-        decoder_layer="llama.modeling_llama:LlamaDecoderLayer",
-        rotary="llama.modeling_llama:LlamaRotaryEmbedding",
         natural_output="mixtral",
         layer_weights=_attention(
             *_qkv_biases("attention_bias"), Weight("self_attn.o_proj.bias", ("hidden",), "attention_bias")
@@ -134,8 +121,6 @@ SOURCE_FAMILY_LIST = (
         name="mistral",
         model_types=("mistral",),
         class_name="MistralForCausalLM",
-        decoder_layer="mistral.modeling_mistral:MistralDecoderLayer",
-        rotary="mistral.modeling_mistral:MistralRotaryEmbedding",
         natural_output="mixtral",
         layer_weights=_attention(),
     ),
@@ -143,8 +128,6 @@ SOURCE_FAMILY_LIST = (
         name="qwen2",
         model_types=("qwen2",),
         class_name="Qwen2ForCausalLM",
-        decoder_layer="qwen2.modeling_qwen2:Qwen2DecoderLayer",
-        rotary="qwen2.modeling_qwen2:Qwen2RotaryEmbedding",
         natural_output="qwen2_moe",
         layer_weights=_attention(*_qkv_biases()),
     ),
@@ -152,8 +135,6 @@ SOURCE_FAMILY_LIST = (
         name="qwen3",
         model_types=("qwen3",),
         class_name="Qwen3ForCausalLM",
-        decoder_layer="qwen3.modeling_qwen3:Qwen3DecoderLayer",
-        rotary="qwen3.modeling_qwen3:Qwen3RotaryEmbedding",
         natural_output="qwen3_moe",
         layer_weights=_attention(*_qk_norms()),
     ),

@@ -116,6 +116,10 @@ class CheckpointReport:
     def flagged_layers(self) -> tuple[int, ...]:
         return tuple(router.layer for router in self.routers if router.warnings)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready data, as `frankenmoe inspect --json` prints it (see `report_to_dict`)."""
+        return report_to_dict(self)
+
 
 def inspect_checkpoint(path: Path) -> CheckpointReport:
     """Summarise a checkpoint and diagnose every layer's router (one router tensor in memory at a time)."""

@@ -1,4 +1,4 @@
-"""Laser: denoise weight matrices by rank reduction during the merge (formulas in the README).
+"""Laser: denoise weight matrices by rank reduction during the merge (formulas in docs/laser.md).
 
 Planning decides which matrices each `laser` block considers (`plan.laser_group`). After planning,
 the analysis (`analyse_lasers`) reads the considered matrices one at a time, keeps only a few scalars
@@ -264,8 +264,8 @@ def calibration_sequences(group: LaserGroup, tokenizer_source: SourceModel) -> l
 def _run_layer(
     decoder: StreamedDecoder, layer: int, overrides: dict[str, torch.Tensor], hidden: list[torch.Tensor]
 ) -> list[torch.Tensor]:
-    module = decoder.load_layer(layer, overrides=overrides)
-    return [decoder.run_layer(module, state).hidden for state in hidden]
+    """Every calibration window through layer `layer`, with the reductions in `overrides` in place."""
+    return decoder.forward_layer(layer, hidden, overrides=overrides).hidden
 
 
 def _perplexity(

@@ -4,8 +4,8 @@ A layer's attention is computed here from the table's weights, in float32, the w
 decoder layers compute it at inference (RMS norms, q/k norms where a family has them, rotary
 embedding as the config resolves it, grouped-query scaled dot-product attention, the sliding window
 in the mask); the tests hold it to transformers' own layer for every family. transformers' modeling
-modules take about two seconds to import, so a merge's router pass and routing check never import
-them; only laser, which runs whole dense layers, does. Every matrix (the four attention
+modules take about two seconds to import, so no pass imports them: laser's calibration check runs
+these same layers with its reduced matrices given as `overrides`. Every matrix (the four attention
 projections, the MLP, dense or Mixtral's experts behind the router, and the language-model head)
 is applied from the checkpoint file in slices of rows, to every sequence's tokens at once: each
 slice is read once per pass however many sequences there are, and a float32 copy of a whole matrix
@@ -18,8 +18,6 @@ does not depend on how many workers there are: it is bit for bit the one-worker 
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -44,8 +42,8 @@ from frankenmoe.architectures import (
     OutputArchitecture,
     OutputLayout,
     SourceFamily,
-    transformers_class,
 )
+from frankenmoe.compat import rope_frequencies
 from frankenmoe.errors import ModelError
 from frankenmoe.lora import LoraDelta
 from frankenmoe.memory import reuse_large_buffers
@@ -61,7 +59,6 @@ from frankenmoe.trunk import TrunkMerge
 
 if TYPE_CHECKING:  # transformers is slow to import: a merge that runs no decoder never imports it
     from transformers import PretrainedConfig
-    from transformers.cache_utils import Cache
 
 SLICE_BYTES = 4 * 1024 * 1024
 """Float32 bytes of a matrix (attention, MLP or language-model head) converted at a time. On the CPU
@@ -172,10 +169,18 @@ class MatrixRows:
     lora: LoraDelta | None = None
     merged: TrunkMerge | None = None
     """A merged shared tensor (`shared_weights`): its rows are computed from the base's and experts'."""
+    given: torch.Tensor | None = field(default=None, compare=False)
+    """The matrix's value given in memory (a laser-reduced matrix, see `StreamedDecoder.forward_layer`'s
+    overrides), read instead of the checkpoint's. Not compared: a SliceCache never keeps such a matrix."""
 
     @classmethod
     def whole(cls, location: TensorLocation, lora: LoraDelta | None = None) -> MatrixRows:
         return cls(location, 0, location.shape[0], lora)
+
+    @classmethod
+    def of_tensor(cls, location: TensorLocation, value: torch.Tensor) -> MatrixRows:
+        """The matrix at `location` with `value` (same shape) in place of its stored one."""
+        return cls(location, 0, location.shape[0], given=value)
 
     @classmethod
     def of_merge(cls, merged: TrunkMerge) -> MatrixRows:
@@ -193,6 +198,8 @@ class MatrixRows:
         that thread reads its next slice (see `map_slices`); otherwise it is a tensor of its own.
         """
         stop = min(start + self.slice_starts.step, self.num_rows)
+        if self.given is not None:
+            return self.given[self.first_row + start : self.first_row + stop].to(device=device, dtype=torch.float32)
         if self.merged is not None:
             return self.merged.rows(self.first_row + start, self.first_row + stop, device)
         if reuse and device.type == "cpu":
@@ -258,12 +265,15 @@ class SliceCache:
             and matrix.location.dtype == "BF16"
             and matrix.lora is None
             and matrix.merged is None
+            and matrix.given is None
         )
 
     def slice(self, matrix: MatrixRows, start: int, device: torch.device) -> torch.Tensor:
         """Slice `start` of `matrix` (float32, or bfloat16 where `multiplies_natively`): kept, newly
         kept, or (past the budget) read into the calling thread's reused buffer."""
         native = self.multiplies_natively(matrix, device)
+        if matrix.given is not None:  # already in memory, and not told apart from the stored matrix by its key
+            return matrix.read(start, device)
         key = (matrix, start)
         try:
             with self._lock:
@@ -420,8 +430,6 @@ class StreamedDecoder:
             known = sorted({*SOURCE_FAMILIES, *OUTPUT_ARCHITECTURES})
             raise ModelError(f"Cannot run a {model_type!r} model layer by layer; supported: {', '.join(known)}.")
         self.hf_config: PretrainedConfig = AutoConfig.for_model(**self.config)
-        self.hf_config._attn_implementation = "sdpa"
-        self.hf_config._experts_implementation = "eager"
         self._attention_weights = tuple(weight.name for weight in entry.layer_weights)
         self._activation = activation_function(self.hf_config.hidden_act)
         self._advised: set[int] = set()
@@ -447,18 +455,11 @@ class StreamedDecoder:
         table = read_tensor(self._tensor(EMBEDDINGS.name))
         return table[token_ids].float().unsqueeze(0).to(self.device)
 
-    def load_layer(self, layer: int, overrides: dict[str, torch.Tensor] | None = None) -> nn.Module:
-        """Dense decoder layer `layer` with its weights in float32; `overrides` replace named parameters."""
-        weights = self._layer_weights(layer)
-        weights.update(overrides or {})
-        with torch.device("meta"):
-            module = transformers_class(self._dense_family.decoder_layer)(self.hf_config, layer_idx=layer)
-        module.load_state_dict(weights, assign=True, strict=True)
-        return module.to(self.device).eval()
-
-    def load_attention(self, layer: int) -> LoadedAttention:
-        """Layer `layer`'s attention: its norms in float32, and where its projections and their biases are."""
+    def load_attention(self, layer: int, overrides: Mapping[str, torch.Tensor] | None = None) -> LoadedAttention:
+        """Layer `layer`'s attention: its norms in float32, and where its projections and their biases are;
+        a weight named in `overrides` (by its name in the layer) has the value given there instead."""
         prefix = LAYER_PREFIX.format(layer=layer)
+        overrides = overrides or {}
         norms: dict[str, torch.Tensor] = {}
         projections: dict[str, MatrixRows] = {}
         biases: dict[str, torch.Tensor] = {}
@@ -471,28 +472,46 @@ class StreamedDecoder:
             if projection not in ATTENTION_PROJECTIONS or module_name == projection:
                 if name not in (*LAYER_NORMS, *QK_NORMS):
                     raise ModelError(f"Layer weight {prefix + name} has no place in the streamed attention.")
-                norms[name] = self._float_tensor(prefix + name).to(self.device)
+                norms[name] = self._layer_tensor(prefix, name, overrides)
             elif parameter == "weight":
                 merged = self.merged.get(prefix + name)
-                projections[projection] = (
-                    MatrixRows.whole(self.tensors[prefix + name]) if merged is None else MatrixRows.of_merge(merged)
-                )
+                if name in overrides:
+                    projections[projection] = MatrixRows.of_tensor(self.tensors[prefix + name], overrides[name])
+                elif merged is not None:
+                    projections[projection] = MatrixRows.of_merge(merged)
+                else:
+                    projections[projection] = MatrixRows.whole(self.tensors[prefix + name])
             else:
-                biases[projection] = self._float_tensor(prefix + name).to(self.device)
+                biases[projection] = self._layer_tensor(prefix, name, overrides)
         missing = [f"self_attn.{name}.weight" for name in ATTENTION_PROJECTIONS if name not in projections]
         missing += [name for name in LAYER_NORMS if name not in norms]
         if missing:
             raise ModelError(f"The checkpoint is missing tensor {prefix}{missing[0]}.")
         return LoadedAttention(norms, projections, biases, self.slice_cache)
 
+    def _layer_tensor(self, prefix: str, name: str, overrides: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        given = overrides.get(name)
+        value = self._float_tensor(prefix + name) if given is None else given.float()
+        return value.to(self.device)
+
     def forward_layer(
-        self, layer: int, hidden: list[torch.Tensor], caches: Sequence[KeyValueCache] | None = None
+        self,
+        layer: int,
+        hidden: list[torch.Tensor],
+        caches: Sequence[KeyValueCache] | None = None,
+        overrides: Mapping[str, torch.Tensor] | None = None,
     ) -> LayerPass:
-        """Run every sequence ([1, T, hidden] each) through layer `layer` (behind its cache, see `attend`)."""
-        outputs = self.attend(layer, hidden, caches)
+        """Run every sequence ([1, T, hidden] each) through layer `layer` (behind its cache, see `attend`).
+
+        `overrides` replace weights of this layer for this call, by their name in the layer
+        (`mlp.gate_proj.weight`, `self_attn.q_proj.weight`...): laser's calibration check runs the layer
+        with a reduced matrix this way, without writing it anywhere.
+        """
+        self._check_overrides(layer, overrides or {})
+        outputs = self.attend(layer, hidden, caches, overrides)
         router_inputs = [output.router_input for output in outputs]
         with torch.no_grad():
-            mlp_outputs, logits = self.mlp(layer, torch.cat(router_inputs))
+            mlp_outputs, logits = self.mlp(layer, torch.cat(router_inputs), overrides)
         lengths = [len(inputs) for inputs in router_inputs]
         return LayerPass(
             hidden=add_mlp_outputs(outputs, mlp_outputs),
@@ -500,8 +519,30 @@ class StreamedDecoder:
             router_logits=None if logits is None else list(logits.split(lengths)),
         )
 
+    def _check_overrides(self, layer: int, overrides: Mapping[str, torch.Tensor]) -> None:
+        """Refuse an override this decoder would not use (a misspelt name would otherwise change nothing)."""
+        prefix = LAYER_PREFIX.format(layer=layer)
+        mlp_names = () if self.family is None else tuple(weight.name for weight in self.family.mlp.values())
+        replaceable = {*self._attention_weights, *mlp_names}
+        for name, value in overrides.items():
+            location = self.tensors.get(prefix + name)
+            if name not in replaceable or location is None:
+                raise ModelError(
+                    f"Cannot override {prefix + name}: it is not a weight of this checkpoint's layer {layer} that "
+                    f"the streamed decoder runs ({', '.join(sorted(replaceable))})."
+                )
+            if tuple(value.shape) != tuple(location.shape):
+                raise ModelError(
+                    f"The override of {prefix + name} has shape {tuple(value.shape)}, but the weight it replaces "
+                    f"has shape {tuple(location.shape)}."
+                )
+
     def attend(
-        self, layer: int, hidden: list[torch.Tensor], caches: Sequence[KeyValueCache] | None = None
+        self,
+        layer: int,
+        hidden: list[torch.Tensor],
+        caches: Sequence[KeyValueCache] | None = None,
+        overrides: Mapping[str, torch.Tensor] | None = None,
     ) -> list[LayerOutputs]:
         """Every sequence through layer `layer`'s attention: the residual stream after it, and the MLP's input.
 
@@ -511,7 +552,7 @@ class StreamedDecoder:
         if self.read_ahead:
             self._advise(layer)
             self._advise(layer + 1)
-        attention = self.load_attention(layer)
+        attention = self.load_attention(layer, overrides)
         per_sequence = caches if caches is not None else [None] * len(hidden)
         lengths = [state.shape[1] for state in hidden]
         with torch.no_grad():
@@ -571,11 +612,14 @@ class StreamedDecoder:
 
         return rotated(query), rotated(key)
 
-    def mlp(self, layer: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The layer's MLP on `tokens` [N, hidden], and for a MoE layer its router logits [N, experts]."""
+    def mlp(
+        self, layer: int, tokens: torch.Tensor, overrides: Mapping[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's MLP on `tokens` [N, hidden], and for a MoE layer its router logits [N, experts]
+        (`overrides` as in `forward_layer`: a MoE layer's experts are never overridden)."""
         logits = self.router_logits(layer, tokens)
         if logits is None or self.moe is None or self.layout is None:
-            return self.dense_mlp(layer, tokens), None
+            return self.dense_mlp(layer, tokens, overrides), None
         experts = expert_mlp_weights(self.layout, self.tensors, layer, self._expert_count)
         top_k = int(self.config.get("num_experts_per_tok", 2))
         renormalize = self.moe.routing.renormalizes(self.config)
@@ -598,55 +642,23 @@ class StreamedDecoder:
         gate = self._small_tensor(slots.gate.format(layer=layer)).float().to(self.device)
         return SharedExpert(weights, gate)
 
-    def dense_mlp(self, layer: int, tokens: torch.Tensor) -> torch.Tensor:
-        """A dense layer's MLP applied to `tokens` [N, hidden], reading its weights in row slices."""
+    def dense_mlp(
+        self, layer: int, tokens: torch.Tensor, overrides: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """A dense layer's MLP applied to `tokens` [N, hidden], reading its weights in row slices (a matrix
+        named in `overrides` by its name in the layer, e.g. `mlp.up_proj.weight`, from the value given there)."""
         if self.family is None:
             raise ModelError("A MoE checkpoint has no dense MLP; use mlp, which routes to its experts.")
         family = self.family
-        weights = MLPWeights(*(MatrixRows.whole(self._tensor(family.mlp_name(layer, part))) for part in MLP_PARTS))
+        overrides = overrides or {}
+
+        def matrix(part: str) -> MatrixRows:
+            location = self._tensor(family.mlp_name(layer, part))
+            given = overrides.get(family.mlp[part].name)
+            return MatrixRows.whole(location) if given is None else MatrixRows.of_tensor(location, given)
+
+        weights = MLPWeights(*(matrix(part) for part in MLP_PARTS))
         return sliced_mlp(tokens, weights, self._activation, self.slice_cache)
-
-    def run_layer(self, module: nn.Module, hidden: torch.Tensor, cache: Cache | None = None) -> LayerOutputs:
-        """Run one sequence ([1, T, hidden]) through a layer `load_layer` made, capturing the router's view.
-
-        Everything here is transformers' own: the layer, its rotary embedding and, with a `cache` (a
-        transformers cache), the T tokens following the ones it holds for this layer.
-        """
-        captured: dict[str, torch.Tensor] = {}
-        hook = module.post_attention_layernorm.register_forward_hook(
-            lambda _module, _inputs, output: captured.__setitem__("router_input", output)
-        )
-        length = hidden.shape[1]
-        past = 0 if cache is None else cache.get_seq_length(module.self_attn.layer_idx)
-        position_ids = torch.arange(past, past + length, device=self.device).unsqueeze(0)
-        try:
-            with torch.no_grad():
-                output = module(
-                    hidden,
-                    attention_mask=self._causal_mask(module.self_attn.layer_idx, length, past),
-                    position_ids=position_ids,
-                    position_embeddings=self._transformers_rotary(hidden, position_ids),
-                    **{self._cache_argument: cache},
-                )
-        finally:
-            hook.remove()
-        return LayerOutputs(output, captured["router_input"][0])
-
-    @functools.cached_property
-    def _cache_argument(self) -> str:
-        # transformers renamed the decoder layer's cache argument from past_key_values to cache.
-        layer_class = transformers_class(self._dense_family.decoder_layer)
-        return "cache" if "cache" in inspect.signature(layer_class.forward).parameters else "past_key_values"
-
-    @functools.cached_property
-    def _transformers_rotary(self) -> nn.Module:
-        return transformers_class(self._dense_family.rotary)(config=self.hf_config).to(self.device)
-
-    @property
-    def _dense_family(self) -> SourceFamily:
-        if self.family is None:
-            raise ModelError("A whole MoE layer is never loaded; use forward_layer, which streams the experts.")
-        return self.family
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and language-model head: [1, T, hidden] -> [T, vocab]."""
@@ -746,11 +758,6 @@ class StreamedDecoder:
         given = self.in_memory.get(name)
         return read_tensor(self._tensor(name)) if given is None else given
 
-    def _layer_weights(self, layer: int) -> dict[str, torch.Tensor]:
-        prefix = LAYER_PREFIX.format(layer=layer)
-        names = (*self._attention_weights, *(weight.name for weight in self._dense_family.mlp.values()))
-        return {name: read_tensor(self.tensors[prefix + name]).float() for name in names if prefix + name in self.tensors}
-
 
 def add_mlp_outputs(outputs: list[LayerOutputs], mlp_outputs: torch.Tensor) -> list[torch.Tensor]:
     """Each sequence's residual stream after the whole layer, from the MLP's output over all their tokens."""
@@ -805,10 +812,8 @@ def rotary_frequencies(config: PretrainedConfig, head_dim: int) -> tuple[torch.T
     if rope_type == "default":
         theta = float(parameters.get("rope_theta") or getattr(config, "rope_theta", 10000.0))
         return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim)), 1.0
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    inverse_frequencies, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
-    return inverse_frequencies.float(), float(scaling)
+    inverse_frequencies, scaling = rope_frequencies(config, rope_type)
+    return inverse_frequencies.float(), scaling
 
 
 class KeyValueCache:

@@ -33,6 +33,7 @@ from typing import BinaryIO
 
 import torch
 
+from frankenmoe.compat import PICKLE_REBUILD_FUNCTIONS, storage_identity, typed_storage, untyped_of
 from frankenmoe.errors import ModelError
 from frankenmoe.tensor_io import TORCH_TO_SAFETENSORS, TensorLocation, unsupported_dtype
 
@@ -50,9 +51,7 @@ _SUPPORTED_DTYPE_GLOBALS = frozenset(str(dtype) for dtype in TORCH_TO_SAFETENSOR
 # them can run code, allocate memory or touch files, whatever arguments the pickle gives them.
 _TENSOR_GLOBALS = _DTYPE_GLOBALS | {
     "collections.OrderedDict",
-    "torch._utils._rebuild_tensor_v2",
-    "torch._utils._rebuild_tensor_v3",
-    "torch._utils._rebuild_parameter",
+    *PICKLE_REBUILD_FUNCTIONS,
     *(
         f"torch.{kind}Storage"
         for kind in ("Double", "Float", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool")
@@ -190,20 +189,15 @@ def _allowed_global(name: str) -> object:
     """The object a permitted global stands for (torch's own loader maps storage classes to StorageType)."""
     if name == "collections.OrderedDict":
         return OrderedDict
-    if name.startswith("torch._utils."):
-        return getattr(torch._utils, name.removeprefix("torch._utils."))
+    if name in PICKLE_REBUILD_FUNCTIONS:
+        return PICKLE_REBUILD_FUNCTIONS[name]
     if name.endswith("Storage"):
         return torch.serialization.StorageType(name.removeprefix("torch."))
     return getattr(torch, name.removeprefix("torch."))
 
 
 # The only functions a pickle may call: each builds one tensor, parameter or empty OrderedDict.
-_CALLABLES = (
-    OrderedDict,
-    torch._utils._rebuild_tensor_v2,
-    torch._utils._rebuild_tensor_v3,
-    torch._utils._rebuild_parameter,
-)
+_CALLABLES = (OrderedDict, *PICKLE_REBUILD_FUNCTIONS.values())
 _LITERAL_OPCODES = frozenset(
     {
         "BININT",
@@ -382,7 +376,7 @@ def _unpickle_on_meta(path: Path, pickle_bytes: bytes) -> dict[str, tuple[torch.
         if key not in meta_storages:
             storages[key] = _Storage(key, nbytes)
             untyped = torch.UntypedStorage(nbytes, device="meta")
-            meta_storages[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+            meta_storages[key] = typed_storage(untyped, dtype)
         elif storages[key].nbytes != nbytes or meta_storages[key].dtype != dtype:
             raise _corrupt(path, f"storage {key!r} is described twice, with different dtypes or sizes")
         return meta_storages[key]
@@ -398,12 +392,12 @@ def _unpickle_on_meta(path: Path, pickle_bytes: bytes) -> dict[str, tuple[torch.
     if not isinstance(state, dict) or not all(isinstance(name, str) for name in state):
         raise _not_a_state_dict(path, f"it holds a {type(state).__name__}")
     # A storage is identified by its StorageImpl, as torch.save itself does.
-    by_impl = {meta_storages[key]._untyped_storage._cdata: storage for key, storage in storages.items()}
+    by_impl = {storage_identity(untyped_of(meta_storages[key])): storage for key, storage in storages.items()}
     tensors: dict[str, tuple[torch.Tensor, _Storage]] = {}
     for name, tensor in state.items():
         if not isinstance(tensor, torch.Tensor):
             raise _not_a_state_dict(path, f"its entry {name!r} is a {type(tensor).__name__}, not a tensor")
-        storage = by_impl.get(tensor.untyped_storage()._cdata)
+        storage = by_impl.get(storage_identity(tensor.untyped_storage()))
         if storage is None:
             raise _corrupt(path, f"tensor {name!r} has no data in the file")
         tensors[name] = (tensor, storage)

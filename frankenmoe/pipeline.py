@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import itertools
 import logging
 import os
@@ -22,6 +21,7 @@ import yaml
 
 from frankenmoe.architectures import TOKENIZER_FILES
 from frankenmoe.card import laser_sections, model_card
+from frankenmoe.compat import raise_in_thread
 from frankenmoe.config import MergeConfig, load_config, parse_config
 from frankenmoe.errors import ConfigError, ModelError
 from frankenmoe.hub import Download, Stream, check_download_space, download, fetch, planned_downloads, planned_streams
@@ -272,7 +272,9 @@ def prepare_merge(config_input: ConfigInput, out: Path, options: MergeOptions) -
     streams = planned_streams(plan, downloads) if options.stream_sources else ()
     check_download_space(downloads, Path(out), plan.output_bytes if gguf is None else gguf.data_bytes)
     seconds = time.monotonic() - started
-    logger.info("planning finished in %.1f s", seconds, extra={"stage": "planning", "status": "finished", "seconds": seconds})
+    logger.info(
+        "planning finished in %.1f s", seconds, extra={"stage": "planning", "status": "finished", "seconds": seconds}
+    )
     return PreparedMerge(
         config_text,
         plan,
@@ -417,7 +419,9 @@ def execute_merge(prepared: PreparedMerge) -> MergeResult:
                 check = BackgroundResult(lambda: checking.run(request.device), "frankenmoe-check")
             # From a cold page cache, the sources are read ahead of the writer (ReadAhead).
             starts = itertools.accumulate((job.nbytes for job in plan.jobs), initial=0)
-            pieces = [(start, piece.location) for start, job in zip(starts, plan.jobs, strict=False) for piece in job.pieces]
+            pieces = [
+                (start, piece.location) for start, job in zip(starts, plan.jobs, strict=False) for piece in job.pieces
+            ]
             read_ahead = ReadAhead(pieces, [staging / plan.shard_name(shard) for shard in range(plan.shard_count)])
             try:
                 records = write_checkpoint(plan, gates.result, staging, card, request.device, options.show_progress)
@@ -483,7 +487,10 @@ def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
     yield
     timings[name] = time.monotonic() - started
     logger.info(
-        "%s finished in %.1f s", name, timings[name], extra={"stage": name, "status": "finished", "seconds": timings[name]}
+        "%s finished in %.1f s",
+        name,
+        timings[name],
+        extra={"stage": name, "status": "finished", "seconds": timings[name]},
     )
 
 
@@ -550,11 +557,9 @@ class BackgroundResult(Generic[T]):
         The gate modes are Python loops over torch calls, so the exception lands between two calls,
         where a cancellation flag would be polled, without every gate mode having to poll one.
         """
-        if not self._thread.is_alive() or self._thread.ident is None:
+        if not self._thread.is_alive():
             return
-        ctypes.pythonapi.PyThreadState_SetAsyncExc(
-            ctypes.c_ulong(self._thread.ident), ctypes.py_object(BackgroundResult.Cancelled)
-        )
+        raise_in_thread(self._thread, BackgroundResult.Cancelled)
         self._thread.join(self.JOIN_SECONDS)
 
     @staticmethod

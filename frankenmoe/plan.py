@@ -63,7 +63,7 @@ class LaserMatrix:
 
     @property
     def name_in_layer(self) -> str:
-        """The parameter name inside its decoder layer, as StreamedDecoder.load_layer overrides expect."""
+        """The weight's name inside its decoder layer, as StreamedDecoder.forward_layer's overrides expect."""
         return self.location.name.removeprefix(self.layer_prefix)
 
 

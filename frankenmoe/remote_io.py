@@ -67,9 +67,13 @@ def iter_range(remote: RemoteFile, start: int, end: int, tensor: str) -> Iterato
     from frankenmoe.hub import hub_errors
 
     url = hf_hub_url(remote.repo_id, remote.name, revision=remote.commit)
-    position = start
+    position = start  # the next byte to receive
+    pending = bytearray()  # received, not handed on yet: kept across a retry, so no byte is asked for twice
     failure = "the answers ended early"
     for attempt in range(STREAM_ATTEMPTS):
+        if pending:
+            chunk, pending = pending, bytearray()
+            yield memoryview(chunk)
         if position >= end:
             return
         if attempt:
@@ -92,10 +96,13 @@ def iter_range(remote: RemoteFile, start: int, end: int, tensor: str) -> Iterato
                         f"{remote.reference} (it answered with the whole file), so it cannot be streamed. Run without "
                         "--stream-sources: the files the merge reads are then downloaded into the Hugging Face cache."
                     )
-                for chunk in response.iter_bytes(STREAM_CHUNK_BYTES):
-                    chunk = chunk[: end - position]  # a server that ignores Range at offset 0 sends the whole file
-                    if chunk:
-                        position += len(chunk)
+                # As received (a cut-off answer keeps every byte it brought), handed on in chunks.
+                for received in response.iter_bytes():
+                    received = received[: end - position]  # a server ignoring Range at offset 0 sends the whole file
+                    pending += received
+                    position += len(received)
+                    if len(pending) >= STREAM_CHUNK_BYTES or position >= end:
+                        chunk, pending = pending, bytearray()
                         yield memoryview(chunk)
                     if position >= end:
                         return

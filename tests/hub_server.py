@@ -18,6 +18,7 @@ RevisionNotFound, EntryNotFound, GatedRepo). Every request is logged.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import re
@@ -61,6 +62,9 @@ class HubServer:
     cut_after: dict[str, int] = field(default_factory=dict)
     """File path in a repo ("org/name/file") -> the byte at which every transfer of it stops and the
     connection drops, as when a server goes away mid-download (the client's own retries get nothing more)."""
+    sent_bytes: int = 0
+    """Bytes of file content sent (what clients downloaded), for the benchmark."""
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     faults: dict[str, list[str]] = field(default_factory=dict)
     """File path in a repo -> faults for its next ranged GETs of tensor bytes (a Range not starting at 0,
     so header reads are spared), one per request: "drop" sends half the range and closes the connection,
@@ -111,10 +115,27 @@ def _files(folder: Path) -> dict[str, Path]:
     return {str(path.relative_to(folder)): path for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
-def _etag(path: Path, content: bytes) -> str:
-    if path.name.endswith(LFS_SUFFIXES):
-        return hashlib.sha256(content).hexdigest()
-    return hashlib.sha1(b"blob %d\0" % len(content) + content).hexdigest()  # git's blob id
+SEND_CHUNK_BYTES = 1024 * 1024
+"""Bytes read from a file and sent at a time: serving a range of a multi-GB shard holds 1 MiB."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _digests(path: Path, size: int, modified: int) -> tuple[str, str]:
+    """git's blob id and the sha256 of a file, read in chunks (size and mtime make the cache key honest)."""
+    blob = hashlib.sha1(b"blob %d\0" % size)
+    content = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(SEND_CHUNK_BYTES):
+            blob.update(chunk)
+            content.update(chunk)
+    return blob.hexdigest(), content.hexdigest()
+
+
+def _etag(path: Path, git_id: bool = False) -> str:
+    """A file's ETag on the Hub: the sha256 for LFS files, git's blob id for the rest (or always, with git_id)."""
+    status = path.stat()
+    blob, content = _digests(path, status.st_size, status.st_mtime_ns)
+    return content if path.name.endswith(LFS_SUFFIXES) and not git_id else blob
 
 
 def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
@@ -155,10 +176,10 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             return repo, commit
 
         def _entry(self, repo: Repo, name: str, path: Path) -> dict[str, object]:
-            content = path.read_bytes()
-            entry: dict[str, object] = {"rfilename": name, "size": len(content), "blobId": _etag(Path("x"), content)}
+            size = path.stat().st_size
+            entry: dict[str, object] = {"rfilename": name, "size": size, "blobId": _etag(path, git_id=True)}
             if name.endswith(LFS_SUFFIXES):
-                entry["lfs"] = {"sha256": _etag(path, content), "size": len(content), "pointerSize": 134}
+                entry["lfs"] = {"sha256": _etag(path), "size": size, "pointerSize": 134}
             return entry
 
         def _info(self, repo_id: str, revision: str) -> None:
@@ -210,20 +231,20 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             if path is None:
                 self._error(404, "EntryNotFound", f"{name} does not exist on {revision}")
                 return
-            content = path.read_bytes()
-            etag = _etag(path, content)
-            start, end = 0, len(content)
+            size = path.stat().st_size
+            etag = _etag(path)
+            start, end = 0, size
             if match := re.match(r"^bytes=(\d+)-(\d*)$", self.headers.get("Range") or ""):
-                start, end = int(match[1]), min(len(content), int(match[2]) + 1 if match[2] else len(content))
+                start, end = int(match[1]), min(size, int(match[2]) + 1 if match[2] else size)
             self.send_response(206 if self.headers.get("Range") else 200)
             self.send_header("X-Repo-Commit", commit)
             self.send_header("ETag", f'"{etag}"')
             if name.endswith(LFS_SUFFIXES):
                 self.send_header("X-Linked-Etag", f'"{etag}"')
-                self.send_header("X-Linked-Size", str(len(content)))
+                self.send_header("X-Linked-Size", str(size))
             self.send_header("Accept-Ranges", "bytes")
             if self.headers.get("Range"):
-                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(content)}")
+                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
             self.send_header("Content-Length", str(end - start))
             self.end_headers()
             if not body:
@@ -231,12 +252,17 @@ def _handler(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             cut = hub.cut_after.get(f"{repo_id}/{name}")
             if fault == "drop":
                 cut = start + (end - start) // 2
-            if cut is not None and cut < end:
-                self.wfile.write(content[start : max(start, cut)])
+            stop = max(start, cut) if cut is not None and cut < end else end
+            with path.open("rb") as handle:
+                handle.seek(start)
+                for offset in range(start, stop, SEND_CHUNK_BYTES):
+                    chunk = handle.read(min(SEND_CHUNK_BYTES, stop - offset))
+                    self.wfile.write(chunk)
+                    with hub.lock:
+                        hub.sent_bytes += len(chunk)
+            if stop < end:
                 self.wfile.flush()
                 self.close_connection = True
-                return
-            self.wfile.write(content[start:end])
 
         def _json(self, data: object) -> None:
             payload = json.dumps(data).encode()

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from frankenmoe.card import LASER_HEADING
 from frankenmoe.config import LaserConfig, parse_config
-from frankenmoe.errors import ConfigError
+from frankenmoe.errors import ConfigError, ModelError
 from frankenmoe.laser import (
     LaserResult,
     analyse_lasers,
@@ -27,11 +27,14 @@ from frankenmoe.laser import (
     spectrum,
     truncate,
 )
+from frankenmoe.layers import StreamedDecoder
 from frankenmoe.pipeline import MergeOptions, prepare_merge
+from frankenmoe.sources import load_source
 from frankenmoe.tensor_io import read_header
 from frankenmoe.toymodels import write_toy_model
 from tests.conftest import TinyModels
 from tests.support import run_cli
+from tests.transformers_reference import reference_model
 
 CPU = torch.device("cpu")
 CALIBRATION_TEXT = "The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with five dozen liquor jugs."
@@ -379,3 +382,49 @@ def test_calibration_rejects_reductions_that_raise_perplexity(
     for result in checked:
         assert result.note.startswith(f"rejected: calibration perplexity would rise from {perplexity:.4g} to ")
         assert float(result.note.rsplit(" ", 1)[1]) > perplexity
+
+
+# The calibration check's decoder
+
+
+def streamed_logits(folder: Path, tokens: torch.Tensor, overrides: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of the streamed decoder, with `overrides` in layer 1, as the calibration check runs it."""
+    source = load_source(str(folder))
+    decoder = StreamedDecoder(source.config, source.tensors)
+    hidden = [decoder.embed(tokens)]
+    for layer in range(decoder.num_layers):
+        hidden = decoder.forward_layer(layer, hidden, overrides=overrides if layer == 1 else None).hidden
+    return decoder.logits(hidden[0])
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen3"])
+def test_the_streamed_decoder_with_reduced_matrices_computes_what_transformers_does(
+    model_type: str, tmp_path: Path
+) -> None:
+    folder = write_toy_model(tmp_path / model_type, model_type=model_type, weight_std=0.2)
+    tokens = torch.tensor(AutoTokenizer.from_pretrained(folder)(CALIBRATION_TEXT)["input_ids"])
+    weights = load_file(folder / "model.safetensors")
+    reduced = {
+        name: truncate(weights[f"model.layers.1.{name}"], 4, CPU)
+        for name in ("mlp.up_proj.weight", "self_attn.q_proj.weight")
+    }
+    logits = streamed_logits(folder, tokens, reduced)
+
+    model = reference_model(folder)
+    with torch.no_grad():
+        for name, value in reduced.items():
+            model.get_parameter(f"model.layers.1.{name}").copy_(value)
+        expected = model(tokens[None]).logits[0]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    # The reductions count, and only for the call they were given to.
+    assert not torch.allclose(logits, streamed_logits(folder, tokens, {}), rtol=1e-3, atol=1e-3)
+
+
+def test_an_override_the_decoder_would_not_use_is_refused(tiny_models: TinyModels) -> None:
+    source = load_source(str(tiny_models.base))
+    decoder = StreamedDecoder(source.config, source.tensors)
+    hidden = [decoder.embed(torch.tensor([1, 2, 3]))]
+    with pytest.raises(ModelError, match=r"Cannot override model.layers.0.mlp.up_proj: it is not a weight"):
+        decoder.forward_layer(0, hidden, overrides={"mlp.up_proj": torch.zeros(128, 64)})
+    with pytest.raises(ModelError, match=r"has shape \(64, 128\), but the weight it replaces has shape \(128, 64\)"):
+        decoder.forward_layer(0, hidden, overrides={"mlp.up_proj.weight": torch.zeros(64, 128)})

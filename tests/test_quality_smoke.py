@@ -129,9 +129,7 @@ def test_benchmark_pipeline_on_tiny_models(tmp_path: Path) -> None:
         {"code": experts["maths"], "maths": experts["maths"]},
         same_folder,
     )
-    assert evaluate(same_folder, heldout["maths"]).perplexity == pytest.approx(
-        dense_maths.perplexity, rel=1e-4
-    )
+    assert evaluate(same_folder, heldout["maths"]).perplexity == pytest.approx(dense_maths.perplexity, rel=1e-4)
 
     # MLP-only logs keep their old settings record (no `trained` key), so cached experts stay valid.
     assert "trained" not in json.loads((experts["code"] / TRAINING_LOG).read_text())["settings"]
