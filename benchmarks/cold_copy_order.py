@@ -100,7 +100,9 @@ def main() -> None:
     files = [CACHE / args.shape / f"expert{index}" / "model.safetensors" for index in range(1, args.files + 1)]
     missing = [str(file) for file in files if not file.is_file()]
     if missing:
-        raise SystemExit(f"missing {', '.join(missing)}: run python benchmarks/synthetic_models.py --shape {args.shape}")
+        raise SystemExit(
+            f"missing {', '.join(missing)}: run python benchmarks/synthetic_models.py --shape {args.shape}"
+        )
     if os.geteuid() != 0:
         raise SystemExit("emptying the page cache needs root (it writes /proc/sys/vm/drop_caches)")
     total = sum(file.stat().st_size for file in files)

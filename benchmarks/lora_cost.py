@@ -52,7 +52,9 @@ def prepare(layers: int, ranks: list[int]) -> None:
 
     base = CACHE / f"base-l{layers}"
     if not (base / "model.safetensors").is_file():
-        write_toy_model(base, shape=ToyShape(HIDDEN, layers, INTERMEDIATE, HEADS, KV_HEADS, 32000, 4096), dtype="bfloat16")
+        write_toy_model(
+            base, shape=ToyShape(HIDDEN, layers, INTERMEDIATE, HEADS, KV_HEADS, 32000, 4096), dtype="bfloat16"
+        )
     for rank in ranks:
         for copy in (1, 2):
             folder = CACHE / f"adapter-l{layers}-r{rank}-{copy}"
@@ -155,7 +157,9 @@ def main() -> None:
         measurements = []
         for _ in range(args.repeats):
             shutil.rmtree(out, ignore_errors=True)
-            measurements.append(measure([*frankenmoe, "merge", str(config), str(out), "--no-check"], runs / "merge.log"))
+            measurements.append(
+                measure([*frankenmoe, "merge", str(config), str(out), "--no-check"], runs / "merge.log")
+            )
             shutil.rmtree(out, ignore_errors=True)
         wall, cpu, peak = (statistics.median(run[field] for run in measurements) for field in range(3))
         print(f"| {label} | {wall:.2f} | {cpu:.2f} | {peak / 1e6:.0f} |", flush=True)
@@ -163,7 +167,11 @@ def main() -> None:
     print("| piece | seconds | peak RSS of the process (MB) |\n|---|---:|---:|")
     for rank in (0, *args.ranks):
         command = [sys.executable, __file__, "--time-matrix", str(rank), "--layers", str(args.layers)]
-        result = json.loads(subprocess.run([*command, "--repeats", str(args.repeats)], check=True, capture_output=True, text=True).stdout)
+        result = json.loads(
+            subprocess.run(
+                [*command, "--repeats", str(args.repeats)], check=True, capture_output=True, text=True
+            ).stdout
+        )
         label = f"rank {rank} adapter" if rank else "no adapter, multiplier (float32 path)"
         print(f"| {label} | {result['seconds']:.2f} | {result['peak'] / 1e6:.0f} |", flush=True)
 

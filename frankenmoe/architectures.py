@@ -98,7 +98,6 @@ class SourceFamily:
     mlp: dict[str, Weight] = field(default_factory=lambda: dict(DENSE_MLP))
     derivable: tuple[str, ...] = ("self_attn.rotary_emb.inv_freq",)
     """Per-layer buffers older checkpoints carry that are recomputed from the config: skipped, documented."""
-    mlp_prefix: str = "mlp."
 
     def layer_name(self, layer: int, suffix: str) -> str:
         return LAYER_PREFIX.format(layer=layer) + suffix
@@ -162,11 +161,8 @@ class OutputLayout:
     """Where one output architecture's routers and routed experts go, in one tensor naming."""
 
     name: str
-    description: str
     router_template: str
     expert_tensors: tuple[ExpertTensor, ...]
-    moe_prefix: str
-    """What every MoE tensor of a layer starts with, after the layer prefix."""
 
     def router_name(self, layer: int) -> str:
         return self.router_template.format(layer=layer)
@@ -280,24 +276,20 @@ COMMON_CONFIG_FIELDS = (
 MIXTRAL_LAYOUTS = {
     "classic": OutputLayout(
         name="classic",
-        description="block_sparse_moe.experts.E.w1/w2/w3 (transformers 4.x/5.x, vLLM, llama.cpp)",
         router_template="model.layers.{layer}.block_sparse_moe.gate.weight",
         expert_tensors=(
             ExpertTensor("model.layers.{layer}.block_sparse_moe.experts.{expert}.w1.weight", ("gate_proj",), False),
             ExpertTensor("model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight", ("down_proj",), False),
             ExpertTensor("model.layers.{layer}.block_sparse_moe.experts.{expert}.w3.weight", ("up_proj",), False),
         ),
-        moe_prefix="block_sparse_moe.",
     ),
     "fused": OutputLayout(
         name="fused",
-        description="mlp.experts.gate_up_proj / down_proj (transformers 5.x only)",
         router_template="model.layers.{layer}.mlp.gate.weight",
         expert_tensors=(
             ExpertTensor("model.layers.{layer}.mlp.experts.gate_up_proj", ("gate_proj", "up_proj"), True),
             ExpertTensor("model.layers.{layer}.mlp.experts.down_proj", ("down_proj",), True),
         ),
-        moe_prefix="mlp.",
     ),
 }
 
@@ -306,13 +298,11 @@ def _qwen_layout() -> dict[str, OutputLayout]:
     return {
         "classic": OutputLayout(
             name="classic",
-            description="mlp.experts.E.gate_proj/up_proj/down_proj (transformers, vLLM, llama.cpp)",
             router_template="model.layers.{layer}.mlp.gate.weight",
             expert_tensors=tuple(
                 ExpertTensor(f"model.layers.{{layer}}.mlp.experts.{{expert}}.{part}.weight", (part,), False)
                 for part in MLP_PARTS
             ),
-            moe_prefix="mlp.",
         )
     }
 

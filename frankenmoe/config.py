@@ -552,7 +552,9 @@ def _shared_weights(item: Any, expert_count: int, source: str) -> SharedWeightsC
             )
     density = _number(data.get("density", defaults.density), f"{path}.density", source)
     if not 0 < density <= 1:
-        raise ConfigError(f"{source}: `{path}.density` is {density}; it must be in (0, 1] (the fraction of each delta kept).")
+        raise ConfigError(
+            f"{source}: `{path}.density` is {density}; it must be in (0, 1] (the fraction of each delta kept)."
+        )
     base_weight = _number(data.get("base_weight", defaults.base_weight), f"{path}.base_weight", source)
     normalize = _boolean(data.get("normalize", defaults.normalize), f"{path}.normalize", source)
     if method == "linear" and normalize:
@@ -707,7 +709,7 @@ def _laser_layers(value: Any, path: str, source: str) -> str | tuple[int, ...]:
                 )
             return tuple(range(first, last + 1))
         raise ConfigError(
-            f"{source}: `{path}` is {value!r}; it must be `all`, `last_half`, a range such as \"20-31\" "
+            f'{source}: `{path}` is {value!r}; it must be `all`, `last_half`, a range such as "20-31" '
             "or a list of layer indices."
         )
     items = _sequence(value, path, source)

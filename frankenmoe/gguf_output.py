@@ -3,31 +3,39 @@
 The GGUF is made from the same merge plan as the safetensors output and holds what llama.cpp's
 `convert_hf_to_gguf.py` writes from that safetensors output at the same type, tensor for tensor and
 bit for bit (tests/test_gguf_output.py compares them): each tensor is first made exactly as the
-safetensors writer makes it (in the plan's dtype), widened to float32 and converted with the `gguf`
-package's own quantisers, the same code the converter calls. Routed experts are stacked per layer
+safetensors writer makes it (in the plan's dtype), then encoded as the converter's `gguf.quants.quantize`
+encodes its float32 values: F32/F16/BF16 and Q8_0 by torch code that gives the same bits
+(tests/test_gguf_encoding.py), the legacy quants by the gguf package itself. Routed experts are stacked per layer
 into `blk.N.ffn_{gate,up,down}_exps`, Llama's query/key rows are permuted as llama.cpp's rope pairs
 them, norms, biases, routers and shared-expert gates stay float32, and a tensor whose rows do not
 split into the type's blocks falls back to float16 (the dry run lists which).
 
 Writing is two-phase and streamed: every tensor is declared first (name, shape, type, size: GGUF puts
-the tensor table before the data), then each tensor is produced, quantised and written a block of
+the tensor table before the data), then each tensor is produced, encoded and written a block of
 rows at a time (at most ROW_BLOCK_BYTES of float32), so memory stays bounded whatever the model's
-size. The file's sha256 is computed from the bytes as they are written. The file goes into the same
+size; producing, encoding (on `slice_workers` threads) and writing (on the file's own thread)
+overlap. The file's sha256 is computed from the bytes as they are written. The file goes into the same
 staging folder, with the same manifest, model card and atomic swap as a safetensors merge.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
 import os
+import queue
 import shutil
+import struct
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -50,7 +58,7 @@ from frankenmoe.gguf_tables import (
 from frankenmoe.manifest import FileRecord
 from frankenmoe.plan import MergePlan, TensorJob, TensorPiece
 from frankenmoe.routers.request import Gates
-from frankenmoe.tensor_io import DTYPES, read_rows
+from frankenmoe.tensor_io import DTYPES, WRITEBACK_BYTES, read_rows, start_writeback
 from frankenmoe.write import produce_piece
 
 if TYPE_CHECKING:
@@ -58,8 +66,9 @@ if TYPE_CHECKING:
 
     from frankenmoe.pipeline import MergeResult, PreparedMerge
 
-ROW_BLOCK_BYTES = 16 * 1024 * 1024
-"""Float32 bytes of one tensor's rows produced, quantised and written at a time."""
+ROW_BLOCK_BYTES = 4 * 1024 * 1024
+"""Float32 bytes of one tensor's rows produced, encoded and written at a time: a few MiB stay in the CPU's cache
+(16 MiB blocks cost a third more CPU time and 50 MB more memory on the small benchmark shape)."""
 GGUF_NAME = "model-{type}.gguf"
 """The GGUF file's name inside OUT, e.g. model-Q8_0.gguf."""
 GGUF_TYPE_NAMES = tuple(GGUF_TYPES)
@@ -173,6 +182,9 @@ def gguf_plan_for(
             f"Layout {layout.name} names safetensors tensors; a GGUF stacks the experts its own way. "
             "Leave --layout out with --format gguf (or convert a classic-layout checkpoint)."
         )
+    mismatch = output.llama_cpp_mismatch(config)
+    if mismatch is not None:  # a GGUF is for llama.cpp: one it would compute differently is refused
+        raise ConfigError(mismatch)
     tensors = tuple(_gguf_tensors(jobs, config, output, layout, architecture, entry))
     vocabulary = read_vocabulary(tokenizer_folder, config, architecture)
     return GgufPlan(config, output, entry, architecture, tensors, vocabulary, name)
@@ -331,7 +343,7 @@ def read_vocabulary(folder: Path, config: dict[str, Any], architecture: GgufArch
     if kind == LLAMA_HF:
         try:
             hf_vocab = gguf.LlamaHfVocab(folder)
-        except TypeError:
+        except (FileNotFoundError, TypeError):  # GPT-2-style BPE files: gguf says it found no Llama BPE tokenizer
             hf_vocab = None  # not a SentencePiece-style tokenizer.json: llama.cpp reads it as BPE
         if hf_vocab is not None:
             entries = list(hf_vocab.all_tokens())
@@ -455,37 +467,6 @@ def _bpe_tokens(folder: Path, config: dict[str, Any]) -> tuple[list[str], list[i
 # Writing
 
 
-class _HashingFile:
-    """A binary file whose every written byte also goes into a sha256 (GGUFWriter writes through it)."""
-
-    def __init__(self, handle: BinaryIO) -> None:
-        self._handle = handle
-        self._hash = hashlib.sha256()
-        self._position = 0
-
-    def write(self, data: bytes | bytearray | memoryview) -> int:
-        view = memoryview(data).cast("B")
-        self._hash.update(view)
-        self._handle.write(view)
-        self._position += len(view)
-        return len(view)
-
-    def tell(self) -> int:
-        return self._position
-
-    def flush(self) -> None:
-        self._handle.flush()
-
-    def close(self) -> None:
-        self._handle.close()
-
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
-
-    def fileno(self) -> int:
-        return self._handle.fileno()
-
-
 def _metadata(writer: gguf.GGUFWriter, gplan: GgufPlan) -> None:
     """The keys llama.cpp's converter writes for this architecture, from the output's config.json."""
     import gguf
@@ -554,9 +535,16 @@ def write_gguf(
     device: torch.device | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> FileRecord:
-    """Write the GGUF file at `path`: declare every tensor, then stream them one by one; the file's record."""
+    """Write the GGUF file at `path`: declare every tensor, then stream them one by one; the file's record.
+
+    Three stages overlap: this thread produces each tensor's rows a block at a time, the encoding
+    workers (one intra-op thread each, as many as `slice_workers`) turn blocks into the type's bytes,
+    and the file's own thread writes and hashes them in order. At most QUEUED_BLOCKS blocks wait.
+    """
     import gguf
     from gguf.gguf_writer import WriterState
+
+    from frankenmoe.layers import slice_workers
 
     device = device or torch.device("cpu")
     writer = gguf.GGUFWriter(path=None, arch=gplan.architecture.name)
@@ -565,43 +553,205 @@ def write_gguf(
             tensor.name, tensor.shape, np.dtype(np.float32), tensor.nbytes, raw_dtype=tensor.tensor_type
         )
     _metadata(writer, gplan)
+    output = _StreamedFile(path)
+    workers = slice_workers()
     try:
-        handle = path.open("wb")
-    except OSError as error:
-        raise OutputError(f"Cannot create {path}: {error.strerror or error}.") from None
-    output = _HashingFile(handle)
-    try:
-        writer.fout = [output]  # type: ignore[list-item]  # GGUFWriter only writes, tells and flushes
-        writer.state = WriterState.EMPTY
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        alignment = writer.data_alignment
-        for tensor in gplan.tensors:
+        with ThreadPoolExecutor(workers, "frankenmoe-gguf", initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            writer.fout = [output]  # type: ignore[list-item]  # GGUFWriter only writes, tells and flushes
+            writer.state = WriterState.EMPTY
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            alignment = writer.data_alignment
+            for tensor in gplan.tensors:
+                output.write(bytes(-output.tell() % alignment))
+                block, block_bytes = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+                values = 0
+                for rows in _tensor_rows(tensor, gates, device):
+                    values += rows.numel()
+                    encoded = pool.submit(encode_rows, rows, tensor.tensor_type)
+                    output.write_later(encoded, rows.numel() // block * block_bytes)
+                if values != math.prod(tensor.shape):
+                    raise OutputError(
+                        f"Writing {tensor.name} produced {values} values, its declared shape {list(tensor.shape)} "
+                        f"holds {math.prod(tensor.shape)}."
+                    )
+                if progress is not None:
+                    progress(tensor.nbytes)
             output.write(bytes(-output.tell() % alignment))
-            written = 0
-            for rows in _tensor_rows(tensor, gates, device):
-                data = gguf.quants.quantize(rows.numpy(), tensor.tensor_type)
-                output.write(data.tobytes())
-                written += data.nbytes
-            if written != tensor.nbytes:
-                raise OutputError(
-                    f"Writing {tensor.name} produced {written} bytes, its declared size is {tensor.nbytes}."
-                )
-            if progress is not None:
-                progress(tensor.nbytes)
-        output.write(bytes(-output.tell() % alignment))
-        output.flush()
-        os.fsync(output.fileno())
-    except OSError as error:
-        raise OutputError(f"Writing {path} failed: {error.strerror or error}.") from None
+            digest = output.close()
     finally:
-        output.close()
-    return FileRecord(path.name, path.stat().st_size, output.hexdigest())
+        output.abort()
+    return FileRecord(path.name, path.stat().st_size, digest)
+
+
+QUEUED_BLOCKS = 4
+"""Encoded (or encoding) blocks that may wait for the file's thread: a few tens of MiB at most."""
+
+
+class _StreamedFile:
+    """The GGUF file, written and sha256-hashed in order on a thread of its own.
+
+    os.write and hashlib release the GIL, so writing and hashing overlap producing and encoding the
+    next blocks. `write` hands over bytes the caller no longer changes; `write_later` the future of an
+    encoding, written once it is done. Written bytes are sent to the disk as they accumulate
+    (`start_writeback`), so the final fsync has little left to do.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as error:
+            raise OutputError(f"Cannot create {path}: {error.strerror or error}.") from None
+        self._queue: queue.Queue[tuple[bytes | bytearray | Future[torch.Tensor], int] | None] = queue.Queue(
+            QUEUED_BLOCKS
+        )
+        self._hash = hashlib.sha256()
+        self._position = 0
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="frankenmoe-gguf-write", daemon=True)
+        self._thread.start()
+
+    def write(self, data: bytes | bytearray) -> int:
+        if data:
+            self._put(data, len(data))
+        return len(data)
+
+    def write_later(self, encoded: Future[torch.Tensor], size: int) -> None:
+        """Queue an encoding that will make `size` bytes (the thread checks it does)."""
+        self._put(encoded, size)
+
+    def tell(self) -> int:
+        """The file's size once everything queued is written."""
+        return self._position
+
+    def flush(self) -> None:
+        """Nothing to do: GGUFWriter flushes after its header, and every byte goes out in order anyway."""
+
+    def close(self) -> str:
+        """Wait for every queued byte to be written and hashed, fsync the file; its sha256."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_error()
+        try:
+            os.fsync(self._descriptor)
+        except OSError as error:
+            raise _write_failed(self.path, error) from None
+        return self._hash.hexdigest()
+
+    def abort(self) -> None:
+        """Stop the thread, dropping what still waits, and close the file; harmless after `close`."""
+        if self._thread.is_alive():
+            self._error = self._error or OutputError(f"Writing {self.path} was abandoned.")
+            with contextlib.suppress(queue.Empty):
+                while True:  # make room for the stop signal
+                    self._queue.get_nowait()
+            self._queue.put(None)
+            self._thread.join()
+        if self._descriptor >= 0:
+            os.close(self._descriptor)
+            self._descriptor = -1
+
+    def _put(self, item: bytes | bytearray | Future[torch.Tensor], size: int) -> None:
+        self._raise_error()
+        self._queue.put((item, size))
+        self._position += size
+
+    def _raise_error(self) -> None:
+        if isinstance(self._error, OSError):
+            raise _write_failed(self.path, self._error) from None
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        written = flushed = 0
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue  # drain: the producer raises the error at its next write
+            data, size = item
+            try:
+                view = memoryview(data.result().numpy() if isinstance(data, Future) else data).cast("B")
+                if len(view) != size:
+                    raise OutputError(f"An encoded block of {self.path.name} has {len(view)} bytes, not {size}.")
+                while view:
+                    count = os.write(self._descriptor, view)
+                    self._hash.update(view[:count])
+                    view = view[count:]
+                written += size
+                if written - flushed >= WRITEBACK_BYTES:
+                    start_writeback(self._descriptor, flushed, written - flushed)
+                    flushed = written
+            except BaseException as error:  # raised in the producer's thread
+                self._error = error
+
+
+def _write_failed(path: Path, error: OSError) -> OutputError:
+    if error.errno == errno.ENOSPC:
+        return OutputError(f"The disk is full: writing {path} failed. Free some space or choose another output folder.")
+    return OutputError(f"Writing {path} failed: {error.strerror or error}.")
+
+
+ENCODE_VALUES = 1 << 18
+"""Values encoded at a time inside a block (1 MiB of float32): each step's temporaries stay in the CPU's cache."""
+_BELOW_HALF = float(np.nextafter(np.float32(0.5), np.float32(0.0)))
+"""The largest float32 below 0.5: floor(|y| + this), in float32, rounds |y| half away from zero exactly."""
+
+
+def encode_rows(rows: torch.Tensor, tensor_type: Any) -> torch.Tensor:
+    """`rows` (any float dtype) as `tensor_type`'s bytes (a new uint8 tensor): bit for bit what
+    `gguf.quants.quantize` makes of their float32 values, which llama.cpp's converter writes.
+
+    F32, F16 and BF16 are torch conversions (round to nearest even, as numpy's and gguf's); Q8_0 is
+    `quantize_q8_0`; the legacy quants call the gguf package on the whole block.
+    """
+    import gguf
+
+    kind = gguf.GGMLQuantizationType
+    if tensor_type in (kind.F32, kind.F16):
+        target = torch.float32 if tensor_type == kind.F32 else torch.float16
+        encoded = torch.empty(rows.shape, dtype=target)
+        encoded.copy_(rows)  # a new tensor even when `rows` already has the type: the writer owns it
+        return encoded.reshape(-1).view(torch.uint8)
+    if tensor_type == kind.Q8_0:
+        return quantize_q8_0(rows)
+    if tensor_type == kind.BF16 and rows.dtype == torch.bfloat16:
+        # gguf rounds float32 to bfloat16 (exact here) and quiets NaNs by setting their mantissa's top bit.
+        bits = rows.reshape(-1).view(torch.int16)
+        return torch.where(rows.reshape(-1).isnan(), bits | 0x40, bits).view(torch.uint8)
+    return torch.from_numpy(gguf.quants.quantize(rows.float().numpy(), tensor_type).reshape(-1))
+
+
+def quantize_q8_0(rows: torch.Tensor) -> torch.Tensor:
+    """Q8_0 blocks (a float16 scale d = max|x|/127, then round(x/d) as int8, per 32 values) of `rows`,
+    bit for bit as `gguf.quants.quantize` (and so ggml's reference quantiser) makes them.
+
+    The steps are gguf's in float32: d = max|x| / 127, inverse = 1/d (0 where d is 0), q = x * inverse
+    rounded half away from zero. A block whose scale or inverse is not finite (NaN or Inf values, or
+    values so small that 1/d overflows) is left to gguf itself, so even those bytes are the same.
+    """
+    import gguf
+
+    values = rows.reshape(-1)
+    encoded = torch.empty((values.numel() // 32, 34), dtype=torch.uint8)
+    for start in range(0, values.numel(), ENCODE_VALUES):
+        blocks = values[start : start + ENCODE_VALUES].float().reshape(-1, 32)
+        target = encoded[start // 32 : start // 32 + blocks.shape[0]]
+        scale = blocks.abs().amax(dim=1, keepdim=True) / 127
+        inverse = torch.where(scale == 0, 0.0, 1.0 / scale)
+        if not (bool(scale.isfinite().all()) and bool(inverse.isfinite().all())):
+            target.copy_(torch.from_numpy(gguf.quants.quantize(blocks.numpy(), gguf.GGMLQuantizationType.Q8_0)))
+            continue
+        # floor(a + largest float32 below 0.5) is a half-away-from-zero round of a in float32 (unlike
+        # a + 0.5, which rounds 0.49999997 up); the sign of x * inverse is x's, as inverse >= 0.
+        quantized = blocks.mul(inverse).abs_().add_(_BELOW_HALF).floor_().copysign_(blocks).to(torch.int8)
+        target[:, :2] = scale.to(torch.float16).view(torch.uint8)
+        target[:, 2:] = quantized.view(torch.uint8)
+    return encoded.reshape(-1)
 
 
 def _tensor_rows(tensor: GgufTensor, gates: Callable[[], Gates], device: torch.device) -> Iterator[torch.Tensor]:
-    """The tensor's float32 rows (seen as a matrix over its last dimension), a bounded block at a time."""
+    """The tensor's rows (seen as a matrix over its last dimension) in the plan's dtype, a bounded block at a time."""
     if tensor.values:
         yield torch.tensor(tensor.values, dtype=torch.float32).reshape(1, -1)
         return
@@ -618,29 +768,29 @@ def _tensor_rows(tensor: GgufTensor, gates: Callable[[], Gates], device: torch.d
 
 
 def _job_rows(job: TensorJob, gates: Callable[[], Gates], device: torch.device, step: int) -> Iterator[torch.Tensor]:
-    """One plan job's rows exactly as the safetensors writer makes them (in the job's dtype), widened to float32."""
+    """One plan job's rows exactly as the safetensors writer makes them, in the job's dtype."""
     dtype = DTYPES[job.dtype][0]
     columns = job.shape[-1]
     if job.computed is not None:
         rows = gates().rows(job.computed.kind, job.computed.layer)
-        yield rows.to(dtype).float().reshape(-1, columns)
+        yield rows.to(dtype).reshape(-1, columns)
         return
     if job.merged is not None:
         for start in range(0, job.merged.num_rows, step):
-            yield job.merged.rows(start, min(start + step, job.merged.num_rows), device).to(dtype).cpu().float()
+            yield job.merged.rows(start, min(start + step, job.merged.num_rows), device).to(dtype).cpu()
         return
     if job.origin == "zeros":
         total = math.prod(job.shape[:-1])
         for start in range(0, total, step):
-            yield torch.zeros(min(step, total - start), columns)
+            yield torch.zeros(min(step, total - start), columns, dtype=dtype)
         return
     for piece in job.pieces:
         if piece.transformed:
-            yield from produce_piece(piece, job, device).float().reshape(-1, columns).split(step)
+            yield from produce_piece(piece, job, device).reshape(-1, columns).split(step)
             continue
         total = math.prod(piece.location.shape[:-1])
         for start in range(0, total, step):
-            yield read_rows(piece.location, start, min(start + step, total)).to(dtype).float()
+            yield read_rows(piece.location, start, min(start + step, total)).to(dtype)
 
 
 # The merge
@@ -718,25 +868,123 @@ def _with_plan_jobs(tensors: tuple[GgufTensor, ...], plan: MergePlan) -> Iterato
         yield replace(tensor, jobs=tuple(jobs[job.name] for job in tensor.jobs))
 
 
+@dataclass(frozen=True)
+class WrittenTensor:
+    """One entry of a GGUF file's tensor table."""
+
+    tensor_type: int
+    shape: tuple[int, ...]
+    """PyTorch order (GGUF stores the dimensions innermost first)."""
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class GgufTable:
+    """What checking a GGUF file needs from it: its scalar and string keys and its tensor table."""
+
+    fields: dict[str, str | int | float | bool]
+    """Every key whose value is not an array."""
+    tensors: dict[str, WrittenTensor]
+
+
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+"""GGUF's fixed-size value types and their struct formats; 8 is a string, 9 an array."""
+
+
+def read_gguf_table(path: Path) -> GgufTable:
+    """The keys and tensor table of the GGUF file at `path`, read straight from its header.
+
+    gguf's GGUFReader builds a numpy view of every key and token (seconds for a 150,000-token
+    vocabulary); this walks the header once, skipping arrays, and checks that every tensor's data lies
+    within the file. A file that is not a whole GGUF raises ValueError naming what is wrong.
+    """
+    import mmap
+
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        position = 0
+
+        def take(format: str) -> Any:
+            nonlocal position
+            value = struct.unpack_from(format, data, position)[0]
+            position += struct.calcsize(format)
+            return value
+
+        def text() -> str:
+            nonlocal position
+            length = take("<Q")
+            if position + length > len(data):
+                raise ValueError("a string runs past the end of the file")
+            position += length
+            return bytes(data[position - length : position]).decode("utf-8", errors="replace")
+
+        def skip_array() -> None:
+            nonlocal position
+            kind, count = take("<I"), take("<Q")
+            if kind in _SCALARS:
+                position += count * struct.calcsize(_SCALARS[kind])
+            elif kind == 8:
+                for _ in range(count):
+                    length = take("<Q")  # before the addition: take moves position itself
+                    position += length
+            else:  # arrays of arrays
+                for _ in range(count):
+                    skip_array()
+
+        try:
+            if take("<I") != 0x46554747:  # "GGUF"
+                raise ValueError("it does not start with GGUF's magic number")
+            version, tensor_count, key_count = take("<I"), take("<Q"), take("<Q")
+            if version not in (2, 3):
+                raise ValueError(f"GGUF version {version} is not one llama.cpp reads")
+            fields: dict[str, str | int | float | bool] = {}
+            for _ in range(key_count):
+                key, kind = text(), take("<I")
+                if kind == 9:
+                    skip_array()
+                elif kind == 8:
+                    fields[key] = text()
+                elif kind in _SCALARS:
+                    fields[key] = take(_SCALARS[kind])
+                else:
+                    raise ValueError(f"key {key} has an unknown value type {kind}")
+            entries = []
+            for _ in range(tensor_count):
+                name, dimensions = text(), take("<I")
+                if dimensions > 4:
+                    raise ValueError(f"tensor {name} has {dimensions} dimensions")
+                shape = tuple(reversed([take("<Q") for _ in range(dimensions)]))
+                entries.append((name, take("<I"), shape, take("<Q")))
+        except struct.error:
+            raise ValueError("its header runs past the end of the file") from None
+        alignment = int(fields.get("general.alignment", 32))
+        data_start = position + -position % alignment
+        tensors = {}
+        for name, kind, shape, offset in entries:
+            try:
+                block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+            except ValueError:
+                raise ValueError(f"tensor {name} has an unknown type {kind}") from None
+            nbytes = math.prod(shape) // block * block_bytes
+            if data_start + offset + nbytes > len(data):
+                raise ValueError(f"tensor {name}'s data runs past the end of the file")
+            tensors[name] = WrittenTensor(kind, shape, nbytes)
+        return GgufTable(fields, tensors)
+
+
 def gguf_problems(path: Path, gplan: GgufPlan) -> list[str]:
     """Re-read the written file's tensor table: every tensor of the plan, with its type, shape and size, and no other."""
-    from gguf import GGUFReader
-
     try:
-        reader = GGUFReader(path)
+        written = dict(read_gguf_table(path).tensors)
     except (OSError, ValueError) as error:
         return [f"{path.name} cannot be read back as GGUF ({error})"]
-    written = {tensor.name: tensor for tensor in reader.tensors}
     problems = []
     for tensor in gplan.tensors:
         found = written.pop(tensor.name, None)
         if found is None:
             problems.append(f"{tensor.name} is missing")
-        elif (
-            found.tensor_type != tensor.tensor_type
-            or tuple(int(dim) for dim in reversed(found.shape)) != tensor.shape
-            or int(found.n_bytes) != tensor.nbytes
-        ):
+        elif found.tensor_type != tensor.tensor_type or found.shape != tensor.shape or found.nbytes != tensor.nbytes:
             problems.append(f"{tensor.name} is not the {tensor.tensor_type.name} {list(tensor.shape)} tensor planned")
     problems += [f"{name} was not planned" for name in written]
     return problems
@@ -798,7 +1046,7 @@ def resolve_gguf_type(output_format: str, type_name: str | None) -> str | None:
 def gguf_folder_problems(folder: Path) -> tuple[list[str], int] | None:
     """`verify`'s tensor check of a GGUF output: the file's tensors are exactly those its config.json implies
     (names, shapes), for llama.cpp's architecture; None when `folder` holds no GGUF file."""
-    from gguf import GGUFReader, get_tensor_name_map
+    from gguf import get_tensor_name_map
 
     from frankenmoe.architectures import OUTPUT_ARCHITECTURES
     from frankenmoe.output import GGUF_FILE_NAME
@@ -838,14 +1086,13 @@ def gguf_folder_problems(folder: Path) -> tuple[list[str], int] | None:
     count = 0
     for path in files:
         try:
-            reader = GGUFReader(path)
+            table = read_gguf_table(path)
         except (OSError, ValueError) as error:
             problems.append(f"{path.name}: cannot be read as GGUF ({error})")
             continue
-        found = {tensor.name: tuple(int(dim) for dim in reversed(tensor.shape)) for tensor in reader.tensors}
+        found = {name: tensor.shape for name, tensor in table.tensors.items()}
         count += len(found)
-        arch_field = reader.fields.get("general.architecture")
-        if arch_field is None or arch_field.contents() != architecture.name:
+        if table.fields.get("general.architecture") != architecture.name:
             problems.append(f"{path.name}: general.architecture is not {architecture.name}")
         for name, shape in expected.items():
             if name not in found:

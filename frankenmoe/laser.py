@@ -145,9 +145,7 @@ def apply_laser(tensor: torch.Tensor, target: LaserTarget | None, device: torch.
     return truncate(tensor, target.keep_rank, device)
 
 
-def analyse_lasers(
-    plan: MergePlan, device: torch.device, show_progress: bool = False
-) -> tuple[LaserResult, ...]:
+def analyse_lasers(plan: MergePlan, device: torch.device, show_progress: bool = False) -> tuple[LaserResult, ...]:
     """Measure and decide every matrix of every laser block; `kept_ranks` turns the results into what the plan takes."""
     results: list[LaserResult] = []
     for group in plan.laser_groups:

@@ -299,8 +299,15 @@ class SliceCache:
     def _read(matrix: MatrixRows, start: int, device: torch.device, native: bool, reuse: bool) -> torch.Tensor:
         if not native:
             return matrix.read(start, device, reuse=reuse)
-        first, stop = matrix.first_row + start, matrix.first_row + min(start + matrix.slice_starts.step, matrix.num_rows)
-        return _slice_buffers.stored_rows(matrix.location, first, stop) if reuse else read_rows(matrix.location, first, stop)
+        first, stop = (
+            matrix.first_row + start,
+            matrix.first_row + min(start + matrix.slice_starts.step, matrix.num_rows),
+        )
+        return (
+            _slice_buffers.stored_rows(matrix.location, first, stop)
+            if reuse
+            else read_rows(matrix.location, first, stop)
+        )
 
 
 def _float_slice(matrix: MatrixRows, start: int, device: torch.device, cache: SliceCache | None) -> torch.Tensor:
@@ -638,7 +645,9 @@ class StreamedDecoder:
         slots = None if self.moe is None else self.moe.shared_expert
         if slots is None:
             return None
-        weights = MLPWeights(*(MatrixRows.whole(self._tensor(slots.mlp[part].format(layer=layer))) for part in MLP_PARTS))
+        weights = MLPWeights(
+            *(MatrixRows.whole(self._tensor(slots.mlp[part].format(layer=layer))) for part in MLP_PARTS)
+        )
         gate = self._small_tensor(slots.gate.format(layer=layer)).float().to(self.device)
         return SharedExpert(weights, gate)
 
@@ -672,12 +681,13 @@ class StreamedDecoder:
         best_logits = torch.full((len(hidden),), float("-inf"), device=self.device)
         best_tokens = torch.zeros(len(hidden), dtype=torch.long, device=self.device)
 
-
         def slice_best(start: int) -> tuple[torch.Tensor, torch.Tensor]:
             return slice_product(normed, head, start, self.device, self.slice_cache).max(dim=-1)
 
         starts = head.slice_starts
-        for start, (slice_logits, slice_tokens) in zip(starts, map_slices(slice_best, starts, self.device), strict=True):
+        for start, (slice_logits, slice_tokens) in zip(
+            starts, map_slices(slice_best, starts, self.device), strict=True
+        ):
             better = slice_logits > best_logits  # strict: a tie keeps the lower token id, as argmax does
             best_logits = torch.where(better, slice_logits, best_logits)
             best_tokens = torch.where(better, slice_tokens + start, best_tokens)
@@ -884,7 +894,9 @@ def greedy_continuations(
             if not feeding:
                 break
             active = list(feeding)
-            next_tokens = _greedy_step(decoder, [feeding[index] for index in active], [caches[index] for index in active])
+            next_tokens = _greedy_step(
+                decoder, [feeding[index] for index in active], [caches[index] for index in active]
+            )
             feeding = {}
             for index, token in zip(active, next_tokens, strict=True):
                 if token in stop_tokens:

@@ -207,7 +207,9 @@ def load_adapter(reference: str, model: SourceModel, label: str) -> LoraAdapter:
     weight_file = _weight_file(reference, path, label)
     candidates = _candidate_modules(model)
     pairs = _lora_pairs(reference, weight_file, _adapter_tensors(weight_file), candidates)
-    targeted = sorted((module for module in candidates if _targets(config, module, candidates[module])), key=_natural_key)
+    targeted = sorted(
+        (module for module in candidates if _targets(config, module, candidates[module])), key=_natural_key
+    )
     _warn_untargeted(reference, label, sorted(set(pairs) - set(targeted)))
     deltas: dict[str, LoraDelta] = {}
     left_out: dict[str, list[str]] = {}
@@ -264,7 +266,9 @@ def _warn_left_out(adapter: LoraAdapter, label: str) -> None:
         )
     if not adapter.deltas:
         logger.warning(
-            "%s: its LoRA adapter %s adapts no MLP matrix, so the expert is its model unchanged.", label, adapter.reference
+            "%s: its LoRA adapter %s adapts no MLP matrix, so the expert is its model unchanged.",
+            label,
+            adapter.reference,
         )
 
 
@@ -290,7 +294,9 @@ def _adapter_config(reference: str, path: Path, label: str) -> dict[str, Any]:
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelError(f"The LoRA adapter {reference} of {label}: {config_path} cannot be read as JSON ({error}).") from None
+        raise ModelError(
+            f"The LoRA adapter {reference} of {label}: {config_path} cannot be read as JSON ({error})."
+        ) from None
     if not isinstance(config, dict):
         raise ModelError(f"The LoRA adapter {reference} of {label}: {config_path} is not a JSON object.")
     return config

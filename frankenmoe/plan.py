@@ -83,8 +83,6 @@ class LaserGroup:
         return None
 
 
-
-
 def laser_group(path: str, settings: LaserConfig, source: SourceModel) -> LaserGroup:
     """The matrices a laser block considers in `source`; layer indices are checked here."""
     layers = resolve_layers(settings.layers, source.shape.num_hidden_layers, f"{path}.layers", source)
@@ -245,7 +243,9 @@ class MergePlan:
         merges = self.trunk_merges
         if not merges:
             return f"copied from the base model {self.base.reference}"
-        return f"every one of {len(merges)} merged from the base and the experts, {next(iter(merges.values())).describe()}"
+        return (
+            f"every one of {len(merges)} merged from the base and the experts, {next(iter(merges.values())).describe()}"
+        )
 
     def computed_origin(self, kind: str) -> str:
         """How a computed tensor's rows are made, for the dry run and the model card."""
@@ -254,9 +254,13 @@ class MergePlan:
             return f"gate mode {mode} from the experts' prompts" if self.config.needs_prompts else f"gate mode {mode}"
         shared = self.config.shared_experts[0] if self.config.shared_experts else None
         if shared is None:
-            return f"neutral ({NEUTRAL_GATE} everywhere; no shared expert: its slot is one all-zero row, adding nothing)"
+            return (
+                f"neutral ({NEUTRAL_GATE} everywhere; no shared expert: its slot is one all-zero row, adding nothing)"
+            )
         if not self.config.needs_prompts:
-            return f"neutral ({NEUTRAL_GATE} everywhere: gate mode {mode} uses no prompts; sigmoid = 0.5 on every token)"
+            return (
+                f"neutral ({NEUTRAL_GATE} everywhere: gate mode {mode} uses no prompts; sigmoid = 0.5 on every token)"
+            )
         if not shared.positive_prompts:
             return f"neutral ({NEUTRAL_GATE} everywhere: the shared expert has no positive_prompts; sigmoid = 0.5 on every token)"
         return f"gate mode {mode} from the shared expert's prompts, as one more expert, scaled like the routers"
@@ -275,7 +279,11 @@ def choose_architecture(
         problem = _why_not(arch, base, experts, shared_count)
         if problem is None:
             return arch, "set in the config"
-        fitting = [name for name, candidate in OUTPUT_ARCHITECTURES.items() if not _why_not(candidate, base, experts, shared_count)]
+        fitting = [
+            name
+            for name, candidate in OUTPUT_ARCHITECTURES.items()
+            if not _why_not(candidate, base, experts, shared_count)
+        ]
         instead = f" Use `architecture: {fitting[0]}` (or `auto`)." if fitting else ""
         raise ConfigError(f"`architecture: {requested}` cannot hold these sources: {problem}.{instead}")
     natural = OUTPUT_ARCHITECTURES[base.family.natural_output]
@@ -370,7 +378,9 @@ def build_plan(
                 rows = sum(piece.location.shape[0] for piece in pieces)
                 columns = pieces[0].location.shape[1]
                 tensor_shape = (len(experts), rows // len(experts), columns) if tensor.stacked else (rows, columns)
-                unsharded.append((tensor.template.format(layer=layer, expert=group[0]), tensor_shape, pieces, None, None))
+                unsharded.append(
+                    (tensor.template.format(layer=layer, expert=group[0]), tensor_shape, pieces, None, None)
+                )
         if arch.shared_expert is not None:
             for part, template in arch.shared_expert.mlp.items():
                 name = template.format(layer=layer)
@@ -386,7 +396,9 @@ def build_plan(
     elif arch.explicit_head:
         copy_from_base(EMBEDDINGS.name, LM_HEAD.name)  # what the tied head computes, as its own matrix
     for layer in range(shape.num_hidden_layers):
-        unsharded.append((layout.router_name(layer), (len(experts), shape.hidden_size), (), Computed("router", layer), None))
+        unsharded.append(
+            (layout.router_name(layer), (len(experts), shape.hidden_size), (), Computed("router", layer), None)
+        )
         if arch.shared_expert is not None:
             gate_name = arch.shared_expert.gate.format(layer=layer)
             unsharded.append((gate_name, (1, shape.hidden_size), (), Computed("shared_expert_gate", layer), None))
@@ -532,7 +544,9 @@ def rope_fields(base_config: dict[str, Any]) -> dict[str, Any]:
     parameters = dict(getattr(resolved, "rope_parameters", None) or {})
     theta = parameters.get("rope_theta", getattr(resolved, "rope_theta", None))
     if theta is None:
-        raise ModelError(f"The base model's config.json gives no rope theta that transformers can resolve ({parameters}).")
+        raise ModelError(
+            f"The base model's config.json gives no rope theta that transformers can resolve ({parameters})."
+        )
     parameters = {"rope_type": "default", **parameters, "rope_theta": theta}
     scaling = {key: value for key, value in parameters.items() if key != "rope_theta"}
     return {
@@ -581,8 +595,8 @@ def output_config(
 def parse_size(text: str, what: str = "Shard size", minimum: int = 1) -> int:
     """'5GB', '500MB', '2GiB' or a plain byte count; `what` names the value in errors.
 
-        >>> parse_size("2GiB")
-        2147483648
+    >>> parse_size("2GiB")
+    2147483648
     """
     units = {
         "": 1,

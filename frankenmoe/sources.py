@@ -173,7 +173,9 @@ class SourceModel:
             if unknown[0] in flagged
             else ""
         )
-        shown = ", ".join(repr(name) for name in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        shown = ", ".join(repr(name) for name in unknown[:5]) + (
+            f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        )
         raise ModelError(
             f"Model {self.reference} ({self.path}) holds tensor(s) {shown} that a {self.family.name} model with this "
             f"config.json does not have, so frankenmoe cannot place them and refuses rather than drop them.{hint} "

@@ -53,8 +53,8 @@ class TrunkMerge:
     def rows(self, start: int, stop: int, device: torch.device | None = None) -> torch.Tensor:
         """Rows [start, stop) of the merged tensor, float32, shape [stop - start, last dimension].
 
-            >>> merge = TrunkMerge("linear", base, (expert,), (1.0,))   # doctest: +SKIP
-            >>> merge.rows(0, 2)                                       # doctest: +SKIP
+        >>> merge = TrunkMerge("linear", base, (expert,), (1.0,))   # doctest: +SKIP
+        >>> merge.rows(0, 2)                                       # doctest: +SKIP
         """
         device = device or torch.device("cpu")
         base = read_rows(self.base, start, stop).to(device).float()
@@ -64,7 +64,9 @@ class TrunkMerge:
             # source equals it, with no rounding of b·W_base + Σ w_i W_i and its division.
             weight_sum = self.base_weight + sum(self.weights)
             if not self.normalize:
-                return base * weight_sum + sum(weight * delta for weight, delta in zip(self.weights, deltas, strict=True))
+                return base * weight_sum + sum(
+                    weight * delta for weight, delta in zip(self.weights, deltas, strict=True)
+                )
             merged = sum((weight / weight_sum) * delta for weight, delta in zip(self.weights, deltas, strict=True))
             return base + merged
         if self.method in DARE_METHODS:

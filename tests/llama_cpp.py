@@ -139,7 +139,9 @@ def convert(jobs: list[tuple[Path, Path]], timeout: float = 600, outtype: str = 
         jobs_file = Path(scratch) / "jobs.json"
         logs = [Path(scratch) / f"job{index}.log" for index in range(len(jobs))]
         jobs_file.write_text(
-            json.dumps([[str(model), str(out), str(log), outtype] for (model, out), log in zip(jobs, logs, strict=True)])
+            json.dumps(
+                [[str(model), str(out), str(log), outtype] for (model, out), log in zip(jobs, logs, strict=True)]
+            )
         )
         result = subprocess.run(
             [sys.executable, __file__, str(folder), str(jobs_file)],

@@ -98,8 +98,12 @@ def test_config_as_yaml_text_and_as_a_file_give_the_same_plan(tmp_path: Path, ti
     assert frankenmoe.load_config(text) == frankenmoe.load_config(data) == frankenmoe.load_config(file)
 
 
-def test_a_planned_merge_runs_with_the_out_and_options_it_was_planned_with(tmp_path: Path, tiny_models: TinyModels) -> None:
-    prepared = frankenmoe.plan_merge(config_data(tiny_models), tmp_path / "out", seed=5, dtype="float16", check_routing=False)
+def test_a_planned_merge_runs_with_the_out_and_options_it_was_planned_with(
+    tmp_path: Path, tiny_models: TinyModels
+) -> None:
+    prepared = frankenmoe.plan_merge(
+        config_data(tiny_models), tmp_path / "out", seed=5, dtype="float16", check_routing=False
+    )
 
     result = frankenmoe.run_merge(prepared)
 
@@ -202,7 +206,9 @@ def test_verify_refuses_a_folder_without_a_manifest(tmp_path: Path) -> None:
         frankenmoe.verify(tmp_path)
 
 
-def test_from_python_readme_example_runs(tmp_path: Path, tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_from_python_readme_example_runs(
+    tmp_path: Path, tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## From Python", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]

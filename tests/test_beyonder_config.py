@@ -135,7 +135,7 @@ def test_beyonder_config_parses_and_validates_unchanged() -> None:
 
     assert config.base_model == BASE_ID
     assert tuple(expert.source_model for expert in config.experts) == EXPERT_IDS
-    assert config.gate_mode == "hidden"
+    assert config.gate_mode == DEFAULT_GATE_MODE and config.gate_mode_defaulted  # it names no gate_mode
     assert config.experts_per_token == 2
     assert config.dtype is None
     assert config.experts[1].positive_prompts == ("code", "python", "javascript", "programming", "algorithm")

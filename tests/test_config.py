@@ -36,12 +36,18 @@ def test_minimal_config_gets_documented_defaults() -> None:
 
     assert config.base_model == "org/base"
     assert [expert.source_model for expert in config.experts] == ["org/coder", "./local/storyteller"]
-    assert config.gate_mode == "hidden"
+    assert config.gate_mode == "fit" and config.gate_mode_defaulted  # the default since issue 28
     assert config.dtype is None
     assert config.experts_per_token == 2
     assert config.architecture == "auto"
     assert config.router == RouterConfig(
-        pooling="mean", scale=None, sequential=False, ridge_lambda=0.1, input="router", logit_std=1.0
+        pooling="mean",
+        scale=None,
+        sequential=False,
+        ridge_lambda=0.1,
+        input="router",
+        logit_std=1.0,
+        continuation_tokens=32,  # fit's own default
     )
     assert (config.router.center, config.router.lead_in) == (True, True)
     assert config.experts[0] == ExpertConfig(source_model="org/coder", positive_prompts=("write code",))

@@ -113,7 +113,9 @@ def test_continued_prompts_are_the_prompt_then_what_the_model_wrote_all_of_it_co
     for before, after, tail in zip(prompts.prompts, continued.prompts, expected, strict=True):
         assert after.text == before.text
         assert torch.equal(after.token_ids, torch.cat([before.token_ids, tail]))
-        assert torch.equal(after.content_mask, torch.cat([before.content_mask, torch.ones(len(tail), dtype=torch.bool)]))
+        assert torch.equal(
+            after.content_mask, torch.cat([before.content_mask, torch.ones(len(tail), dtype=torch.bool)])
+        )
     assert (continued.positive, continued.negative) == (prompts.positive, prompts.negative)
 
 

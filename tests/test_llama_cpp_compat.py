@@ -119,3 +119,26 @@ def test_llama_cpp_mismatch_is_read_from_any_config_json(architecture: str, conf
     """`frankenmoe convert --to gguf` asks the same question of an existing checkpoint's config.json."""
     message = OUTPUT_ARCHITECTURES[architecture].llama_cpp_mismatch(config)
     assert (message is not None) == mismatch
+
+
+def test_a_gguf_of_a_qwen2_moe_llama_cpp_would_compute_differently_is_refused_before_writing(
+    tmp_path: Path, tied_llama: Path
+) -> None:
+    config = tmp_path / "config.yaml"
+    data = {
+        "base_model": str(tied_llama),
+        "architecture": "qwen2_moe",
+        "gate_mode": "random",
+        "experts_per_token": 2,
+        "experts": [{"source_model": str(tied_llama)} for _ in range(3)],
+    }
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+
+    for command in (
+        ["merge", config, tmp_path / "out", "--format", "gguf"],
+        ["merge", config, tmp_path / "out", "--format", "gguf", "--dry-run"],
+    ):
+        result = run_cli(*command)
+        assert result.exit_code == 2, result.output
+        assert MISMATCH in result.output and "experts_per_token: 3" in result.output
+        assert not (tmp_path / "out").exists()

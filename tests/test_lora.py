@@ -132,7 +132,9 @@ def test_an_expert_from_model_plus_adapter_is_peft_merge_and_unload_bit_for_bit(
     first = make_adapter(llama, tmp_path / "first", seed=1, r=4, lora_alpha=8)
     second = make_adapter(llama, tmp_path / "second", seed=2, r=16, lora_alpha=8)
     pickled = make_adapter(llama, tmp_path / "pickled", seed=1, safe=False, r=4, lora_alpha=8)
-    assert (pickled.folder / "adapter_model.bin").is_file() and not (pickled.folder / "adapter_model.safetensors").exists()
+    assert (pickled.folder / "adapter_model.bin").is_file() and not (
+        pickled.folder / "adapter_model.safetensors"
+    ).exists()
 
     out = merge(tmp_path, llama, [f"{llama}+{first.folder}", f"{llama}+{second.folder}", f"{llama}+{pickled.folder}"])
 
@@ -153,8 +155,12 @@ def test_bfloat16_experts_equal_peft_after_the_same_cast(models: dict[str, Path]
     float32, so its in-place sum rounds once) and on the float32 model, cast to bfloat16."""
     model = models["llama_bf16"]
     adapter = make_adapter(model, tmp_path / "adapter", seed=4, dtype=torch.bfloat16, r=8, lora_alpha=16)
-    in_float32 = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), adapter.folder)
-    cast = {name: tensor.detach().to(torch.bfloat16) for name, tensor in in_float32.merge_and_unload().state_dict().items()}
+    in_float32 = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), adapter.folder
+    )
+    cast = {
+        name: tensor.detach().to(torch.bfloat16) for name, tensor in in_float32.merge_and_unload().state_dict().items()
+    }
 
     tensors = output_tensors(merge(tmp_path, model, [f"{model}+{adapter.folder}", str(model)]))
 
@@ -178,7 +184,8 @@ def test_bfloat16_experts_equal_peft_after_the_same_cast(models: dict[str, Path]
         ),
         pytest.param({"r": 4, "target_modules": r".*\.layers\.1\.mlp\.(gate|down)_proj"}, id="regex-target-modules"),
         pytest.param(
-            {"r": 4, "target_modules": ["up_proj", "mlp.down_proj"], "layers_to_transform": [1]}, id="layers-to-transform"
+            {"r": 4, "target_modules": ["up_proj", "mlp.down_proj"], "layers_to_transform": [1]},
+            id="layers-to-transform",
         ),
         pytest.param({"r": 4, "target_modules": MLP, "exclude_modules": ["model.layers.0.mlp.up_proj"]}, id="exclude"),
     ],
@@ -198,7 +205,12 @@ def test_peft_settings_give_peft_merge_and_unload_bit_for_bit(
 def test_ranks_and_scales_follow_the_patterns_and_rslora(models: dict[str, Path], tmp_path: Path) -> None:
     llama = models["llama"]
     patterned = make_adapter(
-        llama, tmp_path / "patterned", r=4, lora_alpha=8, rank_pattern={"layers.1.mlp.gate_proj": 2}, alpha_pattern={"down_proj": 32}
+        llama,
+        tmp_path / "patterned",
+        r=4,
+        lora_alpha=8,
+        rank_pattern={"layers.1.mlp.gate_proj": 2},
+        alpha_pattern={"down_proj": 32},
     )
     rslora = make_adapter(llama, tmp_path / "rslora", r=16, lora_alpha=8, use_rslora=True)
 
@@ -226,7 +238,10 @@ def test_a_shared_expert_given_as_model_plus_adapter(models: dict[str, Path], tm
         for part in MLP_PARTS:
             shared = tensors[f"model.layers.{layer}.mlp.shared_expert.{part}.weight"]
             assert torch.equal(shared, adapter.merged[mlp_tensor(layer, part)])
-            assert torch.equal(tensors[f"model.layers.{layer}.mlp.experts.0.{part}.weight"], plain_weights(llama)[mlp_tensor(layer, part)])
+            assert torch.equal(
+                tensors[f"model.layers.{layer}.mlp.experts.0.{part}.weight"],
+                plain_weights(llama)[mlp_tensor(layer, part)],
+            )
     assert "| shared | `" in (out / "README.md").read_text()
 
 
@@ -235,7 +250,12 @@ def test_attention_and_embeddings_are_left_out_with_a_warning_per_kind_and_a_car
 ) -> None:
     llama = models["llama"]
     adapter = make_adapter(
-        llama, tmp_path / "adapter", seed=7, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens", "gate_proj"]
+        llama,
+        tmp_path / "adapter",
+        seed=7,
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "embed_tokens", "gate_proj"],
     )
 
     with caplog.at_level(logging.WARNING, logger="frankenmoe"):
@@ -249,7 +269,9 @@ def test_attention_and_embeddings_are_left_out_with_a_warning_per_kind_and_a_car
     tensors = output_tensors(out)
     base = plain_weights(llama)
     for layer in range(LAYERS):
-        assert torch.equal(tensors[expert_tensor(layer, 0, "gate_proj")], adapter.merged[mlp_tensor(layer, "gate_proj")])
+        assert torch.equal(
+            tensors[expert_tensor(layer, 0, "gate_proj")], adapter.merged[mlp_tensor(layer, "gate_proj")]
+        )
         assert torch.equal(tensors[expert_tensor(layer, 0, "up_proj")], base[mlp_tensor(layer, "up_proj")])
         name = f"model.layers.{layer}.self_attn.q_proj.weight"
         assert torch.equal(tensors[name], base[name]) and not torch.equal(adapter.merged[name], base[name])
@@ -280,7 +302,9 @@ def test_the_dry_run_names_each_adapter_with_rank_and_scale(models: dict[str, Pa
 
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert f"expert 0: {llama}+{adapter.folder} ({llama}); LoRA {adapter.folder}: rank 8, scale 4; 6 MLP matrices" in lines
+    assert (
+        f"expert 0: {llama}+{adapter.folder} ({llama}); LoRA {adapter.folder}: rank 8, scale 4; 6 MLP matrices" in lines
+    )
     assert f"expert 1: {llama} ({llama})" in lines
 
 
@@ -386,7 +410,10 @@ def plain_adapter(models: dict[str, Path], tmp_path_factory: pytest.TempPathFact
         ({"bias": "lora_only"}, 'bias is "lora_only"'),
         ({"peft_type": "LOHA"}, "it is a LOHA adapter (peft_type), and frankenmoe merges LoRA adapters only"),
         ({"init_lora_weights": "pissa"}, 'init_lora_weights is "pissa", which also changes the base weights'),
-        ({"use_bdlora": {"nblocks": 2}}, "it sets use_bdlora ({'nblocks': 2}), a LoRA variant frankenmoe does not implement"),
+        (
+            {"use_bdlora": {"nblocks": 2}},
+            "it sets use_bdlora ({'nblocks': 2}), a LoRA variant frankenmoe does not implement",
+        ),
     ],
 )
 def test_unsupported_adapters_are_refused_with_the_reason(
@@ -420,7 +447,10 @@ def test_an_adapter_for_another_shape_is_refused_before_any_work_with_both_shape
 
     assert result.exit_code == 3
     message = " ".join(result.output.split())
-    assert "does not fit its model: for model.layers.0.mlp.down_proj, lora_A has shape [4, 96] and lora_B [64, 4]" in message
+    assert (
+        "does not fit its model: for model.layers.0.mlp.down_proj, lora_A has shape [4, 96] and lora_B [64, 4]"
+        in message
+    )
     assert "the model's weight is [64, 128]" in message and "needs lora_A [4, 128] and lora_B [64, 4]" in message
     assert not (tmp_path / "out").exists()
 
@@ -428,7 +458,9 @@ def test_an_adapter_for_another_shape_is_refused_before_any_work_with_both_shape
 def test_missing_adapter_folders_and_folders_without_a_config_are_clear(
     models: dict[str, Path], plain_adapter: Adapter, tmp_path: Path
 ) -> None:
-    with pytest.raises(ModelError, match=r"The LoRA adapter '.*nowhere' of experts\[0\] .* cannot be found: Model folder"):
+    with pytest.raises(
+        ModelError, match=r"The LoRA adapter '.*nowhere' of experts\[0\] .* cannot be found: Model folder"
+    ):
         lora_source(models, tmp_path / "nowhere")
     not_an_adapter = tmp_path / "weights-only"
     not_an_adapter.mkdir()
@@ -437,7 +469,9 @@ def test_missing_adapter_folders_and_folders_without_a_config_are_clear(
         lora_source(models, not_an_adapter)
     without_weights = edited_adapter(plain_adapter, tmp_path / "config-only")
     (without_weights / "adapter_model.safetensors").unlink()
-    with pytest.raises(ModelError, match=r"has adapter_config.json but no adapter_model.safetensors or adapter_model.bin"):
+    with pytest.raises(
+        ModelError, match=r"has adapter_config.json but no adapter_model.safetensors or adapter_model.bin"
+    ):
         lora_source(models, without_weights)
 
 
@@ -446,9 +480,17 @@ def test_a_base_model_with_an_adapter_and_a_laser_on_adapted_matrices_are_refuse
 ) -> None:
     llama = models["llama"]
     config = parse_config(
-        yaml.safe_dump({"base_model": f"{llama}+{plain_adapter.folder}", "gate_mode": "random", "experts": [{"source_model": str(llama)}, {"source_model": str(llama)}]})
+        yaml.safe_dump(
+            {
+                "base_model": f"{llama}+{plain_adapter.folder}",
+                "gate_mode": "random",
+                "experts": [{"source_model": str(llama)}, {"source_model": str(llama)}],
+            }
+        )
     )
-    with pytest.raises(ModelError, match=r"names a LoRA adapter \(`model\+adapter`\), but the base model gives the MoE"):
+    with pytest.raises(
+        ModelError, match=r"names a LoRA adapter \(`model\+adapter`\), but the base model gives the MoE"
+    ):
         load_sources(config)
 
     laser_config = tmp_path / "laser.yaml"

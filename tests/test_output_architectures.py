@@ -24,8 +24,12 @@ from frankenmoe.routing import load_checkpoint, route_prompts
 from frankenmoe.toymodels import ToyShape, write_toy_model
 from tests.support import LLAMA3_ROPE, run_cli
 
-SHAPE = ToyShape(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
-SHARED_SHAPE = ToyShape(hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2)
+SHAPE = ToyShape(
+    hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2
+)
+SHARED_SHAPE = ToyShape(
+    hidden_size=64, num_hidden_layers=2, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2
+)
 TEXT = "The quick brown fox jumps over the lazy dog while the cat sleeps"
 PROMPTS = (["write python code", "def f(x): return x"], ["once upon a time", "a dragon slept"], ["solve 2x = 4"])
 
@@ -108,7 +112,9 @@ def test_auto_picks_qwen3_moe_for_qwen3_sources_and_it_reproduces_the_dense_mode
     assert_reproduces_dense(out, models["qwen3"])
 
 
-def test_qwen3_moe_copies_q_norm_and_k_norm_and_expert_mlps_bit_for_bit(tmp_path: Path, models: dict[str, Path]) -> None:
+def test_qwen3_moe_copies_q_norm_and_k_norm_and_expert_mlps_bit_for_bit(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
     experts = [models["qwen3-expert1"], models["qwen3-expert2"]]
     out = merged(tmp_path, models["qwen3"], experts)
 
@@ -169,10 +175,14 @@ def test_qwen2_moe_tensors_are_bit_identical_to_their_sources(tmp_path: Path, mo
             name = f"{prefix}self_attn.{projection}.bias"
             assert torch.equal(written[name], base[name])
         for part in ("gate_proj", "up_proj", "down_proj"):
-            assert torch.equal(written[f"{prefix}mlp.shared_expert.{part}.weight"], shared_source[f"{prefix}mlp.{part}.weight"])
+            assert torch.equal(
+                written[f"{prefix}mlp.shared_expert.{part}.weight"], shared_source[f"{prefix}mlp.{part}.weight"]
+            )
             for index, expert in enumerate(experts):
                 source = load_file(expert / "model.safetensors")
-                assert torch.equal(written[f"{prefix}mlp.experts.{index}.{part}.weight"], source[f"{prefix}mlp.{part}.weight"])
+                assert torch.equal(
+                    written[f"{prefix}mlp.experts.{index}.{part}.weight"], source[f"{prefix}mlp.{part}.weight"]
+                )
         gate = written[f"{prefix}mlp.shared_expert_gate.weight"]
         assert gate.shape == (1, SHAPE.hidden_size) and torch.count_nonzero(gate) > 0
     card = (out / "README.md").read_text()
@@ -193,7 +203,9 @@ def test_shared_expert_gate_is_neutral_without_prompts_and_the_dry_run_says_so(
     assert "shared-expert gate: neutral (1e-06 everywhere: the shared expert has no positive_prompts" in dry.output
     assert "architecture: qwen2_moe (auto: the natural output for qwen2 sources)" in dry.output
     assert run_cli("merge", config, tmp_path / "out").exit_code == 0
-    gates = [tensor for name, tensor in load_index(tmp_path / "out").items() if name.endswith("shared_expert_gate.weight")]
+    gates = [
+        tensor for name, tensor in load_index(tmp_path / "out").items() if name.endswith("shared_expert_gate.weight")
+    ]
     # Not exact zeros: llama.cpp's sigmoid is silu(x) / x, which an exactly zero logit turns into 0 / 0.
     assert len(gates) == SHAPE.num_hidden_layers and all(torch.all(gate == NEUTRAL_GATE) for gate in gates)
 
@@ -241,7 +253,11 @@ def test_llama3_rope_and_tied_embeddings_into_mixtral_reproduce_the_dense_model_
 ) -> None:
     llama3 = LLAMA3_ROPE
     base = write_toy_model(
-        tmp_path / "llama3", shape=SHAPE, model_type="llama", tie_word_embeddings=True, extra_config={"rope_parameters": llama3}
+        tmp_path / "llama3",
+        shape=SHAPE,
+        model_type="llama",
+        tie_word_embeddings=True,
+        extra_config={"rope_parameters": llama3},
     )
     write_config_rope(base, llama3)
     out = merged(tmp_path, base, [base, base])
@@ -253,7 +269,9 @@ def test_llama3_rope_and_tied_embeddings_into_mixtral_reproduce_the_dense_model_
     assert_reproduces_dense(out, base, length=48)
 
 
-@pytest.mark.parametrize(("family", "architecture"), [("llama", "mixtral"), ("qwen2", "qwen2_moe"), ("qwen3", "qwen3_moe")])
+@pytest.mark.parametrize(
+    ("family", "architecture"), [("llama", "mixtral"), ("qwen2", "qwen2_moe"), ("qwen3", "qwen3_moe")]
+)
 def test_every_output_writes_rope_settings_that_read_the_same_either_way(
     tmp_path: Path, models: dict[str, Path], family: str, architecture: str
 ) -> None:
@@ -267,7 +285,9 @@ def test_every_output_writes_rope_settings_that_read_the_same_either_way(
 
 
 def refusal(tmp_path: Path, base: Path, experts: Sequence[Path], *options: str, **config: Any) -> str:
-    result = run_cli("merge", write_merge_config(tmp_path / "config.yaml", base, experts, **config), tmp_path / "out", *options)
+    result = run_cli(
+        "merge", write_merge_config(tmp_path / "config.yaml", base, experts, **config), tmp_path / "out", *options
+    )
     assert result.exit_code != 0, result.output
     assert not (tmp_path / "out").exists()
     return result.output
@@ -287,7 +307,9 @@ def test_qwen3_sources_into_qwen2_moe_are_refused_because_their_q_k_norms_would_
     assert "q_norm/k_norm" in output and "architecture: qwen3_moe" in output
 
 
-def test_llama_sources_into_qwen3_moe_are_refused_naming_the_missing_norms(tmp_path: Path, models: dict[str, Path]) -> None:
+def test_llama_sources_into_qwen3_moe_are_refused_naming_the_missing_norms(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
     output = refusal(tmp_path, models["llama"], [models["llama-expert1"]], architecture="qwen3_moe")
     assert "q_norm/k_norm" in output and "architecture: mixtral" in output
 
@@ -373,7 +395,9 @@ def test_q_norms_in_a_llama_checkpoint_are_refused_naming_them(tmp_path: Path, m
 def test_a_llama_with_declared_attention_biases_is_refused_because_no_output_holds_an_o_proj_bias(
     tmp_path: Path, models: dict[str, Path]
 ) -> None:
-    base = write_toy_model(tmp_path / "biased-llama", shape=SHAPE, model_type="llama", extra_config={"attention_bias": True})
+    base = write_toy_model(
+        tmp_path / "biased-llama", shape=SHAPE, model_type="llama", extra_config={"attention_bias": True}
+    )
 
     output = refusal(tmp_path, base, [base, base])
     assert "No output architecture can hold these sources" in output and "self_attn.o_proj.bias" in output

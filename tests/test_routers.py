@@ -96,7 +96,9 @@ def test_ridge_lambda_trades_fitting_the_tokens_for_the_weighted_class_means(tin
     strong = compute_gates(
         "fit", gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0, ridge_lambda=1e6, center=False))
     ).router
-    weak = compute_gates("fit", gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0, ridge_lambda=1e-4))).router
+    weak = compute_gates(
+        "fit", gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0, ridge_lambda=1e-4))
+    ).router
     request = gate_request(tiny_models, TRAINING_PROMPTS, fixed)
     prompts = collect_expert_prompts(request.base, request.experts)
     layer0 = base_router_inputs(request)[0]
@@ -211,7 +213,10 @@ def test_sequential_states_are_the_merged_models_own(tiny_models: TinyModels, tm
 
 
 def test_router_options_parse_and_reject_bad_values() -> None:
-    text = "base_model: b\nexperts_per_token: 1\nexperts:\n  - source_model: e\n    positive_prompts: [x]\nrouter:\n"
+    text = (
+        "base_model: b\ngate_mode: hidden\nexperts_per_token: 1\nexperts:\n  - source_model: e\n"
+        "    positive_prompts: [x]\nrouter:\n"
+    )
     config = parse_config(text + "  scale: auto\n  input: residual\n  logit_std: 2\n", "t.yaml")
     assert config.router == RouterConfig(scale=None, input="residual", logit_std=2.0)
     off = parse_config(text + "  center: false\n  lead_in: false\n", "t.yaml").router
@@ -231,7 +236,9 @@ def test_router_options_parse_and_reject_bad_values() -> None:
 @pytest.mark.parametrize("mode", ["hidden", "fit"])
 def test_center_makes_every_row_orthogonal_to_the_mean_prompt_token(tiny_models: TinyModels, mode: str) -> None:
     centred = gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0))
-    plain = compute_gates(mode, gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0, center=False))).router
+    plain = compute_gates(
+        mode, gate_request(tiny_models, TRAINING_PROMPTS, RouterConfig(scale=1.0, center=False))
+    ).router
     gates = compute_gates(mode, centred).router
     prompts = collect_expert_prompts(centred.base, centred.experts)
     for layer, inputs in enumerate(base_router_inputs(centred)):

@@ -19,8 +19,15 @@ import frankenmoe
 from frankenmoe.toymodels import ToyShape, write_toy_model
 from tests.support import run_cli
 
-SHAPE = ToyShape(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
-SHARED_NAMES = ("model.embed_tokens.weight", "model.layers.1.self_attn.q_proj.weight", "model.norm.weight", "lm_head.weight")
+SHAPE = ToyShape(
+    hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2
+)
+SHARED_NAMES = (
+    "model.embed_tokens.weight",
+    "model.layers.1.self_attn.q_proj.weight",
+    "model.norm.weight",
+    "lm_head.weight",
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +41,9 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         folder = write_toy_model(root / f"full{index}", shape=SHAPE, base_seed=1, mlp_seed=10 + index)
         tensors = load_file(folder / "model.safetensors")
         generator = torch.Generator().manual_seed(index)
-        moved = {name: tensor + 0.01 * torch.randn(tensor.shape, generator=generator) for name, tensor in tensors.items()}
+        moved = {
+            name: tensor + 0.01 * torch.randn(tensor.shape, generator=generator) for name, tensor in tensors.items()
+        }
         assert moved.keys() == base_tensors.keys()
         save_file(moved, folder / "model.safetensors", {"format": "pt"})
         made[f"full{index}"] = folder
@@ -75,7 +84,9 @@ def test_a_linear_average_of_identical_sources_equals_the_base_bit_for_bit_after
         assert torch.equal(written[name], base[name].to(torch.bfloat16)), name
 
 
-def reference(method: str, base: torch.Tensor, experts: list[torch.Tensor], weights: list[float], **options: Any) -> torch.Tensor:
+def reference(
+    method: str, base: torch.Tensor, experts: list[torch.Tensor], weights: list[float], **options: Any
+) -> torch.Tensor:
     deltas = [expert - base for expert in experts]
     if method == "linear":
         total = options["base_weight"] * base + sum(w * e for w, e in zip(weights, experts, strict=True))
@@ -112,7 +123,9 @@ def test_each_method_equals_a_plain_torch_reference(
         torch.testing.assert_close(written[name], expected, rtol=0, atol=2e-7, msg=name)
 
 
-def test_seeded_dare_is_reproducible_and_drops_about_one_minus_density(tmp_path: Path, sources: dict[str, Path]) -> None:
+def test_seeded_dare_is_reproducible_and_drops_about_one_minus_density(
+    tmp_path: Path, sources: dict[str, Path]
+) -> None:
     config = {"method": "dare_linear", "density": 0.25}
     first = tensors(merge(tmp_path, sources, ["full1", "full2"], "a", shared_weights=config))
     again = tensors(merge(tmp_path, sources, ["full1", "full2"], "b", shared_weights=config))
@@ -160,7 +173,9 @@ def test_the_hidden_state_pass_runs_on_the_merged_trunk(tmp_path: Path, sources:
     assert not torch.equal(written[router], from_base[router])
 
 
-def test_the_dry_run_and_the_model_card_say_how_every_shared_tensor_was_made(tmp_path: Path, sources: dict[str, Path]) -> None:
+def test_the_dry_run_and_the_model_card_say_how_every_shared_tensor_was_made(
+    tmp_path: Path, sources: dict[str, Path]
+) -> None:
     config = tmp_path / "moe.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -186,7 +201,9 @@ def test_the_dry_run_and_the_model_card_say_how_every_shared_tensor_was_made(tmp
 
 
 def test_an_expert_whose_shared_tensor_shape_differs_is_refused(tmp_path: Path, sources: dict[str, Path]) -> None:
-    bigger = write_toy_model(tmp_path / "added-tokens", shape=ToyShape(**{**SHAPE.__dict__, "vocab_size": 32002}), base_seed=1)
+    bigger = write_toy_model(
+        tmp_path / "added-tokens", shape=ToyShape(**{**SHAPE.__dict__, "vocab_size": 32002}), base_seed=1
+    )
 
     with pytest.raises(frankenmoe.ModelError, match=r"cannot merge 'model.embed_tokens.weight': it is \[32002, 64\]"):
         frankenmoe.plan_merge(

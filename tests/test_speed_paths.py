@@ -111,7 +111,10 @@ def test_the_check_while_writing_equals_the_check_after_for_qwen2_moe_with_a_sha
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = write_toy_model(tmp_path / "qwen2", model_type="qwen2", base_seed=3)
-    experts = [write_toy_model(tmp_path / f"qwen2-{index}", model_type="qwen2", base_seed=3, mlp_seed=index) for index in (1, 2)]
+    experts = [
+        write_toy_model(tmp_path / f"qwen2-{index}", model_type="qwen2", base_seed=3, mlp_seed=index)
+        for index in (1, 2)
+    ]
     shared = write_toy_model(tmp_path / "qwen2-shared", model_type="qwen2", base_seed=3, mlp_seed=9)
     config = write_config(tmp_path / "moe.yaml", base, experts, gate_mode="hidden")
     data = yaml.safe_load(config.read_text())
@@ -203,7 +206,9 @@ def test_slices_give_the_same_bits_for_any_number_of_workers(
     tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch, many_slices: None
 ) -> None:
     source = load_source(str(tiny_models.experts[0]))
-    weights = MLPWeights(*(MatrixRows.whole(source.tensor(source.family.mlp_name(1, part))) for part in layers.MLP_PARTS))
+    weights = MLPWeights(
+        *(MatrixRows.whole(source.tensor(source.family.mlp_name(1, part))) for part in layers.MLP_PARTS)
+    )
     tokens = torch.randn(37, 64, generator=torch.Generator().manual_seed(5))
     results = []
     for count in (1, 2, 3):
@@ -215,7 +220,9 @@ def test_slices_give_the_same_bits_for_any_number_of_workers(
 
 
 def plain_mlp(tokens: torch.Tensor, weights: MLPWeights) -> torch.Tensor:
-    gate, up, down = (read_tensor(matrix.location).float() for matrix in (weights.gate_proj, weights.up_proj, weights.down_proj))
+    gate, up, down = (
+        read_tensor(matrix.location).float() for matrix in (weights.gate_proj, weights.up_proj, weights.down_proj)
+    )
     return (torch.nn.functional.silu(tokens @ gate.T) * (tokens @ up.T)) @ down.T
 
 

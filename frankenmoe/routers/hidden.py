@@ -3,7 +3,7 @@
 `layerwise_gates` runs every prompt through the base model's layers in order. At each layer it
 stops after attention to capture two views of the prompts (the router input, i.e. the output of
 post_attention_layernorm, and the residual stream entering the layer), asks a row function for
-that layer's gate rows, scales them (see prompts.scale_rows), and only then finishes the layer:
+that layer's gate rows, scales them (see prompts.row_scale), and only then finishes the layer:
 with the base model's dense MLP, or, with `router.sequential`, with the MoE MLP the merged model
 will have there (the experts' MLPs behind the rows just computed). Sequential states are what the
 merged model itself sees at inference; the base model's states drift from them layer by layer
@@ -84,7 +84,9 @@ def hidden_rows(states: LayerStates, prompts: ExpertPrompts, request: GateReques
 def layerwise_gates(request: GateRequest, rows_for_layer: RowFunction) -> Gates:
     shared = (request.shared_expert,) if request.shared_gate_from_prompts and request.shared_expert else ()
     prompts = collect_expert_prompts(request.base, (*request.experts, *shared), request.router.lead_in)
-    decoder = StreamedDecoder(request.base.config, request.base.tensors, request.device, merged=request.trunk, read_ahead=True)
+    decoder = StreamedDecoder(
+        request.base.config, request.base.tensors, request.device, merged=request.trunk, read_ahead=True
+    )
     if request.router.continuation_tokens:
         # Generation streams the whole base once per token, so it alone keeps slices (--weight-cache)
         # and may multiply in bfloat16; the states the rows are fitted on are computed in float32.

@@ -257,11 +257,6 @@ def content_tokens(states: Sequence[torch.Tensor], prompts: ExpertPrompts) -> to
     )
 
 
-def scale_rows(rows: torch.Tensor, router_inputs: torch.Tensor, router: RouterConfig) -> torch.Tensor:
-    """`rows` times `row_scale(rows, router_inputs, router)`."""
-    return rows * row_scale(rows, router_inputs, router)
-
-
 def row_scale(rows: torch.Tensor, router_inputs: torch.Tensor, router: RouterConfig) -> float:
     """`router.scale`, or with scale auto (None) the factor that makes the router logits of
     `router_inputs` ([tokens, hidden]: the prompts' tokens at this layer) have a mean standard
