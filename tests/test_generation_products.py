@@ -51,13 +51,22 @@ def test_native_products_multiply_the_stored_bfloat16_rows_by_bfloat16_tokens(
     assert weight.dtype == torch.bfloat16
     tokens = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
     cpu = torch.device("cpu")
-    for start in matrix.slice_starts:
-        rows = weight[start : start + matrix.slice_starts.step]
-        native = slice_product(tokens, matrix, start, cpu, SliceCache(native_bfloat16=True))
+    native_cache = SliceCache(native_bfloat16=True)
+    starts = layers.slice_starts(matrix, cpu, native_cache)
+    assert starts.step == 2 * matrix.slice_starts.step  # as many bytes as a float32 slice
+    for start in starts:
+        rows = weight[start : start + starts.step]
+        native = slice_product(tokens, matrix, start, cpu, native_cache)
         assert native.dtype == torch.float32
         assert torch.equal(native, (tokens.to(torch.bfloat16) @ rows.T).float())
-        exact = slice_product(tokens, matrix, start, cpu, None)
-        assert torch.equal(exact, tokens @ rows.float().T)
+        exact = torch.cat(
+            [
+                slice_product(tokens, matrix, s, cpu, None)
+                for s in range(start, start + len(rows), matrix.slice_starts.step)
+            ],
+            dim=-1,
+        )
+        torch.testing.assert_close(exact, tokens @ rows.float().T, rtol=1e-6, atol=1e-6)  # float32 slices
         torch.testing.assert_close(native, exact, rtol=2e-2, atol=2e-2)
 
 
@@ -79,7 +88,7 @@ def test_kept_bfloat16_slices_cost_two_bytes_each_and_change_no_result(bfloat16_
     cpu = torch.device("cpu")
     keeping = SliceCache(budget=1 << 20, native_bfloat16=True)
     streaming = SliceCache(native_bfloat16=True)
-    for start in matrix.slice_starts:
+    for start in layers.slice_starts(matrix, cpu, streaming):
         assert torch.equal(
             slice_product(tokens, matrix, start, cpu, keeping), slice_product(tokens, matrix, start, cpu, streaming)
         )
