@@ -19,9 +19,9 @@ GGUF_TYPE_HELP = (
     "write bf16 or f16 and run llama.cpp's llama-quantize on the file (docs/gguf.md)."
 )
 WEIGHT_CACHE_HELP = (
-    "Memory the hidden-state pass may use to keep the base model's matrices in float32 between passes, "
-    "e.g. 6GB: fit's text generation then converts each matrix once instead of once per generated token. "
-    "Default 0: stream them (bounded memory). The output is the same either way."
+    "Memory fit's text generation may use to keep the base model's matrix slices between generated tokens "
+    "(bfloat16 where the CPU multiplies it, else float32), e.g. 6GB: each is then read once instead of once "
+    "per token. Default 0: stream them (bounded memory). The output is the same either way."
 )
 OFFLINE_HELP = (
     "Never contact the Hugging Face Hub: repo ids are read from the local cache only (as HF_HUB_OFFLINE=1 does). "

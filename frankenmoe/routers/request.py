@@ -36,9 +36,9 @@ class GateRequest:
     """Where a layerwise gate mode publishes each layer's rows as soon as they are final (for the
     merge's routing check, which runs behind the router computation)."""
     weight_cache_bytes: int = 0
-    """Memory the hidden-state pass may spend keeping the base's matrices in float32 between passes
-    (layers.SliceCache): text generation then converts each slice once instead of once per token.
-    0 (the default) keeps the streaming bound."""
+    """Memory text generation may spend keeping the base's matrix slices between generated tokens
+    (layers.SliceCache): each slice is then read once instead of once per token. 0 (the default)
+    keeps the streaming bound."""
     bfloat16_generation: bool = False
     """Whether text generation (router.continuation_tokens) multiplies the base's bfloat16 matrices as
     stored, on a CPU with bfloat16 matrix units (layers.SliceCache), instead of in float32."""
