@@ -27,11 +27,14 @@ demo-toy: setup
 
 test: setup
 	$(VENV)/bin/ruff check frankenmoe tests examples benchmarks
+	$(VENV)/bin/ruff format --check frankenmoe tests examples benchmarks
+	$(VENV)/bin/vulture frankenmoe vulture_allowlist.py --min-confidence 60
 	$(PY) -m pytest -q
 
 # Everything but the slow lane (llama.cpp builds and runs) and the tests that reach PyPI.
 test-fast: setup
 	$(VENV)/bin/ruff check frankenmoe tests examples benchmarks
+	$(VENV)/bin/vulture frankenmoe vulture_allowlist.py --min-confidence 60
 	$(PY) -m pytest -q -m "not slow and not network"
 
 bench: setup

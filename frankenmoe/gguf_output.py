@@ -71,7 +71,6 @@ ROW_BLOCK_BYTES = 4 * 1024 * 1024
 (16 MiB blocks cost a third more CPU time and 50 MB more memory on the small benchmark shape)."""
 GGUF_NAME = "model-{type}.gguf"
 """The GGUF file's name inside OUT, e.g. model-Q8_0.gguf."""
-GGUF_TYPE_NAMES = tuple(GGUF_TYPES)
 
 
 def gguf_type(name: str) -> GgufType:

@@ -85,11 +85,6 @@ class PromptRouting:
     texts: tuple[str, ...] = ()
     """The text each token stands for (`token_texts`): what the text output and the heatmap show."""
 
-    @property
-    def top_expert(self) -> torch.Tensor:
-        """[layers, tokens]: the expert with the highest router probability."""
-        return self.probabilities.argmax(dim=-1)
-
 
 def route_prompts(
     checkpoint: Checkpoint,

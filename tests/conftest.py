@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from frankenmoe.toymodels import write_toy_model
+
+_BASE_TEMP: list[Path] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_files_stay_under_pytests_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Every temporary file of the run, ours and the subprocesses', goes under pytest's base temp folder:
+    a merge killed by a test (kill -9, signals) cannot clean its own scratch folders up."""
+    base = tmp_path_factory.getbasetemp()
+    _BASE_TEMP.append(base)
+    scratch = base / "tmp"
+    scratch.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = str(scratch)
+    tempfile.tempdir = None  # read TMPDIR again
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own temp-folder bookkeeping
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A passing run leaves nothing in the system temp folder (pytest would keep module-scoped folders)."""
+    if exitstatus == 0:
+        for base in _BASE_TEMP:
+            shutil.rmtree(base, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                base.parent.rmdir()  # pytest-of-<user>, when no earlier run is kept there
 
 
 @dataclass(frozen=True)
