@@ -48,7 +48,6 @@ from frankenmoe.errors import ModelError
 from frankenmoe.lora import LoraDelta
 from frankenmoe.memory import reuse_large_buffers
 from frankenmoe.tensor_io import (
-    MappedRows,
     TensorLocation,
     advise_will_need,
     element_size,
@@ -248,8 +247,7 @@ class SliceCache:
     bfloat16, with float32 accumulation: no float32 copy of the slice is made, and half the bytes go
     through memory. The products differ from float32 ones by bfloat16 rounding, which can change a
     greedy token where two are nearly tied; they are the same from run to run on one machine (one
-    thread per slice), but another CPU's bfloat16 kernels may round differently. Such a slice that is
-    not kept is multiplied where it lies in the page cache (tensor_io.MappedRows), then released.
+    thread per slice), but another CPU's bfloat16 kernels may round differently.
     """
 
     def __init__(self, budget: int = 0, native_bfloat16: bool = False) -> None:
@@ -258,7 +256,6 @@ class SliceCache:
         self.used = 0
         self._slices: dict[object, torch.Tensor] = {}
         self._lock = threading.Lock()
-        self._mapped = MappedRows()
 
     def multiplies_natively(self, matrix: MatrixRows, device: torch.device) -> bool:
         """Whether `matrix`'s slices are multiplied in their stored bfloat16 (see the class docstring)."""
@@ -298,26 +295,17 @@ class SliceCache:
             self._slices[key] = value
         return value
 
-    def release(self, matrix: MatrixRows, start: int) -> None:
-        """Done with slice `start` of a natively multiplied `matrix`: a mapped slice's pages leave this process."""
-        with self._lock:
-            if (matrix, start) in self._slices:
-                return
-        self._mapped.release(matrix.location, *self._native_rows(matrix, start))
-
-    def _read(self, matrix: MatrixRows, start: int, device: torch.device, native: bool, reuse: bool) -> torch.Tensor:
+    @staticmethod
+    def _read(matrix: MatrixRows, start: int, device: torch.device, native: bool, reuse: bool) -> torch.Tensor:
         if not native:
             return matrix.read(start, device, reuse=reuse)
-        first, stop = self._native_rows(matrix, start)
-        if not reuse:
-            return read_rows(matrix.location, first, stop)
-        mapped = self._mapped.rows(matrix.location, first, stop)
-        return _slice_buffers.stored_rows(matrix.location, first, stop) if mapped is None else mapped
-
-    @staticmethod
-    def _native_rows(matrix: MatrixRows, start: int) -> tuple[int, int]:
         step = 2 * matrix.slice_starts.step  # see slice_starts
-        return matrix.first_row + start, matrix.first_row + min(start + step, matrix.num_rows)
+        first, stop = matrix.first_row + start, matrix.first_row + min(start + step, matrix.num_rows)
+        return (
+            _slice_buffers.stored_rows(matrix.location, first, stop)
+            if reuse
+            else read_rows(matrix.location, first, stop)
+        )
 
 
 def slice_starts(matrix: MatrixRows, device: torch.device, cache: SliceCache | None) -> range:
@@ -338,9 +326,7 @@ def slice_product(
 ) -> torch.Tensor:
     """tokens [N, in] @ slice `start` of `matrix`.T, in float32 (see SliceCache for bfloat16 products)."""
     if cache is not None and cache.multiplies_natively(matrix, device):
-        product = (tokens.to(torch.bfloat16) @ cache.slice(matrix, start, device).T).float()
-        cache.release(matrix, start)
-        return product
+        return (tokens.to(torch.bfloat16) @ cache.slice(matrix, start, device).T).float()
     return tokens @ _float_slice(matrix, start, device, cache).T
 
 

@@ -23,7 +23,6 @@ import os
 import queue
 import struct
 import threading
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,59 +288,6 @@ def read_rows_into(location: TensorLocation, start: int, stop: int, buffer: torc
         raise ValueError(f"a buffer of {len(raw)} bytes cannot hold {count}")
     _read_exactly(location, memoryview(raw.numpy()), location.start + start * columns * item_size)
     return raw.view(torch_dtype).reshape(stop - start, columns)
-
-
-class MappedRows:
-    """Rows of local weight files seen through read-only mappings, one per file, dropped from the process
-    after use: for a pass that reads the same matrices again and again (text generation), the bytes are
-    multiplied where they lie in the page cache instead of being copied into a buffer first.
-
-    `rows` maps the file on first use and gives a view of the rows; `release` drops those pages from this
-    process's page tables (MADV_DONTNEED: the page cache keeps them), so the resident set stays at the
-    slices in use, not the mapped files. None where a file cannot be mapped (a streamed Hub shard, or
-    where mmap fails): the caller reads the rows instead.
-    """
-
-    def __init__(self) -> None:
-        self._maps: dict[Path, tuple[mmap.mmap, torch.Tensor] | None] = {}
-        self._lock = threading.Lock()
-
-    def rows(self, location: TensorLocation, start: int, stop: int) -> torch.Tensor | None:
-        mapped = self._mapping(location)
-        if mapped is None:
-            return None
-        torch_dtype, item_size = DTYPES[location.dtype]
-        columns = location.shape[-1]
-        offset = location.start + start * columns * item_size
-        count = (stop - start) * columns * item_size
-        return mapped[1][offset : offset + count].view(torch_dtype).view(stop - start, columns)
-
-    def release(self, location: TensorLocation, start: int, stop: int) -> None:
-        mapped = self._maps.get(location.file)
-        if mapped is None:
-            return
-        item_size = DTYPES[location.dtype][1]
-        row_bytes = location.shape[-1] * item_size
-        first = location.start + start * row_bytes
-        aligned = first - first % mmap.PAGESIZE
-        mapped[0].madvise(mmap.MADV_DONTNEED, aligned, location.start + stop * row_bytes - aligned)
-
-    def _mapping(self, location: TensorLocation) -> tuple[mmap.mmap, torch.Tensor] | None:
-        with self._lock:
-            if location.file not in self._maps:
-                self._maps[location.file] = None if location.remote is not None else _map_file(location.file)
-            return self._maps[location.file]
-
-
-def _map_file(path: Path) -> tuple[mmap.mmap, torch.Tensor] | None:
-    try:
-        with open(path, "rb") as file:
-            mapped = mmap.mmap(file.fileno(), 0, prot=mmap.PROT_READ)
-    except (OSError, ValueError):
-        return None
-    with warnings.catch_warnings():  # torch warns that the buffer is not writable: it is only read
-        warnings.simplefilter("ignore", UserWarning)
-        return mapped, torch.frombuffer(mapped, dtype=torch.uint8)
 
 
 def _read_exactly(location: TensorLocation, buffer: memoryview, offset: int) -> None:

@@ -10,12 +10,10 @@ which products a merge used.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from frankenmoe import layers
 from frankenmoe.config import RouterConfig, load_config
@@ -24,7 +22,6 @@ from frankenmoe.manifest import MANIFEST_NAME
 from frankenmoe.routers import GateRequest, compute_gates
 from frankenmoe.routers.prompts import load_tokenizer
 from frankenmoe.sources import load_source
-from frankenmoe.tensor_io import MappedRows, read_header
 from frankenmoe.toymodels import ToyShape, write_toy_model
 from tests.support import run_cli, write_config
 
@@ -156,31 +153,3 @@ def test_the_manifest_records_the_generation_products_of_a_merge_that_generates(
         assert options["generation_products"] == expected
     else:
         assert "generation_products" not in options
-
-
-def resident_file_bytes() -> int:
-    """This process's resident pages that map files (Linux /proc/self/status RssFile)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssFile:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError("no RssFile in /proc/self/status")
-
-
-def test_mapped_rows_are_the_stored_rows_and_leave_the_process_once_released(tmp_path: Path) -> None:
-    matrix = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)  # 32 MiB
-    save_file({"w": matrix}, str(tmp_path / "w.safetensors"))
-    location = read_header(tmp_path / "w.safetensors")["w"]
-    mapped = MappedRows()
-    before = resident_file_bytes()
-    for start in range(0, 4096, 512):
-        rows = mapped.rows(location, start, start + 512)
-        assert rows is not None and torch.equal(rows, matrix[start : start + 512])
-        mapped.release(location, start, start + 512)
-    # Every page was touched, and released: the resident set did not grow by the 32 MiB the file holds.
-    assert resident_file_bytes() - before < 8 * 1024 * 1024
-
-
-def test_a_streamed_hub_shard_is_never_mapped_and_is_read_instead(tmp_path: Path) -> None:
-    save_file({"w": torch.ones(4, 4, dtype=torch.bfloat16)}, str(tmp_path / "w.safetensors"))
-    location = replace(read_header(tmp_path / "w.safetensors")["w"], remote=object())  # type: ignore[arg-type]
-    assert MappedRows().rows(location, 0, 4) is None
