@@ -806,9 +806,8 @@ def execute_gguf_merge(prepared: PreparedMerge, gplan: GgufPlan) -> MergeResult:
 
     from frankenmoe.card import laser_sections, model_card
     from frankenmoe.laser import analyse_lasers, kept_ranks
-    from frankenmoe.manifest import build_manifest, write_manifest
     from frankenmoe.output import check_complete, staged_output
-    from frankenmoe.pipeline import BackgroundResult, MergeResult, gate_request, source_records, stage
+    from frankenmoe.pipeline import BackgroundResult, gate_request, record_merge, stage
     from frankenmoe.routers import compute_gates
     from frankenmoe.write import write_text_file
 
@@ -837,27 +836,8 @@ def execute_gguf_merge(prepared: PreparedMerge, gplan: GgufPlan) -> MergeResult:
             if problems:
                 raise OutputError(f"Verification of {gplan.file_name} failed: {problems[0]}.")
         check_complete(staging, list(records))
-        timings["total"] = sum(timings.values())
-        manifest = build_manifest(
-            config_text=prepared.config_text,
-            sources=source_records(plan, options.hash_sources),
-            options=options.recorded(plan),
-            architecture=plan.architecture.model_type,
-            files=list(records.values()),
-            timings=timings,
-        )
-        write_manifest(staging, manifest)
-    return MergeResult(
-        out=out,
-        architecture=plan.architecture.model_type,
-        files=tuple(records.values()),
-        total_parameters=plan.total_parameters,
-        active_parameters=plan.active_parameters,
-        timings=timings,
-        routing_check=None,
-        laser_results=laser_results,
-        manifest=manifest,
-    )
+        result = record_merge(prepared, plan, staging, records, timings, laser_results, routing_check=None)
+    return result
 
 
 def _with_plan_jobs(tensors: tuple[GgufTensor, ...], plan: MergePlan) -> Iterator[GgufTensor]:

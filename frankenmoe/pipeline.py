@@ -444,18 +444,35 @@ def execute_merge(prepared: PreparedMerge) -> MergeResult:
                 card = model_card(plan, prepared.config_text, (*card_sections, routing_check_markdown(routing_check)))
                 records["README.md"] = write_text_file(staging / "README.md", card)
         check_complete(staging, output_files(plan))
-        timings["total"] = sum(timings.values())
-        manifest = build_manifest(
-            config_text=prepared.config_text,
-            sources=source_records(plan, options.hash_sources),
-            options=options.recorded(plan),
-            architecture=plan.architecture.model_type,
-            files=list(records.values()),
-            timings=timings,
-        )
-        write_manifest(staging, manifest)
+        result = record_merge(prepared, plan, staging, records, timings, laser_results, routing_check)
+    return result
+
+
+def record_merge(
+    prepared: PreparedMerge,
+    plan: MergePlan,
+    staging: Path,
+    records: dict[str, FileRecord],
+    timings: dict[str, float],
+    laser_results: tuple[LaserResult, ...],
+    routing_check: RoutingCheck | None,
+) -> MergeResult:
+    """Write the build record into the staged output (its last file, before the swap) and say what was merged.
+
+    Both output formats end here: `plan` is the one that ran (laser ranks included), `records` every file written.
+    """
+    timings["total"] = sum(timings.values())
+    manifest = build_manifest(
+        config_text=prepared.config_text,
+        sources=source_records(plan, prepared.options.hash_sources),
+        options=prepared.options.recorded(plan),
+        architecture=plan.architecture.model_type,
+        files=list(records.values()),
+        timings=timings,
+    )
+    write_manifest(staging, manifest)
     return MergeResult(
-        out=out,
+        out=prepared.out,
         architecture=plan.architecture.model_type,
         files=tuple(records.values()),
         total_parameters=plan.total_parameters,
