@@ -174,8 +174,8 @@ def _sources(folder: Path, case: Case) -> tuple[Path, list[Path], Path | None]:
     )
 
 
-def _merge(folder: Path, case: Case) -> Path:
-    """The case's float32 safetensors merge, its config kept beside it as config.yaml."""
+def _merge(folder: Path, case: Case, dtype: str = "float32") -> Path:
+    """The case's safetensors merge (float32 unless told), its config kept beside it as config.yaml."""
     folder.mkdir(parents=True)
     base, experts, shared = _sources(folder / "sources", case)
     data: dict[str, Any] = {
@@ -188,18 +188,18 @@ def _merge(folder: Path, case: Case) -> Path:
     if shared is not None:
         data["shared_experts"] = [{"source_model": str(shared), "residual_scale": 0.5}]
     (folder / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-    result = run_cli("merge", folder / "config.yaml", folder / "safetensors", "--dtype", "float32", "--no-check")
+    result = run_cli("merge", folder / "config.yaml", folder / "safetensors", "--dtype", dtype, "--no-check")
     assert result.exit_code == 0, result.output
     return folder / "safetensors"
 
 
-def _gguf(folder: Path, origin: str) -> Path:
+def _gguf(folder: Path, origin: str, dtype: str = "float32", gguf_type: str = "f32") -> Path:
     if origin == "converter":
         (conversion,) = llama_cpp.convert([(folder / "safetensors", folder / "converter.gguf")])
         assert conversion.returncode == 0, f"convert_hf_to_gguf.py failed: {conversion.log[-4000:]}"
         return conversion.gguf
     direct = folder / "direct"
-    options = ("--dtype", "float32", "--no-check", "--format", "gguf", "--gguf-type", "f32")
+    options = ("--dtype", dtype, "--no-check", "--format", "gguf", "--gguf-type", gguf_type)
     result = run_cli("merge", folder / "config.yaml", direct, *options)
     assert result.exit_code == 0, f"merge --format gguf failed:\n{result.output}"
     (file,) = direct.glob("*.gguf")
@@ -243,6 +243,19 @@ def test_llama_cpp_perplexity_equals_transformers(
     built = build(case, origin)
     measured = llama_cpp_runtime.perplexity(built.gguf, text_file, N_CTX, CHUNKS, tmp_path)
     expected = transformers_perplexity(built.safetensors, measured)
+
+    assert measured.value == pytest.approx(expected, rel=RELATIVE), (measured.value, expected)
+
+
+def test_llama_cpp_perplexity_of_a_direct_f16_gguf_equals_transformers_of_the_f16_merge(
+    llama_tools: Path, text_file: Path, tmp_path: Path
+) -> None:
+    """The real SmolLM2 merged at float16, written directly as an f16 GGUF: the same weights in both."""
+    case = REAL_CASES[0]
+    safetensors = _merge(tmp_path / case.name, case, dtype="float16")
+    gguf_file = _gguf(tmp_path / case.name, "direct", dtype="float16", gguf_type="f16")
+    measured = llama_cpp_runtime.perplexity(gguf_file, text_file, N_CTX, CHUNKS, tmp_path)
+    expected = transformers_perplexity(safetensors, measured)
 
     assert measured.value == pytest.approx(expected, rel=RELATIVE), (measured.value, expected)
 
