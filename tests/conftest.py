@@ -14,23 +14,30 @@ import pytest
 from frankenmoe.toymodels import write_toy_model
 
 _BASE_TEMP: list[Path] = []
+_SCRATCH: list[Path] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every temporary file of the run that is not a test's own folder (subprocesses' scratch, such as a merge
+    killed by a test that cannot clean up after itself, and caches torch makes on import) goes into one scratch
+    folder, removed when the run ends. pytest's own folders stay where they were, kept for failed tests."""
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+    scratch = Path(tempfile.mkdtemp(prefix="frankenmoe-tests-"))
+    _SCRATCH.append(scratch)
+    os.environ["TMPDIR"] = str(scratch)
+    tempfile.tempdir = None  # read TMPDIR again
 
 
 @pytest.fixture(scope="session", autouse=True)
-def temporary_files_stay_under_pytests_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Every temporary file of the run, ours and the subprocesses', goes under pytest's base temp folder:
-    a merge killed by a test (kill -9, signals) cannot clean its own scratch folders up."""
-    base = tmp_path_factory.getbasetemp()
-    _BASE_TEMP.append(base)
-    scratch = base / "tmp"
-    scratch.mkdir(exist_ok=True)
-    os.environ["TMPDIR"] = str(scratch)
-    tempfile.tempdir = None  # read TMPDIR again
+def remembers_pytests_temp_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    _BASE_TEMP.append(tmp_path_factory.getbasetemp())
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own temp-folder bookkeeping
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """A passing run leaves nothing in the system temp folder (pytest would keep module-scoped folders)."""
+    for scratch in _SCRATCH:
+        shutil.rmtree(scratch, ignore_errors=True)
     if exitstatus == 0:
         for base in _BASE_TEMP:
             shutil.rmtree(base, ignore_errors=True)
