@@ -173,6 +173,7 @@ def test_quiet_merge_prints_nothing_and_json_logs_are_one_object_per_line(
     assert refused.returncode == 4 and error["event"] == "error" and error["exit_code"] == 4
 
 
+@pytest.mark.slow  # merges of models made three times larger, or a 500 MB pickle: seconds each
 def test_the_ci_makefile_example_builds_and_verifies_both_variants_then_skips_them(
     batch: tuple[Path, list[Path]], tmp_path: Path
 ) -> None:

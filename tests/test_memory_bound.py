@@ -61,6 +61,7 @@ def output_bytes(folder: Path) -> int:
 
 
 # fit continues every prompt by 32 tokens first: text generation that streams the model once per token.
+@pytest.mark.slow  # merges of models made three times larger, or a 500 MB pickle: seconds each
 @pytest.mark.parametrize("gate_mode", ["hidden", "fit"])
 def test_peak_memory_of_a_prompt_based_merge_barely_grows_when_the_models_triple(
     tmp_path: Path, gate_mode: str

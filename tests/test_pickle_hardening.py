@@ -228,6 +228,7 @@ print(outcome)
 """
 
 
+@pytest.mark.slow  # merges of models made three times larger, or a 500 MB pickle: seconds each
 def test_eight_mib_of_mark_opcodes_costs_at_most_a_few_hundred_mb(tmp_path: Path) -> None:
     # The issue's file: 8 MiB of MARK (8.5 KB deflated) cost 525 MB of RSS before being refused as damaged.
     path = tmp_path / "pytorch_model.bin"

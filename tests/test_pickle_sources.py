@@ -333,6 +333,7 @@ def test_pickles_that_are_not_plain_contiguous_tensors_are_refused_with_the_reas
 # --- memory ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # merges of models made three times larger, or a 500 MB pickle: seconds each
 def test_peak_memory_of_a_merge_of_pickle_sources_barely_grows_when_the_models_triple(tmp_path: Path) -> None:
     """The guard of test_memory_bound.py, for .bin sources: no model or shard is held in memory."""
     peaks, sizes = [], []

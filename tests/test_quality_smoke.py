@@ -87,6 +87,7 @@ def test_gain_retained_arithmetic() -> None:
         gain_retained(10.0, 9.0, 10.0)
 
 
+@pytest.mark.slow  # the quality benchmark's whole pipeline: seconds each
 def test_benchmark_pipeline_on_tiny_models(tmp_path: Path) -> None:
     torch.set_num_threads(2)
     base = write_toy_model(tmp_path / "base")
@@ -135,6 +136,7 @@ def test_benchmark_pipeline_on_tiny_models(tmp_path: Path) -> None:
     assert "trained" not in json.loads((experts["code"] / TRAINING_LOG).read_text())["settings"]
 
 
+@pytest.mark.slow  # a training run: seconds each
 def test_full_fine_tune_trains_everything_but_the_embeddings(tmp_path: Path) -> None:
     torch.set_num_threads(2)
     base = write_toy_model(tmp_path / "base")

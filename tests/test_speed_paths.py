@@ -226,6 +226,7 @@ def plain_mlp(tokens: torch.Tensor, weights: MLPWeights) -> torch.Tensor:
     return (torch.nn.functional.silu(tokens @ gate.T) * (tokens @ up.T)) @ down.T
 
 
+@pytest.mark.slow  # text generation and fit three times: seconds each
 def test_continuations_and_fit_gates_are_the_same_for_any_number_of_workers(
     tmp_path: Path, tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch, many_slices: None
 ) -> None:
@@ -321,6 +322,7 @@ def test_the_ridge_solution_is_the_primal_one_in_either_form(tokens: int) -> Non
 # --- the float32 weight cache ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # text generation and fit twice per budget: seconds each
 @pytest.mark.parametrize("budget", [0, 64 * 1024, 10**9])
 def test_continuations_and_fit_gates_are_the_same_with_any_weight_cache(
     tmp_path: Path, tiny_models: TinyModels, many_slices: None, monkeypatch: pytest.MonkeyPatch, budget: int
