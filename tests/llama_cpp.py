@@ -48,7 +48,7 @@ def converter() -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE, prefix="download-") as scratch:
         staging = Path(scratch) / "llama.cpp"
-        _unpack(_download(Path(scratch)), staging)
+        unpack_llama_cpp(download_sdist(Path(scratch)), staging, keep=CONVERTER_FILES)
         (staging / MARKER).write_text(json.dumps(description) + "\n")
         # Written under a temporary name and renamed, so an interrupted fetch never looks complete.
         shutil.rmtree(folder, ignore_errors=True)
@@ -56,12 +56,13 @@ def converter() -> Path:
     return folder
 
 
-def _download(scratch: Path) -> Path:
+def download_sdist(scratch: Path) -> Path:
+    """The llama-cpp-python sdist (which vendors llama.cpp: its converter and its source tree), into `scratch`."""
     command = [
         sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps",
         "--no-binary", ":all:", f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(scratch),
     ]  # fmt: skip
-    what = f"Could not download llama.cpp's converter (the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist from PyPI)"
+    what = f"Could not download llama.cpp (the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist from PyPI)"
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT)
     except subprocess.TimeoutExpired as error:
@@ -75,18 +76,19 @@ def _download(scratch: Path) -> Path:
     return archives[0]
 
 
-def _unpack(archive: Path, target: Path) -> None:
+def unpack_llama_cpp(archive: Path, target: Path, keep: tuple[str, ...] | None = None) -> None:
+    """The sdist's vendor/llama.cpp/ into `target`: the whole tree, or only its top-level entries in `keep`."""
     prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
     with tarfile.open(archive) as tar:
         members = []
         for member in tar.getmembers():
             relative = member.name.removeprefix(prefix)
-            if member.name.startswith(prefix) and relative.split("/")[0] in CONVERTER_FILES:
+            if member.name.startswith(prefix) and (keep is None or relative.split("/")[0] in keep):
                 member.name = relative
                 members.append(member)
-        found = {member.name.split("/")[0] for member in members}
-        if missing := set(CONVERTER_FILES) - found:
-            raise ConverterFetchError(f"{archive.name} has no {prefix}{{{', '.join(sorted(missing))}}}")
+        missing = set(keep or ()) - {member.name.split("/")[0] for member in members}
+        if missing or not members:
+            raise ConverterFetchError(f"{archive.name} has no {prefix}{', '.join(sorted(missing))}")
         tar.extractall(target, members=members, filter="data")
 
 

@@ -23,15 +23,13 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from tests.llama_cpp import LLAMA_CPP_PYTHON_VERSION
+from tests.llama_cpp import LLAMA_CPP_PYTHON_VERSION, ConverterFetchError, download_sdist, unpack_llama_cpp
 
 CACHE = Path(
     os.environ.get(
@@ -54,7 +52,6 @@ CMAKE_OPTIONS = (
 )
 JOBS = 2
 MARKER = "built.json"
-DOWNLOAD_TIMEOUT = 1200
 BUILD_TIMEOUT = 3600
 """Seconds: the measured build takes 10-20 minutes on two busy cores."""
 
@@ -84,7 +81,10 @@ def tools() -> Path:
     if not (source / "CMakeLists.txt").is_file():
         with tempfile.TemporaryDirectory(dir=CACHE, prefix="download-") as scratch:
             staging = Path(scratch) / "src"
-            _unpack(_download(Path(scratch)), staging)
+            try:
+                unpack_llama_cpp(download_sdist(Path(scratch)), staging)
+            except ConverterFetchError as error:
+                raise LlamaCppBuildError(str(error)) from error
             shutil.rmtree(source, ignore_errors=True)
             staging.rename(source)
     build = CACHE / "build"
@@ -118,39 +118,6 @@ def _run(command: list[str]) -> None:
             f"Could not build llama.cpp (needs cmake and a C++17 compiler): `{' '.join(command)}` exited with "
             f"{result.returncode}.\n{(result.stdout + result.stderr).strip()[-4000:]}"
         )
-
-
-def _download(scratch: Path) -> Path:
-    command = [
-        sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--no-deps",
-        "--no-binary", ":all:", f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(scratch),
-    ]  # fmt: skip
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT)
-    except subprocess.TimeoutExpired as error:
-        raise LlamaCppBuildError(
-            f"Could not download llama.cpp: `{' '.join(command)}` took over {DOWNLOAD_TIMEOUT} s."
-        ) from error
-    archives = sorted(scratch.glob("llama_cpp_python-*.tar.gz"))
-    if result.returncode != 0 or not archives:
-        raise LlamaCppBuildError(
-            f"Could not download llama.cpp: `{' '.join(command)}` exited with {result.returncode}.\n"
-            f"{(result.stdout + result.stderr).strip()[-3000:]}"
-        )
-    return archives[0]
-
-
-def _unpack(archive: Path, target: Path) -> None:
-    prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
-    with tarfile.open(archive) as tar:
-        members = []
-        for member in tar.getmembers():
-            if member.name.startswith(prefix):
-                member.name = member.name.removeprefix(prefix)
-                members.append(member)
-        if not members:
-            raise LlamaCppBuildError(f"{archive.name} has no {prefix}")
-        tar.extractall(target, members=members, filter="data")
 
 
 THREADS = 2
