@@ -805,21 +805,17 @@ def execute_gguf_merge(prepared: PreparedMerge, gplan: GgufPlan) -> MergeResult:
     from tqdm import tqdm
 
     from frankenmoe.card import laser_sections, model_card
-    from frankenmoe.laser import analyse_lasers, kept_ranks
     from frankenmoe.output import check_complete, staged_output
-    from frankenmoe.pipeline import BackgroundResult, gate_request, record_merge, stage
+    from frankenmoe.pipeline import BackgroundResult, record_merge, run_lasers, stage
     from frankenmoe.routers import compute_gates
     from frankenmoe.write import write_text_file
 
-    plan, options, out = prepared.plan, prepared.options, prepared.out
-    timings = {"planning": prepared.planning_seconds}
-    request = gate_request(plan, options)
-    with stage("laser", timings):
-        laser_results = analyse_lasers(plan, request.device, options.show_progress)
-    plan = plan.with_laser_ranks(kept_ranks(laser_results))
+    options = prepared.options
+    plan, request, laser_results, timings = run_lasers(prepared)
     gplan = replace(gplan, tensors=tuple(_with_plan_jobs(gplan.tensors, plan)))
     card = model_card(plan, prepared.config_text, (*laser_sections(laser_results), gguf_card_section(gplan)))
-    with staged_output(out) as staging:
+    # Whether OUT's checkpoint may be replaced is this merge's own --force, as for a safetensors output.
+    with staged_output(prepared.out, replace_checkpoint=options.force) as staging:
         with stage("writing", timings):
             gates = BackgroundResult(lambda: compute_gates(plan.config.gate_mode, request))
             with tqdm(

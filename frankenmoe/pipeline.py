@@ -398,12 +398,8 @@ def execute_merge(prepared: PreparedMerge) -> MergeResult:
         from frankenmoe.gguf_output import execute_gguf_merge
 
         return execute_gguf_merge(prepared, prepared.gguf)
-    plan, options, out = prepared.plan, prepared.options, prepared.out
-    timings = {"planning": prepared.planning_seconds}
-    request = gate_request(plan, options)
-    with stage("laser", timings):
-        laser_results = analyse_lasers(plan, request.device, options.show_progress)
-    plan = plan.with_laser_ranks(kept_ranks(laser_results))
+    options, out = prepared.options, prepared.out
+    plan, request, laser_results, timings = run_lasers(prepared)
     card_sections = laser_sections(laser_results)
     card = model_card(plan, prepared.config_text, card_sections)
     # Whether OUT's checkpoint may be replaced is this plan's own --force, never another plan's.
@@ -446,6 +442,18 @@ def execute_merge(prepared: PreparedMerge) -> MergeResult:
         check_complete(staging, output_files(plan))
         result = record_merge(prepared, plan, staging, records, timings, laser_results, routing_check)
     return result
+
+
+def run_lasers(prepared: PreparedMerge) -> tuple[MergePlan, GateRequest, tuple[LaserResult, ...], dict[str, float]]:
+    """A merge's first stage, whatever the output format: laser's checks, and the plan with the ranks they kept.
+
+    Returns that plan, the routers' request, laser's results and the timings so far (planning, laser).
+    """
+    timings = {"planning": prepared.planning_seconds}
+    request = gate_request(prepared.plan, prepared.options)
+    with stage("laser", timings):
+        laser_results = analyse_lasers(prepared.plan, request.device, prepared.options.show_progress)
+    return prepared.plan.with_laser_ranks(kept_ranks(laser_results)), request, laser_results, timings
 
 
 def record_merge(

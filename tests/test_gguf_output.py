@@ -231,3 +231,19 @@ def test_no_room_on_disk_is_an_output_error_before_writing(tmp_path: Path) -> No
     with full_disk, pytest.raises(OutputError, match="Not enough disk space"):
         prepare_merge(config, tmp_path / "out", MergeOptions(gguf_type="f32"))
     assert not (tmp_path / "out").exists()
+
+
+def test_force_replaces_a_previous_gguf_checkpoint_and_without_it_the_previous_one_stays(tmp_path: Path) -> None:
+    config = _toy_sources(tmp_path)
+    out = tmp_path / "out"
+    assert run_cli("merge", config, out, "--format", "gguf", "--gguf-type", "f16").exit_code == 0
+    before = sorted(path.name for path in out.iterdir())
+
+    refused = run_cli("merge", config, out, "--format", "gguf", "--gguf-type", "q8_0")
+    assert refused.exit_code == OutputError.exit_code and "--force" in refused.output
+    assert sorted(path.name for path in out.iterdir()) == before
+
+    replaced = run_cli("merge", config, out, "--format", "gguf", "--gguf-type", "q8_0", "--force")
+    assert replaced.exit_code == 0, replaced.output
+    assert [path.name for path in out.glob("*.gguf")] == ["model-Q8_0.gguf"]
+    assert run_cli("verify", out).exit_code == 0
