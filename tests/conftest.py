@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from frankenmoe import output
 from frankenmoe.toymodels import write_toy_model
 
 _BASE_TEMP: list[Path] = []
@@ -70,3 +73,20 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
         for index in (1, 2)
     )
     return TinyModels(base, experts, llama, llama_experts)
+
+
+@pytest.fixture
+def ctrl_c_during_the_swap(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Ctrl-C arrives as every output swap starts (tests/test_signals.py, builds in test_recovery_and_build_defects)."""
+    # A shell that starts the tests in the background (`nohup make test &`) leaves SIGINT ignored;
+    # these tests are about Python's usual Ctrl-C handler.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    swap = output._swap_into_place
+
+    def swap_with_ctrl_c(*args: object) -> None:
+        signal.raise_signal(signal.SIGINT)
+        swap(*args)
+
+    monkeypatch.setattr(output, "_swap_into_place", swap_with_ctrl_c)
+    yield
+    signal.signal(signal.SIGINT, previous)

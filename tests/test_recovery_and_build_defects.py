@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -316,21 +315,7 @@ def test_a_signal_while_the_second_config_writes_stops_the_build(
     assert run_cli("verify", out_dir / "one").exit_code == 0
 
 
-@pytest.fixture
-def ctrl_c_during_every_swap(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    swap = output._swap_into_place
-
-    def swap_with_ctrl_c(*args: object) -> None:
-        signal.raise_signal(signal.SIGINT)
-        swap(*args)
-
-    monkeypatch.setattr(output, "_swap_into_place", swap_with_ctrl_c)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
-@pytest.mark.usefixtures("ctrl_c_during_every_swap")
+@pytest.mark.usefixtures("ctrl_c_during_the_swap")
 def test_ctrl_c_during_a_swap_keeps_that_output_and_starts_no_later_config(
     tmp_path: Path, variants: list[Path]
 ) -> None:

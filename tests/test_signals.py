@@ -15,12 +15,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from frankenmoe import output
 from frankenmoe.output import interrupt_scope, not_a_checkpoint_reason, partial_folder, staged_output
 from tests.conftest import TinyModels
 from tests.support import write_config
@@ -189,22 +187,6 @@ def test_version_and_help_import_no_heavy_module(arguments: list[str]) -> None:
 
 
 # --- a signal during the swap, in-process -------------------------------------------------------------------------
-
-
-@pytest.fixture
-def ctrl_c_during_the_swap(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # A shell that starts the tests in the background (`nohup make test &`) leaves SIGINT ignored;
-    # these tests are about Python's usual Ctrl-C handler.
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    swap = output._swap_into_place
-
-    def swap_with_ctrl_c(*args: object) -> None:
-        signal.raise_signal(signal.SIGINT)
-        swap(*args)
-
-    monkeypatch.setattr(output, "_swap_into_place", swap_with_ctrl_c)
-    yield
-    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.usefixtures("ctrl_c_during_the_swap")
