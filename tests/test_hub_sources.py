@@ -25,16 +25,8 @@ from frankenmoe.toymodels import ToyShape, write_toy_model
 from tests.conftest import TinyModels
 from tests.hub_server import HubServer
 from tests.support import run_cli
+from tests.test_beyonder_config import BASE_ID, BEYONDER_CONFIG, EXPERT_IDS
 
-REPOSITORY = Path(__file__).resolve().parents[1]
-BEYONDER_CONFIG = REPOSITORY / "tests" / "data" / "beyonder-4x7b-v2.yaml"
-BASE_ID = "mlabonne/Marcoro14-7B-slerp"
-EXPERT_IDS = (
-    "openchat/openchat-3.5-1210",
-    "beowolx/CodeNinja-1.0-OpenChat-7B",
-    "maywell/PiVoT-0.1-Starling-LM-RP",
-    "WizardLM/WizardMath-7B-V1.1",
-)
 TOKENIZER_NAMES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"}
 
 
