@@ -22,8 +22,8 @@ from pathlib import Path
 
 from synthetic_models import CACHE, model_set
 
-from frankenmoe.manifest import MANIFEST_NAME
-from frankenmoe.tensor_io import read_header
+from frankenmoe.checkpoint.manifest import MANIFEST_NAME
+from frankenmoe.io.safetensors import read_header
 
 SHARD_SIZES = ("5GB", "300MB", "70MB")
 THREAD_COUNTS = (1, 2, 4)

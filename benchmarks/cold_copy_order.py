@@ -32,7 +32,7 @@ from pathlib import Path
 
 from run_merge_bench import drop_page_cache
 
-from frankenmoe.tensor_io import copy_range, read_header
+from frankenmoe.io.safetensors import copy_range, read_header
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 Range = tuple[Path, int, int]

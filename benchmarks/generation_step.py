@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from frankenmoe.layers import SliceCache, StreamedDecoder, cpu_multiplies_bfloat16, greedy_continuations
-from frankenmoe.memory import keep_large_buffers_out_of_the_heap
-from frankenmoe.plan import parse_size
-from frankenmoe.sources import load_source
-from frankenmoe.toymodels import ToyShape, write_toy_model
+from frankenmoe.decoder.layers import SliceCache, StreamedDecoder, cpu_multiplies_bfloat16, greedy_continuations
+from frankenmoe.merging.plan import parse_size
+from frankenmoe.runtime.memory import keep_large_buffers_out_of_the_heap
+from frankenmoe.sources.model import load_source
+from frankenmoe.testing.toymodels import ToyShape, write_toy_model
 
 CACHE = Path(__file__).resolve().parent / ".cache" / "generation"
 PROMPTS = [torch.tensor([1, 100 + index, 200 + index, 300, 400, 500]) for index in range(8)]
@@ -67,7 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     bfloat16 = args.products == "bfloat16" or (args.products == "auto" and cpu_multiplies_bfloat16())
     print(f"products: {'bfloat16' if bfloat16 else 'float32'}", flush=True)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by frankenmoe.layers.slice_workers
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by frankenmoe.decoder.layers.slice_workers
     keep_large_buffers_out_of_the_heap()
     torch.set_num_threads(1)
     timings, cpu = {}, {}

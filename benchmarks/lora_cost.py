@@ -48,7 +48,7 @@ def prepare(layers: int, ranks: list[int]) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from frankenmoe.toymodels import ToyShape, write_toy_model
+    from frankenmoe.testing.toymodels import ToyShape, write_toy_model
 
     base = CACHE / f"base-l{layers}"
     if not (base / "model.safetensors").is_file():
@@ -80,10 +80,10 @@ def time_matrix(layers: int, rank: int, repeats: int) -> None:
 
     import torch
 
-    from frankenmoe.lora import load_adapter
-    from frankenmoe.plan import TensorJob, TensorPiece
-    from frankenmoe.sources import load_source
-    from frankenmoe.write import produce_piece
+    from frankenmoe.merging.plan import TensorJob, TensorPiece
+    from frankenmoe.merging.writer import produce_piece
+    from frankenmoe.sources.adapter import load_adapter
+    from frankenmoe.sources.model import load_source
 
     base = load_source(str(CACHE / f"base-l{layers}"))
     name = base.family.mlp_name(0, "gate_proj")

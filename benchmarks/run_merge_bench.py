@@ -69,13 +69,13 @@ VARIANTS = {
     "default": "",
     # No read-ahead hints: neither ReadAhead's ahead of the writer nor the hidden pass's per layer.
     "no-read-ahead": (
-        "import frankenmoe.layers as layers, frankenmoe.tensor_io as tensor_io\n"
+        "import frankenmoe.decoder.layers as layers, frankenmoe.io.safetensors as tensor_io\n"
         "tensor_io.advise_will_need = layers.advise_will_need = lambda locations: None\n"
     ),
     # A lower bound, not a usable merge: the shards' sha256 is never computed (the manifest records
     # the hash of nothing), so the run shows what hashing every output byte costs.
     "no-hash": (
-        "import frankenmoe.tensor_io as tensor_io\n"
+        "import frankenmoe.io.safetensors as tensor_io\n"
         "tensor_io.StreamHasher.add_bytes = tensor_io.StreamHasher.add_range = lambda self, *data: None\n"
     ),
 }
@@ -388,10 +388,10 @@ def import_baseline(work: Path, repeats: int) -> Row:
     `frankenmoe.cli` itself imports them only inside its commands, so it is the pipeline that is timed.
     """
     runs = [
-        measure([sys.executable, "-c", "import frankenmoe.pipeline"], work / "import.log")
+        measure([sys.executable, "-c", "import frankenmoe.merging.run"], work / "import.log")
         for _ in range(max(repeats, 3))
     ]
-    return Row("-", "import frankenmoe.pipeline", runs, [], 0)
+    return Row("-", "import frankenmoe.merging.run", runs, [], 0)
 
 
 def _stage_seconds(out: Path) -> str:

@@ -17,7 +17,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from frankenmoe.toymodels import SHAPES, write_toy_model
+from frankenmoe.testing.toymodels import SHAPES, write_toy_model
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 MARKER = "complete.json"

@@ -20,7 +20,7 @@ import torch
 from smollm2 import chat, ensure_smollm2
 from transformers import AutoTokenizer, MixtralForCausalLM
 
-from frankenmoe.toymodels import ToyShape, write_toy_model
+from frankenmoe.testing.toymodels import ToyShape, write_toy_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "examples" / "models"

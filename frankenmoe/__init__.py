@@ -38,15 +38,15 @@ _API = {
     "MergeInterruptedError": "frankenmoe.errors",
 }
 _CLIENT = {
-    "DTYPES": "frankenmoe.config",
-    "format_bytes": "frankenmoe.output",
-    "interrupt_scope": "frankenmoe.output",
-    "SigtermInterrupt": "frankenmoe.output",
-    "keep_large_buffers_out_of_the_heap": "frankenmoe.memory",
+    "DTYPES": "frankenmoe.config.schema",
+    "format_bytes": "frankenmoe.io.sizes",
+    "interrupt_scope": "frankenmoe.runtime.interrupts",
+    "SigtermInterrupt": "frankenmoe.runtime.interrupts",
+    "keep_large_buffers_out_of_the_heap": "frankenmoe.runtime.memory",
 }
 """What a command-line client needs before (or without) loading torch: the choices of plan_merge's `dtype`
 (for help text), the byte formatter of every message, Ctrl-C/SIGTERM handling that cleans up like the CLI's,
-and the allocator policy that keeps a merge's peak memory at one layer (see frankenmoe.memory)."""
+and the allocator policy that keeps a merge's peak memory at one layer (see frankenmoe.runtime.memory)."""
 __all__ = ["__version__", *_API, *_CLIENT]
 
 

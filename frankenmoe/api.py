@@ -5,7 +5,7 @@ ModelError 3, OutputError 4, MergeInterruptedError 130), prints nothing unless a
 (`progress=True` shows tqdm bars on stderr), and never calls sys.exit.
 
 Process-wide state: `merge` gives every buffer over 128 KiB its own memory mapping for the rest
-of the process (glibc's mmap threshold, see frankenmoe.memory), as the CLI does: that is what
+of the process (glibc's mmap threshold, see frankenmoe.runtime.memory), as the CLI does: that is what
 keeps a merge's peak memory at one layer. The merge's worker threads run torch with one intra-op
 thread each; torch keeps that count process-wide, so every call that runs them (`run_merge`, `merge`,
 `build`, `compute_routers`, `route`) puts the caller's `torch.get_num_threads()` back when it returns.
@@ -32,45 +32,20 @@ from typing import Any, ParamSpec, TypeVar
 
 import torch
 
-from frankenmoe.architectures import LAYOUT_NAMES
-from frankenmoe.batch import BuildInterrupted, BuildReport, build_configs
-from frankenmoe.config import DTYPES, MergeConfig
-from frankenmoe.describe import describe_plan, describe_result
-from frankenmoe.errors import ConfigError
-from frankenmoe.evaluation import DEFAULT_WINDOW, DomainText, EvaluationReport, evaluate_checkpoint
-from frankenmoe.hub import offline
-from frankenmoe.inspection import (
+from frankenmoe.analysis.evaluate import DEFAULT_WINDOW, DomainText, EvaluationReport, evaluate_checkpoint
+from frankenmoe.analysis.inspect import (
     DEGENERATE_CONDITION,
     NEAR_DUPLICATE_COSINE,
     CheckpointReport,
     inspect_checkpoint,
-    read_recipe,
 )
-from frankenmoe.manifest import FileRecord
-from frankenmoe.memory import keep_large_buffers_out_of_the_heap
-from frankenmoe.pipeline import (
-    ConfigInput,
-    LoadedConfig,
-    MergeOptions,
-    MergeResult,
-    PreparedMerge,
-    execute_merge,
-    gate_request,
-    load_config_input,
-    prepare_merge,
-    read_config_input,
-    resolve_device,
-)
-from frankenmoe.plan import DEFAULT_SHARD_BYTES, parse_size
-from frankenmoe.routers import Gates, compute_gates
-from frankenmoe.routing import (
+from frankenmoe.analysis.routing import (
     PromptRouting,
     RoutingAccuracy,
     RoutingSummary,
     accuracy_to_dict,
     content_texts,
     expert_names,
-    load_checkpoint,
     load_labels,
     read_prompts_file,
     route_prompts,
@@ -78,7 +53,32 @@ from frankenmoe.routing import (
     routing_to_dict,
     summarise_routing,
 )
-from frankenmoe.verification import VerifyReport, verify_output
+from frankenmoe.analysis.verify import VerifyReport, verify_output
+from frankenmoe.architectures.tables import LAYOUT_NAMES
+from frankenmoe.checkpoint.folder import load_checkpoint
+from frankenmoe.checkpoint.manifest import FileRecord
+from frankenmoe.checkpoint.recipe import read_recipe
+from frankenmoe.config.schema import DTYPES, MergeConfig
+from frankenmoe.errors import ConfigError
+from frankenmoe.merging.batch import BuildInterrupted, BuildReport, build_configs
+from frankenmoe.merging.describe import describe_plan, describe_result
+from frankenmoe.merging.plan import DEFAULT_SHARD_BYTES, parse_size
+from frankenmoe.merging.prepare import (
+    ConfigInput,
+    LoadedConfig,
+    MergeOptions,
+    MergeResult,
+    PreparedMerge,
+    gate_request,
+    load_config_input,
+    prepare_merge,
+    read_config_input,
+    resolve_device,
+)
+from frankenmoe.merging.run import execute_merge
+from frankenmoe.routers import Gates, compute_gates
+from frankenmoe.runtime.memory import keep_large_buffers_out_of_the_heap
+from frankenmoe.sources.hub import offline
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -186,7 +186,7 @@ def plan_options(
     `stream_sources` reads Hub sources' tensors over HTTP into the output instead of downloading them
     (docs/hub.md).
     """
-    from frankenmoe.gguf_output import resolve_gguf_type
+    from frankenmoe.merging.gguf_plan import resolve_gguf_type
 
     if layout is not None and layout not in LAYOUT_NAMES:
         raise ConfigError(f"layout {layout!r} is not valid (--layout); choose one of: {', '.join(LAYOUT_NAMES)}.")
@@ -365,7 +365,7 @@ def route(
         >>> route("out/", ["def f(x):"]).summary.mean_entropy   # doctest: +SKIP
         0.41
     """
-    from frankenmoe.plot import require_matplotlib, write_routing_heatmap
+    from frankenmoe.analysis.plot import require_matplotlib, write_routing_heatmap
 
     texts = _prompts(prompts)
     if labels is not None and len(labels) != len(texts):
@@ -415,7 +415,7 @@ def evaluate(
     `text` field), the text itself, a list of documents, or [windows, length] token ids. The base and
     experts come from the checkpoint's manifest; `models` (name -> reference: `base`, `expert0`, ... or
     new names) replaces or adds them. Windows are `window` tokens, one every `stride` (default: the
-    window); see frankenmoe.evaluation.
+    window); see frankenmoe.analysis.evaluate.
 
         >>> report = evaluate("out/", {"code": Path("heldout/code.txt")})   # doctest: +SKIP
         >>> [(row.domain, round(row.kept, 2)) for row in report.domains]   # doctest: +SKIP
@@ -456,7 +456,7 @@ def convert_to_gguf(checkpoint: Path | str, gguf_type: str = "q8_0", output: Pat
     >>> convert_to_gguf("out/", "q8_0").name   # doctest: +SKIP
     'out-Q8_0.gguf'
     """
-    from frankenmoe.gguf_output import convert_checkpoint
+    from frankenmoe.merging.gguf import convert_checkpoint
 
     return convert_checkpoint(Path(checkpoint), gguf_type, None if output is None else Path(output))
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from frankenmoe import output
-from frankenmoe.toymodels import write_toy_model
+from frankenmoe.checkpoint import output_folder as output
+from frankenmoe.testing.toymodels import write_toy_model
 
 _BASE_TEMP: list[Path] = []
 _SCRATCH: list[Path] = []

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import frankenmoe
-from frankenmoe.manifest import MANIFEST_NAME
+from frankenmoe.checkpoint.manifest import MANIFEST_NAME
 from tests.conftest import TinyModels
 from tests.support import write_config
 

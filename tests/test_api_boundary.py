@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 import frankenmoe
+from frankenmoe.checkpoint.manifest import MANIFEST_NAME
 from frankenmoe.errors import ConfigError
-from frankenmoe.manifest import MANIFEST_NAME
 from tests.conftest import TinyModels
 from tests.support import run_cli, write_config
 

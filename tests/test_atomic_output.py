@@ -21,10 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from frankenmoe import pipeline as merge
-from frankenmoe import tensor_io
-from frankenmoe.output import OWNER_FILE, partial_folder, replaced_folder
-from frankenmoe.tensor_io import read_header
+from frankenmoe.checkpoint.output_folder import OWNER_FILE, partial_folder, replaced_folder
+from frankenmoe.io import safetensors as tensor_io
+from frankenmoe.io.safetensors import read_header
+from frankenmoe.merging import run as merge
 from tests.conftest import TinyModels
 from tests.support import run_cli, write_config
 
@@ -64,10 +64,10 @@ def pause_after(function):
 
 
 if stage == "writing":
-    from frankenmoe.tensor_io import ShardWriter
+    from frankenmoe.io.safetensors import ShardWriter
     ShardWriter.copy_bytes = pause_after(ShardWriter.copy_bytes)
 else:
-    from frankenmoe.layers import StreamedDecoder
+    from frankenmoe.decoder.layers import StreamedDecoder
     StreamedDecoder.load_attention = pause_after(StreamedDecoder.load_attention)
 
 from frankenmoe.cli import app
@@ -234,7 +234,7 @@ def test_checkpoint_larger_than_free_space_is_refused_with_both_numbers(
         fill_disk(disk, leave_bytes=5 * 1024 * 1024)
     else:
         fake_usage = shutil.disk_usage(tmp_path)._replace(free=5 * 1024 * 1024)
-        monkeypatch.setattr("frankenmoe.output.shutil.disk_usage", lambda _path: fake_usage)
+        monkeypatch.setattr("frankenmoe.checkpoint.output_folder.shutil.disk_usage", lambda _path: fake_usage)
     free = shutil.disk_usage(disk).free if mounted else 5 * 1024 * 1024
     config = write_config(tmp_path / "moe.yaml", tiny_models.base, tiny_models.experts[:2])
     message = refused_before_work(config, disk / "out", "Not enough disk space", f"({free} bytes) free")

@@ -21,11 +21,11 @@ import typer
 import yaml
 from safetensors.torch import load_file, save_file
 
-from frankenmoe.cli import run_reporting_errors
+from frankenmoe.checkpoint.output_folder import partial_folder
+from frankenmoe.cli.app import run_reporting_errors
 from frankenmoe.errors import ModelError
-from frankenmoe.output import partial_folder
-from frankenmoe.tensor_io import MAX_HEADER_BYTES, read_header
-from frankenmoe.toymodels import ToyShape, write_toy_model
+from frankenmoe.io.safetensors import MAX_HEADER_BYTES, read_header
+from frankenmoe.testing.toymodels import ToyShape, write_toy_model
 from tests.conftest import TinyModels
 from tests.support import run_cli, write_config
 

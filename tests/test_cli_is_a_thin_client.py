@@ -48,9 +48,9 @@ def test_the_cli_imports_only_the_public_api_the_errors_and_itself() -> None:
 def test_the_import_check_sees_internals_imported_anywhere_in_a_module() -> None:
     source = (
         "from frankenmoe import api\nimport frankenmoe.errors\nfrom frankenmoe.cli.app import say\n"
-        "def route():\n    from frankenmoe.routing import load_checkpoint\n    import frankenmoe.plot\n"
+        "def route():\n    from frankenmoe.analysis.routing import load_checkpoint\n    import frankenmoe.analysis.plot\n"
     )
-    assert outside_the_public_api(source) == {"frankenmoe.routing", "frankenmoe.plot"}
+    assert outside_the_public_api(source) == {"frankenmoe.analysis.routing", "frankenmoe.analysis.plot"}
 
 
 def option_names(command_name: str) -> set[str]:

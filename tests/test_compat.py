@@ -1,4 +1,4 @@
-"""frankenmoe.compat, the non-public names of torch, transformers and CPython that frankenmoe uses, each
+"""frankenmoe.runtime.compat, the non-public names of torch, transformers and CPython that frankenmoe uses, each
 checked against the installed versions: it still exists, and it gives what the public path gives where
 there is one. A release that moves one of them fails here, naming it, before a merge fails."""
 
@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from frankenmoe.compat import (
+from frankenmoe.runtime.compat import (
     PICKLE_REBUILD_FUNCTIONS,
     raise_in_thread,
     rope_frequencies,

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from frankenmoe.card import model_card
-from frankenmoe.config import parse_config
+from frankenmoe.config.schema import parse_config
 from frankenmoe.errors import ModelError
-from frankenmoe.pipeline import load_sources
-from frankenmoe.plan import MergePlan, build_plan
-from frankenmoe.sources import SourceModel, check_compatible, load_source
-from frankenmoe.toymodels import SHAPES, write_toy_model
+from frankenmoe.merging.card import model_card
+from frankenmoe.merging.plan import MergePlan, build_plan
+from frankenmoe.merging.prepare import load_sources
+from frankenmoe.sources.model import SourceModel, check_compatible, load_source
+from frankenmoe.testing.toymodels import SHAPES, write_toy_model
 from tests.conftest import TinyModels
 from tests.support import run_cli, write_config
 

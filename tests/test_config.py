@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from frankenmoe.config import ExpertConfig, MergeConfig, RouterConfig, load_config, parse_config
+from frankenmoe.config.schema import ExpertConfig, MergeConfig, RouterConfig, load_config, parse_config
 from frankenmoe.errors import ConfigError
 
 MINIMAL = """

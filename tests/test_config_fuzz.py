@@ -15,8 +15,8 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from frankenmoe import config as config_module
-from frankenmoe.config import MergeConfig, parse_config
+from frankenmoe.config import schema as config_module
+from frankenmoe.config.schema import MergeConfig, parse_config
 from frankenmoe.errors import ConfigError
 
 SEED_TEXT = """\

@@ -11,9 +11,9 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator, ValidationError
 
-from frankenmoe import config as config_module
-from frankenmoe.config import parse_config
-from frankenmoe.config_schema import SCHEMA_FILE, config_schema, config_schema_text
+from frankenmoe.config import schema as config_module
+from frankenmoe.config.json_schema import SCHEMA_FILE, config_schema, config_schema_text
+from frankenmoe.config.schema import parse_config
 from frankenmoe.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +33,7 @@ def test_shipped_schema_file_is_the_generated_schema() -> None:
     shipped = SCHEMA_FILE.read_text(encoding="utf-8")
     assert shipped == config_schema_text(), (
         "frankenmoe/schema/frankenmoe-config.schema.json is stale: run "
-        "`python -m frankenmoe.config_schema > frankenmoe/schema/frankenmoe-config.schema.json`"
+        "`python -m frankenmoe.config.json_schema > frankenmoe/schema/frankenmoe-config.schema.json`"
     )
 
 

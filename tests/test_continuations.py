@@ -10,15 +10,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from frankenmoe.config import AUTO_CONTINUATION_TOKENS, ExpertConfig, RouterConfig, parse_config
+from frankenmoe.config.schema import AUTO_CONTINUATION_TOKENS, ExpertConfig, RouterConfig, parse_config
+from frankenmoe.decoder.layers import StreamedDecoder, greedy_continuations
 from frankenmoe.errors import ConfigError
-from frankenmoe.layers import StreamedDecoder, greedy_continuations
-from frankenmoe.memory import keep_large_buffers_out_of_the_heap, reuse_large_buffers
-from frankenmoe.pipeline import MergeOptions, execute_merge, prepare_merge
+from frankenmoe.merging.prepare import MergeOptions, prepare_merge
+from frankenmoe.merging.run import execute_merge
 from frankenmoe.routers import GateRequest, compute_gates
 from frankenmoe.routers.hidden import LayerStates, layerwise_gates
 from frankenmoe.routers.prompts import ExpertPrompts, collect_expert_prompts, load_tokenizer, with_continuations
-from frankenmoe.sources import load_source
+from frankenmoe.runtime.memory import keep_large_buffers_out_of_the_heap, reuse_large_buffers
+from frankenmoe.sources.model import load_source
 from tests.conftest import TinyModels
 from tests.support import run_cli, write_config
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from frankenmoe.config import AUTO_CONTINUATION_TOKENS, DEFAULT_GATE_MODE, parse_config
-from frankenmoe.manifest import MANIFEST_NAME
+from frankenmoe.checkpoint.manifest import MANIFEST_NAME
+from frankenmoe.config.schema import AUTO_CONTINUATION_TOKENS, DEFAULT_GATE_MODE, parse_config
 from tests.conftest import TinyModels
 from tests.support import run_cli, write_config
 

@@ -18,9 +18,9 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 import frankenmoe
-from frankenmoe.evaluation import TokenWindows, cut_windows, domain_windows, gain_kept
-from frankenmoe.manifest import MANIFEST_NAME
-from frankenmoe.toymodels import ToyShape, write_toy_model
+from frankenmoe.analysis.evaluate import TokenWindows, cut_windows, domain_windows, gain_kept
+from frankenmoe.checkpoint.manifest import MANIFEST_NAME
+from frankenmoe.testing.toymodels import ToyShape, write_toy_model
 from tests.support import run_cli
 
 SHAPE = ToyShape(

@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from frankenmoe import layers
-from frankenmoe.config import RouterConfig, load_config
-from frankenmoe.layers import MatrixRows, SliceCache, StreamedDecoder, greedy_continuations, slice_product
-from frankenmoe.manifest import MANIFEST_NAME
+from frankenmoe.checkpoint.manifest import MANIFEST_NAME
+from frankenmoe.config.schema import RouterConfig, load_config
+from frankenmoe.decoder import layers
+from frankenmoe.decoder.layers import MatrixRows, SliceCache, StreamedDecoder, greedy_continuations, slice_product
 from frankenmoe.routers import GateRequest, compute_gates
 from frankenmoe.routers.prompts import load_tokenizer
-from frankenmoe.sources import load_source
-from frankenmoe.toymodels import ToyShape, write_toy_model
+from frankenmoe.sources.model import load_source
+from frankenmoe.testing.toymodels import ToyShape, write_toy_model
 from tests.support import run_cli, write_config
 
 SHAPE = ToyShape(64, 2, 128, 4, 2, 32000, 512)

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from frankenmoe import gguf_output
+from frankenmoe.checkpoint.gguf_file import read_gguf_table
 from frankenmoe.errors import OutputError
-from frankenmoe.gguf_output import encode_rows, quantize_q8_0, read_gguf_table
+from frankenmoe.io.gguf_blocks import encode_rows, quantize_q8_0
+from frankenmoe.merging import gguf as gguf_output
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 
@@ -144,7 +145,7 @@ def test_the_header_reader_refuses_a_cut_short_file(tmp_path: Path) -> None:
 
 def test_an_encoding_error_stops_the_writer_and_is_raised_here(tmp_path: Path) -> None:
     """The writer's threads hand an error back to the caller instead of hanging or writing on."""
-    from frankenmoe.pipeline import MergeOptions, prepare_merge
+    from frankenmoe.merging.prepare import MergeOptions, prepare_merge
     from tests.test_gguf_output import _toy_sources
 
     config = _toy_sources(tmp_path)

@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from frankenmoe import gguf_tables
+from frankenmoe.architectures import gguf as gguf_tables
 from frankenmoe.errors import ConfigError, ModelError, OutputError
-from frankenmoe.pipeline import MergeOptions, prepare_merge
-from frankenmoe.toymodels import ToyShape, write_toy_model
+from frankenmoe.merging.prepare import MergeOptions, prepare_merge
+from frankenmoe.testing.toymodels import ToyShape, write_toy_model
 from tests import llama_cpp
 from tests.support import run_cli, write_config
 from tests.test_llama_cpp_convert import CASES, ROUTED, USED, Case, read_gguf, use_tokenizer, write_sources
@@ -227,7 +227,9 @@ def test_an_unknown_bpe_pre_tokenizer_is_refused_naming_what_to_do(tmp_path: Pat
 def test_no_room_on_disk_is_an_output_error_before_writing(tmp_path: Path) -> None:
     config = _toy_sources(tmp_path)
     usage = shutil.disk_usage(tmp_path)
-    full_disk = mock.patch("frankenmoe.output.shutil.disk_usage", return_value=usage._replace(free=1000))
+    full_disk = mock.patch(
+        "frankenmoe.checkpoint.output_folder.shutil.disk_usage", return_value=usage._replace(free=1000)
+    )
     with full_disk, pytest.raises(OutputError, match="Not enough disk space"):
         prepare_merge(config, tmp_path / "out", MergeOptions(gguf_type="f32"))
     assert not (tmp_path / "out").exists()

@@ -19,9 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import frankenmoe.hub
-from frankenmoe.manifest import MANIFEST_NAME
-from frankenmoe.toymodels import ToyShape, write_toy_model
+import frankenmoe.sources.hub
+from frankenmoe.checkpoint.manifest import MANIFEST_NAME
+from frankenmoe.testing.toymodels import ToyShape, write_toy_model
 from tests.conftest import TinyModels
 from tests.hub_server import HubServer
 from tests.support import run_cli
@@ -175,7 +175,7 @@ def test_an_incompatible_expert_fails_before_any_weight_is_downloaded(hub: HubSe
 def test_an_interrupted_download_fails_cleanly_and_resumes_on_the_next_run(
     hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(frankenmoe.hub, "BACKOFF_SECONDS", 0.0)
+    monkeypatch.setattr(frankenmoe.sources.hub, "BACKOFF_SECONDS", 0.0)
     expert = EXPERT_IDS[1]
     cut = 3_000_000
     hub.cut_after[f"{expert}/model.safetensors"] = cut

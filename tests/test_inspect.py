@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from frankenmoe.analysis.inspect import diagnose_router
 from frankenmoe.errors import ModelError
-from frankenmoe.inspection import diagnose_router
 from tests.conftest import TinyModels
 from tests.support import run_cli, write_config
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from frankenmoe.inspection import diagnose_router
+from frankenmoe.analysis.inspect import diagnose_router
 from tests.conftest import TinyModels
 from tests.support import run_cli, write_config
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner, Result
 import frankenmoe
 import frankenmoe.api
 from frankenmoe.cli import app
-from frankenmoe.output import _mark_committed
+from frankenmoe.runtime.interrupts import mark_committed
 from tests.conftest import TinyModels
 from tests.support import write_config
 
@@ -116,7 +116,7 @@ def test_the_late_signal_note_is_a_json_note_event(monkeypatch: pytest.MonkeyPat
 
     def verify_then_signal(checkpoint: Path) -> Any:
         report = real_verify(checkpoint)
-        _mark_committed()  # what a merge does once its checkpoint is in place; the signal is then held
+        mark_committed()  # what a merge does once its checkpoint is in place; the signal is then held
         os.kill(os.getpid(), signal.SIGTERM)
         return report
 

@@ -14,10 +14,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from frankenmoe.card import LASER_HEADING
-from frankenmoe.config import LaserConfig, parse_config
+from frankenmoe.config.schema import LaserConfig, parse_config
+from frankenmoe.decoder.layers import StreamedDecoder
 from frankenmoe.errors import ConfigError, ModelError
-from frankenmoe.laser import (
+from frankenmoe.io.safetensors import read_header
+from frankenmoe.merging.card import LASER_HEADING
+from frankenmoe.merging.laser import (
     LaserResult,
     analyse_lasers,
     optimal_threshold,
@@ -27,11 +29,9 @@ from frankenmoe.laser import (
     spectrum,
     truncate,
 )
-from frankenmoe.layers import StreamedDecoder
-from frankenmoe.pipeline import MergeOptions, prepare_merge
-from frankenmoe.sources import load_source
-from frankenmoe.tensor_io import read_header
-from frankenmoe.toymodels import write_toy_model
+from frankenmoe.merging.prepare import MergeOptions, prepare_merge
+from frankenmoe.sources.model import load_source
+from frankenmoe.testing.toymodels import write_toy_model
 from tests.conftest import TinyModels
 from tests.support import run_cli
 from tests.transformers_reference import reference_model

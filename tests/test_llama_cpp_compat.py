@@ -20,8 +20,8 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from frankenmoe.architectures import OUTPUT_ARCHITECTURES
-from frankenmoe.toymodels import ToyShape, write_toy_model
+from frankenmoe.architectures.tables import OUTPUT_ARCHITECTURES
+from frankenmoe.testing.toymodels import ToyShape, write_toy_model
 from tests.support import run_cli
 
 SHAPE = ToyShape(

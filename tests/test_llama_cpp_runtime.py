@@ -34,7 +34,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from frankenmoe.toymodels import ToyShape, write_toy_model
+from frankenmoe.testing.toymodels import ToyShape, write_toy_model
 from tests import llama_cpp, llama_cpp_runtime
 from tests.support import run_cli
 

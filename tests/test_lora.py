@@ -21,16 +21,16 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from frankenmoe import layers
-from frankenmoe.architectures import ATTENTION_PROJECTIONS, MLP_PARTS
-from frankenmoe.config import parse_config
+from frankenmoe.architectures.tables import ATTENTION_PROJECTIONS, MLP_PARTS
+from frankenmoe.config.schema import parse_config
+from frankenmoe.decoder import layers
+from frankenmoe.decoder.layers import MatrixRows, sliced_mlp
 from frankenmoe.errors import ModelError
-from frankenmoe.layers import MatrixRows, sliced_mlp
-from frankenmoe.pipeline import load_sources
+from frankenmoe.io.safetensors import read_tensor
+from frankenmoe.merging.prepare import load_sources
 from frankenmoe.routers.hidden import _mlp_weights
-from frankenmoe.sources import SourceModel
-from frankenmoe.tensor_io import read_tensor
-from frankenmoe.toymodels import SHAPES, write_toy_model
+from frankenmoe.sources.model import SourceModel
+from frankenmoe.testing.toymodels import SHAPES, write_toy_model
 from tests.support import run_cli
 from tests.test_beyonder_config import add_to_hf_cache, commit_hash, using_hub_cache
 

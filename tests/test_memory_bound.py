@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from frankenmoe.toymodels import ToyShape, write_toy_model
+from frankenmoe.testing.toymodels import ToyShape, write_toy_model
 from tests.support import write_config
 
 # Layers are mostly MLP, so doubling the layer count nearly doubles every model and the output.

@@ -19,8 +19,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, MistralForCausalLM, MixtralForCausalLM
 
-from frankenmoe.manifest import MANIFEST_NAME
-from frankenmoe.sources import load_source
+from frankenmoe.checkpoint.manifest import MANIFEST_NAME
+from frankenmoe.sources.model import load_source
 from tests.conftest import TinyModels
 from tests.support import run_cli, write_config
 

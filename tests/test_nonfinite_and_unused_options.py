@@ -16,10 +16,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import frankenmoe
-from frankenmoe.manifest import MANIFEST_NAME
+from frankenmoe.checkpoint.manifest import MANIFEST_NAME
+from frankenmoe.merging.writer import NON_FINITE_CHECK
 from frankenmoe.routers import GATE_FUNCTIONS, random_init
-from frankenmoe.toymodels import ToyShape, write_toy_model
-from frankenmoe.write import NON_FINITE_CHECK
+from frankenmoe.testing.toymodels import ToyShape, write_toy_model
 from tests.support import run_cli
 
 MODEL_ERROR = 3

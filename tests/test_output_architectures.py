@@ -18,10 +18,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from frankenmoe.analysis.routing import route_prompts
+from frankenmoe.checkpoint.folder import load_checkpoint
 from frankenmoe.errors import ConfigError, ModelError
-from frankenmoe.plan import NEUTRAL_GATE
-from frankenmoe.routing import load_checkpoint, route_prompts
-from frankenmoe.toymodels import ToyShape, write_toy_model
+from frankenmoe.routers.request import NEUTRAL_GATE
+from frankenmoe.testing.toymodels import ToyShape, write_toy_model
 from tests.support import LLAMA3_ROPE, run_cli
 
 SHAPE = ToyShape(

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 import torch
 
-from frankenmoe import pickle_weights
 from frankenmoe.errors import ModelError
-from frankenmoe.pickle_weights import read_pickle_index
-from frankenmoe.tensor_io import read_tensor
+from frankenmoe.io import pickles as pickle_weights
+from frankenmoe.io.pickles import read_pickle_index
+from frankenmoe.io.safetensors import read_tensor
 
 STATE = {
     "model.embed_tokens.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4),
@@ -216,7 +216,7 @@ PEAK_SCRIPT = """
 import resource, sys
 from pathlib import Path
 from frankenmoe.errors import ModelError
-from frankenmoe.pickle_weights import read_pickle_index
+from frankenmoe.io.pickles import read_pickle_index
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     read_pickle_index(Path(sys.argv[1]))

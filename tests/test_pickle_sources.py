@@ -23,10 +23,10 @@ import torch
 from safetensors.torch import load_file
 
 from frankenmoe.errors import ModelError
-from frankenmoe.pickle_weights import read_pickle_index
-from frankenmoe.sources import load_source
-from frankenmoe.tensor_io import ShardEntry, ShardWriter, read_rows, read_tensor
-from frankenmoe.toymodels import write_toy_model
+from frankenmoe.io.pickles import read_pickle_index
+from frankenmoe.io.safetensors import ShardEntry, ShardWriter, read_rows, read_tensor
+from frankenmoe.sources.model import load_source
+from frankenmoe.testing.toymodels import write_toy_model
 from tests.support import run_cli, write_config
 from tests.test_memory_bound import LARGER_LAYERS, SMALLER_LAYERS, merge_peak_rss, model_set, output_bytes
 

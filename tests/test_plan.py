@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig
 
-from frankenmoe.config import MergeConfig, parse_config
+from frankenmoe.config.schema import MergeConfig, parse_config
 from frankenmoe.errors import ConfigError
-from frankenmoe.plan import DEFAULT_SHARD_BYTES, Computed, MergePlan, build_plan, parse_size
-from frankenmoe.sources import load_source
+from frankenmoe.merging.plan import DEFAULT_SHARD_BYTES, Computed, MergePlan, build_plan, parse_size
+from frankenmoe.sources.model import load_source
 from tests.conftest import TinyModels
 
 HIDDEN, LAYERS, INTERMEDIATE, VOCAB, HEADS, KV_HEADS, HEAD_DIM = 64, 2, 128, 32000, 4, 2, 16

@@ -21,11 +21,11 @@ import pytest
 import yaml
 
 import frankenmoe
-from frankenmoe import output
-from frankenmoe.batch import output_folder
+from frankenmoe.checkpoint import output_folder as output
+from frankenmoe.checkpoint.manifest import MANIFEST_NAME, SAMPLE_BYTES, SAMPLED_BLOCKS
+from frankenmoe.checkpoint.output_folder import OWNER_FILE, partial_folder, replaced_folder
 from frankenmoe.errors import ConfigError, OutputError
-from frankenmoe.manifest import MANIFEST_NAME, SAMPLE_BYTES, SAMPLED_BLOCKS
-from frankenmoe.output import OWNER_FILE, partial_folder, replaced_folder
+from frankenmoe.merging.batch import output_folder
 from tests.conftest import TinyModels
 from tests.support import run_cli, write_config
 
@@ -51,7 +51,7 @@ def pause(stage):
 
 
 if mode == "kill-between-renames":
-    from frankenmoe import output
+    from frankenmoe.checkpoint import output_folder as output
 
     rename = os.rename
 
@@ -63,8 +63,8 @@ if mode == "kill-between-renames":
 
     os.rename = rename_or_die
 else:
-    from frankenmoe import batch
-    from frankenmoe.tensor_io import ShardWriter
+    from frankenmoe.merging import batch
+    from frankenmoe.io.safetensors import ShardWriter
 
     paused_merge = int(mode.removeprefix("writing-merge-"))
     merges = []

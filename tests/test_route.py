@@ -22,10 +22,10 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
 
-from frankenmoe.architectures import MIXTRAL_LAYOUTS
+from frankenmoe.analysis.routing import resolve_expert
+from frankenmoe.architectures.tables import MIXTRAL_LAYOUTS
 from frankenmoe.errors import ConfigError, ModelError
-from frankenmoe.routing import resolve_expert
-from frankenmoe.toymodels import TOKENIZER_CONFIG, mistral_tokenizer_model
+from frankenmoe.testing.toymodels import TOKENIZER_CONFIG, mistral_tokenizer_model
 from tests.conftest import TinyModels
 from tests.support import run_cli, write_config
 
@@ -164,7 +164,8 @@ def test_route_utilisation_and_entropy_follow_from_the_construction(
 
 
 def test_streamed_router_probabilities_equal_transformers_own_router_logits(hand_routed: Path) -> None:
-    from frankenmoe.routing import load_checkpoint, route_prompts
+    from frankenmoe.analysis.routing import route_prompts
+    from frankenmoe.checkpoint.folder import load_checkpoint
 
     routing = route_prompts(load_checkpoint(hand_routed), [PROMPTS[1]])[0]
     model = MixtralForCausalLM.from_pretrained(hand_routed)

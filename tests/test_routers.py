@@ -9,15 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from frankenmoe.config import ExpertConfig, RouterConfig, parse_config
+from frankenmoe.analysis.routing import route_prompts, routing_accuracy
+from frankenmoe.checkpoint.folder import load_checkpoint
+from frankenmoe.config.schema import ExpertConfig, RouterConfig, parse_config
+from frankenmoe.decoder.layers import StreamedDecoder, router_inputs_by_layer
 from frankenmoe.errors import ConfigError
-from frankenmoe.layers import StreamedDecoder, router_inputs_by_layer
-from frankenmoe.pipeline import MergeOptions, execute_merge, prepare_merge
+from frankenmoe.io.safetensors import read_tensor
+from frankenmoe.merging.prepare import MergeOptions, prepare_merge
+from frankenmoe.merging.run import execute_merge
 from frankenmoe.routers import GateRequest, compute_gates
 from frankenmoe.routers.prompts import LEAD_IN_TEXT, collect_expert_prompts, encode_prompts, load_tokenizer
-from frankenmoe.routing import load_checkpoint, route_prompts, routing_accuracy
-from frankenmoe.sources import load_source
-from frankenmoe.tensor_io import read_tensor
+from frankenmoe.sources.model import load_source
 from tests.conftest import TinyModels
 from tests.support import write_config
 

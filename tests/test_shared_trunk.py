@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 import frankenmoe
-from frankenmoe.toymodels import ToyShape, write_toy_model
+from frankenmoe.testing.toymodels import ToyShape, write_toy_model
 from tests.support import run_cli
 
 SHAPE = ToyShape(

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from frankenmoe.output import interrupt_scope, not_a_checkpoint_reason, partial_folder, staged_output
+from frankenmoe.checkpoint.output_folder import not_a_checkpoint_reason, partial_folder, staged_output
+from frankenmoe.runtime.interrupts import interrupt_scope
 from tests.conftest import TinyModels
 from tests.support import write_config
 
@@ -53,7 +54,7 @@ if "startup" in stages:
 
 if "routers" in stages:
     import torch
-    from frankenmoe import pipeline
+    from frankenmoe.merging import run as pipeline
 
     compute_gates = pipeline.compute_gates
 
@@ -68,7 +69,7 @@ if "routers" in stages:
     pipeline.compute_gates = busy_then_compute
 
 if "writing" in stages:
-    from frankenmoe.tensor_io import ShardWriter
+    from frankenmoe.io.safetensors import ShardWriter
 
     copy_bytes = ShardWriter.copy_bytes
 
@@ -80,7 +81,7 @@ if "writing" in stages:
     ShardWriter.copy_bytes = copy_then_pause
 
 if "swapped" in stages:
-    from frankenmoe import pipeline
+    from frankenmoe.merging import run as pipeline
 
     staged_output = pipeline.staged_output
 
@@ -178,7 +179,7 @@ def test_version_and_help_import_no_heavy_module(arguments: list[str]) -> None:
         f"    app({arguments!r}, prog_name='frankenmoe')\n"
         "except SystemExit as done:\n"
         "    assert not done.code, done.code\n"
-        "heavy = ('torch', 'transformers', 'safetensors', 'numpy', 'tqdm', 'frankenmoe.pipeline', 'frankenmoe.api')\n"
+        "heavy = ('torch', 'transformers', 'safetensors', 'numpy', 'tqdm', 'frankenmoe.merging.run', 'frankenmoe.api')\n"
         "print(sorted(name for name in heavy if name in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=WAIT_SECONDS)

@@ -15,11 +15,13 @@ import torch
 import yaml
 from transformers.cache_utils import DynamicCache
 
-from frankenmoe import layers, routing
+from frankenmoe.analysis import routing
+from frankenmoe.analysis.routing import check_positive_prompts
 from frankenmoe.api import plan_merge
-from frankenmoe.config import RouterConfig, load_config
-from frankenmoe.errors import ModelError
-from frankenmoe.layers import (
+from frankenmoe.checkpoint.folder import load_checkpoint
+from frankenmoe.config.schema import RouterConfig, load_config
+from frankenmoe.decoder import layers
+from frankenmoe.decoder.layers import (
     KeyValueCache,
     MatrixRows,
     MLPWeights,
@@ -29,14 +31,17 @@ from frankenmoe.layers import (
     greedy_continuations,
     sliced_mlp,
 )
-from frankenmoe.pipeline import MergeOptions, execute_merge, gate_request, prepare_merge
+from frankenmoe.errors import ModelError
+from frankenmoe.io.safetensors import ShardEntry, ShardWriter, read_growing_header, read_tensor, tensor_bytes
+from frankenmoe.merging import routing_check
+from frankenmoe.merging.prepare import MergeOptions, gate_request, prepare_merge
+from frankenmoe.merging.routing_check import WrittenTensors
+from frankenmoe.merging.run import execute_merge
 from frankenmoe.routers import GateRequest, compute_gates
 from frankenmoe.routers.fit import ridge_solution
 from frankenmoe.routers.prompts import load_tokenizer
-from frankenmoe.routing import WrittenTensors, check_positive_prompts
-from frankenmoe.sources import load_source
-from frankenmoe.tensor_io import ShardEntry, ShardWriter, read_growing_header, read_tensor, tensor_bytes
-from frankenmoe.toymodels import write_toy_model
+from frankenmoe.sources.model import load_source
+from frankenmoe.testing.toymodels import write_toy_model
 from tests.conftest import TinyModels
 from tests.support import LLAMA3_ROPE, run_cli, write_config
 from tests.transformers_reference import reference_model, run_reference_layer
@@ -129,17 +134,17 @@ def test_the_check_reads_the_routers_the_writer_writes(
     tmp_path: Path, tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What the check used for every router is, byte for byte, what the checkpoint holds."""
-    used: list[routing.ComputedRows] = []
-    original = routing.ComputedRows.matches_written
+    used: list[routing_check.ComputedRows] = []
+    original = routing_check.ComputedRows.matches_written
 
-    def recorded(self: routing.ComputedRows, checkpoint: object) -> bool:
+    def recorded(self: routing_check.ComputedRows, checkpoint: object) -> bool:
         used.append(self)
         return original(self, checkpoint)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(routing.ComputedRows, "matches_written", recorded)
+    monkeypatch.setattr(routing_check.ComputedRows, "matches_written", recorded)
     out, _ = merged_with_check(tmp_path, transformed_config(tmp_path, tiny_models, "hidden"))
     (rows,) = used
-    tensors = routing.load_checkpoint(out).tensors
+    tensors = load_checkpoint(out).tensors
     assert sorted(rows.used) == sorted(name for name in tensors if name.endswith("block_sparse_moe.gate.weight"))
     for name, value in rows.used.items():
         assert torch.equal(read_tensor(tensors[name]).view(torch.uint8), value.view(torch.uint8))
@@ -183,7 +188,7 @@ def test_written_tensors_give_up_when_the_staging_folder_goes(tmp_path: Path) ->
     remover = threading.Timer(0.1, folder.rmdir)
     remover.start()
     started = time.monotonic()
-    with pytest.raises(routing.ModelError, match="went away"):
+    with pytest.raises(ModelError, match="went away"):
         tensors["never"]
     assert time.monotonic() - started < 30
     remover.join()

@@ -19,11 +19,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import frankenmoe.hub
-import frankenmoe.remote_io
-from frankenmoe.remote_io import RemoteFile
-from frankenmoe.tensor_io import ShardEntry, ShardWriter, TensorLocation
-from frankenmoe.toymodels import write_toy_model
+import frankenmoe.io.remote
+import frankenmoe.sources.hub
+from frankenmoe.io.remote import RemoteFile
+from frankenmoe.io.safetensors import ShardEntry, ShardWriter, TensorLocation
+from frankenmoe.testing.toymodels import write_toy_model
 from tests import test_hub_sources
 from tests.hub_server import HubServer
 from tests.support import run_cli
@@ -36,8 +36,8 @@ hub = test_hub_sources.hub
 
 @pytest.fixture(autouse=True)
 def no_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(frankenmoe.remote_io, "BACKOFF_SECONDS", 0.0)
-    monkeypatch.setattr(frankenmoe.hub, "BACKOFF_SECONDS", 0.0)
+    monkeypatch.setattr(frankenmoe.io.remote, "BACKOFF_SECONDS", 0.0)
+    monkeypatch.setattr(frankenmoe.sources.hub, "BACKOFF_SECONDS", 0.0)
 
 
 def cache_repo(tmp_path: Path, repo_id: str) -> Path:
@@ -150,7 +150,7 @@ def test_a_source_that_keeps_failing_is_a_model_error_naming_it_with_nothing_in_
     hub: HubServer, tmp_path: Path
 ) -> None:
     expert = EXPERT_IDS[1]
-    hub.faults[f"{expert}/model.safetensors"] = ["503"] * frankenmoe.remote_io.STREAM_ATTEMPTS
+    hub.faults[f"{expert}/model.safetensors"] = ["503"] * frankenmoe.io.remote.STREAM_ATTEMPTS
     out = tmp_path / "out"
 
     result = run_cli("merge", BEYONDER_CONFIG, out, "--stream-sources", "--no-check")
@@ -183,7 +183,7 @@ def test_a_streamed_copy_holds_a_few_chunks_in_memory_whatever_the_tensor_size(
     hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A 48 MiB tensor goes through the writer in 1 MiB chunks: Python's peak allocation stays far below it."""
-    monkeypatch.setattr(frankenmoe.remote_io, "STREAM_CHUNK_BYTES", 1024 * 1024)
+    monkeypatch.setattr(frankenmoe.io.remote, "STREAM_CHUNK_BYTES", 1024 * 1024)
     size = 48 * 1024 * 1024
     folder = tmp_path / "big"
     folder.mkdir()

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from frankenmoe.errors import ModelError, OutputError
-from frankenmoe.tensor_io import (
+from frankenmoe.io.safetensors import (
     ALIGNMENT,
     ShardEntry,
     ShardWriter,
@@ -232,7 +232,7 @@ def test_the_hasher_takes_copied_ranges_without_blocking_but_holds_at_most_two_w
 def test_a_shard_is_sent_to_the_disk_range_after_range_while_it_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from frankenmoe import tensor_io
+    from frankenmoe.io import safetensors as tensor_io
 
     started: list[tuple[int, int]] = []
     real = tensor_io.start_writeback

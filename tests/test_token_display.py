@@ -11,9 +11,10 @@ import pytest
 from matplotlib.figure import Figure
 from transformers import PreTrainedTokenizerBase
 
+from frankenmoe.analysis.routing import display_token, route_prompts, summarise_routing, token_texts
+from frankenmoe.checkpoint.folder import load_checkpoint
 from frankenmoe.routers.prompts import load_tokenizer
-from frankenmoe.routing import display_token, load_checkpoint, route_prompts, summarise_routing, token_texts
-from frankenmoe.toymodels import TOKENIZER_CONFIG, mistral_tokenizer_model
+from frankenmoe.testing.toymodels import TOKENIZER_CONFIG, mistral_tokenizer_model
 from tests import llama_cpp
 from tests.support import run_cli
 from tests.test_route import write_hand_routed_mixtral
@@ -101,7 +102,7 @@ def test_route_prints_decoded_tokens_and_json_keeps_the_raw_pieces(hand_routed: 
 def test_the_heatmap_labels_tokens_with_their_decoded_text(
     hand_routed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from frankenmoe.plot import write_routing_heatmap
+    from frankenmoe.analysis.plot import write_routing_heatmap
 
     drawn: list[Figure] = []
     monkeypatch.setattr(Figure, "savefig", lambda figure, *args, **kwargs: drawn.append(figure))

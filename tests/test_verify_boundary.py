@@ -14,9 +14,10 @@ from typing import Any
 
 import pytest
 
+from frankenmoe.checkpoint.manifest import MANIFEST_NAME, ManifestError, read_manifest
 from frankenmoe.errors import FrankenMoEError
-from frankenmoe.manifest import MANIFEST_NAME, ManifestError, read_manifest
-from frankenmoe.write import INDEX_NAME, NON_FINITE_CHECK
+from frankenmoe.io.safetensors import INDEX_NAME
+from frankenmoe.merging.writer import NON_FINITE_CHECK
 from tests.conftest import TinyModels
 from tests.support import run_cli, write_config
 

@@ -31,9 +31,9 @@ import frankenmoe
 from benchmarks.quality.domains import CACHE, EVAL_DOMAINS, EXPERT_DOMAINS, EXPERTS, base_model, blocks
 from benchmarks.quality.evaluate import gain_retained, relative_change
 from benchmarks.quality.training import TRAINING_LOG
-from frankenmoe.config import GATE_MODES, PROMPT_GATE_MODES, RouterConfig, parse_config
+from frankenmoe.analysis.evaluate import TokenWindows, score_folder
+from frankenmoe.config.schema import GATE_MODES, PROMPT_GATE_MODES, RouterConfig, parse_config
 from frankenmoe.errors import FrankenMoEError
-from frankenmoe.evaluation import TokenWindows, score_folder
 from frankenmoe.routers import GATE_FUNCTIONS
 
 RESULTS_TABLE = Path(__file__).resolve().parent / "results.md"

@@ -6,7 +6,7 @@ The model is SmolLM2-135M-Instruct (examples/smollm2.py converts it once), merge
 MoE whose experts are all that same model, so routing is the only thing that differs between
 variants. The labelled prompts are eval_prompts.yaml (chat, code, story, maths: experts 0-3);
 the positive prompts are prompt_sets.yaml. Accuracy, utilisation and entropy come from
-frankenmoe.routing, the same functions `frankenmoe route` uses (chance is 25%).
+frankenmoe.analysis.routing, the same functions `frankenmoe route` uses (chance is 25%).
 
 Every variant computes its routers with frankenmoe's public API (plan_merge, then compute_routers:
 what a merge writes, cast to the output dtype). Because the experts are
@@ -14,7 +14,7 @@ identical, the MoE's hidden states do not depend on the routers (the top-k weigh
 copies of one MLP), so the evaluation prompts' router inputs are computed once, layer by layer, and
 each variant's router probabilities are softmax(router_input @ gate rows) of those, exactly what
 Mixtral computes. `--full-route` instead writes each variant's routers into a real merged
-checkpoint and runs frankenmoe.routing.route_prompts on it (slow on 2 cores; it agrees).
+checkpoint and runs frankenmoe.analysis.routing.route_prompts on it (slow on 2 cores; it agrees).
 """
 
 from __future__ import annotations
@@ -40,18 +40,12 @@ sys.path.insert(0, str(ROOT / "examples"))
 from smollm2 import ensure_smollm2  # noqa: E402
 
 import frankenmoe  # noqa: E402
-from frankenmoe.layers import StreamedDecoder, router_inputs_by_layer  # noqa: E402
+from frankenmoe.analysis.routing import PromptRouting, route_prompts, routing_accuracy, summarise_routing  # noqa: E402
+from frankenmoe.checkpoint.folder import Checkpoint, load_checkpoint  # noqa: E402
+from frankenmoe.decoder.layers import StreamedDecoder, router_inputs_by_layer  # noqa: E402
+from frankenmoe.io.safetensors import read_header  # noqa: E402
 from frankenmoe.routers.prompts import EncodedPrompt, encode_prompts  # noqa: E402
-from frankenmoe.routing import (  # noqa: E402
-    Checkpoint,
-    PromptRouting,
-    load_checkpoint,
-    route_prompts,
-    routing_accuracy,
-    summarise_routing,
-)
-from frankenmoe.sources import load_source  # noqa: E402
-from frankenmoe.tensor_io import read_header  # noqa: E402
+from frankenmoe.sources.model import load_source  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CACHE = ROOT / "benchmarks" / ".cache" / "routing"
@@ -121,7 +115,7 @@ def variant_gates(model: Path, prompts: dict[str, list[str]], variant: Variant, 
     if not variant.float32_generation:
         return frankenmoe.compute_routers(prepared).router.to(OUTPUT_TORCH_DTYPE)
     # The merge decides bfloat16 products from the CPU alone; the "before" rows pretend it has no bfloat16 units.
-    with mock.patch("frankenmoe.pipeline.cpu_multiplies_bfloat16", return_value=False):
+    with mock.patch("frankenmoe.merging.run.cpu_multiplies_bfloat16", return_value=False):
         return frankenmoe.compute_routers(prepared).router.to(OUTPUT_TORCH_DTYPE)
 
 

@@ -23,8 +23,8 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm import tqdm
 
-from frankenmoe.architectures import MLP_PARTS
-from frankenmoe.layers import (
+from frankenmoe.architectures.tables import MLP_PARTS
+from frankenmoe.decoder.layers import (
     MatrixRows,
     MLPWeights,
     SharedExpert,
@@ -45,7 +45,7 @@ from frankenmoe.routers.prompts import (
 )
 from frankenmoe.routers.random_init import neutral_shared_gates
 from frankenmoe.routers.request import GateRequest, Gates
-from frankenmoe.sources import SourceModel
+from frankenmoe.sources.model import SourceModel
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,11 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from frankenmoe.architectures import TOKENIZER_FILES
-from frankenmoe.config import ExpertConfig, RouterConfig
+from frankenmoe.architectures.tables import TOKENIZER_FILES
+from frankenmoe.config.schema import ExpertConfig, RouterConfig
+from frankenmoe.decoder.layers import StreamedDecoder, greedy_continuations
 from frankenmoe.errors import ConfigError, ModelError
-from frankenmoe.layers import StreamedDecoder, greedy_continuations
-from frankenmoe.sources import SourceModel
+from frankenmoe.sources.model import SourceModel
 
 logger = logging.getLogger("frankenmoe")
 

@@ -9,8 +9,7 @@ import math
 
 import torch
 
-from frankenmoe.plan import NEUTRAL_GATE
-from frankenmoe.routers.request import GateRequest, Gates
+from frankenmoe.routers.request import NEUTRAL_GATE, GateRequest, Gates
 
 
 def random_gates(request: GateRequest) -> Gates:
@@ -28,7 +27,7 @@ def uniform_random_gates(request: GateRequest) -> Gates:
 
 
 def neutral_shared_gates(request: GateRequest) -> torch.Tensor | None:
-    """Shared-expert gate rows with nothing to learn from (plan.NEUTRAL_GATE), or None without a slot."""
+    """Shared-expert gate rows with nothing to learn from (NEUTRAL_GATE), or None without a slot."""
     if not request.shared_expert_slot:
         return None
     return torch.full((request.num_layers, 1, request.hidden_size), NEUTRAL_GATE)

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from frankenmoe.config import ExpertConfig, RouterConfig
-from frankenmoe.sources import SourceModel
-from frankenmoe.trunk import TrunkMerge
+from frankenmoe.config.schema import ExpertConfig, RouterConfig
+from frankenmoe.sources.model import SourceModel
+from frankenmoe.sources.trunk import TrunkMerge
 
 
 @dataclass(frozen=True)
@@ -93,3 +93,9 @@ class GateProgress:
     def finished(self, layer: int) -> Gates | None:
         with self._lock:
             return self._gates if layer < self._layers else None
+
+
+NEUTRAL_GATE = 1e-6
+"""A shared-expert gate row with nothing to learn from is this constant, not zeros: sigmoid of its logit
+is 0.5 to within 1e-6 per unit of the token's sum, and llama.cpp computes the gate's sigmoid as
+silu(x) / x, which is 0 / 0 for an exactly zero logit."""

@@ -1,0 +1,1 @@
+"""The one streamed decoder: embeddings, attention, MoE/MLP blocks and text generation, one layer in memory at a time."""

@@ -1,0 +1,1 @@
+"""Toy models for the demo, the tests and the benchmarks."""
