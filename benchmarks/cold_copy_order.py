@@ -32,7 +32,8 @@ from pathlib import Path
 
 from run_merge_bench import drop_page_cache
 
-from frankenmoe.io.safetensors import copy_range, read_header
+from frankenmoe.io.safetensors import read_header
+from frankenmoe.io.shards import copy_range
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 Range = tuple[Path, int, int]

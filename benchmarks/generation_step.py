@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-from frankenmoe.decoder.layers import SliceCache, StreamedDecoder, cpu_multiplies_bfloat16, greedy_continuations
+from frankenmoe.decoder.decoder import StreamedDecoder
+from frankenmoe.decoder.generate import greedy_continuations
+from frankenmoe.decoder.slices import SliceCache, cpu_multiplies_bfloat16
 from frankenmoe.merging.plan import parse_size
 from frankenmoe.runtime.memory import keep_large_buffers_out_of_the_heap
 from frankenmoe.sources.model import load_source
@@ -57,7 +59,7 @@ def main() -> None:
     parser.add_argument("--model-layers", type=int, default=32, help="layers of the full model to extrapolate to")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="slice worker threads (sets OMP_NUM_THREADS)")
-    parser.add_argument("--weight-cache", default="0", help="slices kept between steps (layers.SliceCache)")
+    parser.add_argument("--weight-cache", default="0", help="slices kept between steps (decoder.slices.SliceCache)")
     parser.add_argument(
         "--products",
         choices=("auto", "bfloat16", "float32"),
@@ -67,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     bfloat16 = args.products == "bfloat16" or (args.products == "auto" and cpu_multiplies_bfloat16())
     print(f"products: {'bfloat16' if bfloat16 else 'float32'}", flush=True)
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by frankenmoe.decoder.layers.slice_workers
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by frankenmoe.decoder.slices.slice_workers
     keep_large_buffers_out_of_the_heap()
     torch.set_num_threads(1)
     timings, cpu = {}, {}

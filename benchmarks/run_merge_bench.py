@@ -69,14 +69,14 @@ VARIANTS = {
     "default": "",
     # No read-ahead hints: neither ReadAhead's ahead of the writer nor the hidden pass's per layer.
     "no-read-ahead": (
-        "import frankenmoe.decoder.layers as layers, frankenmoe.io.safetensors as tensor_io\n"
-        "tensor_io.advise_will_need = layers.advise_will_need = lambda locations: None\n"
+        "import frankenmoe.decoder.decoder as decoder, frankenmoe.io.read_ahead as read_ahead\n"
+        "read_ahead.advise_will_need = decoder.advise_will_need = lambda locations: None\n"
     ),
     # A lower bound, not a usable merge: the shards' sha256 is never computed (the manifest records
     # the hash of nothing), so the run shows what hashing every output byte costs.
     "no-hash": (
-        "import frankenmoe.io.safetensors as tensor_io\n"
-        "tensor_io.StreamHasher.add_bytes = tensor_io.StreamHasher.add_range = lambda self, *data: None\n"
+        "import frankenmoe.io.shards as shards\n"
+        "shards.StreamHasher.add_bytes = shards.StreamHasher.add_range = lambda self, *data: None\n"
     ),
 }
 """Code run before the CLI in the merge's process (`python -c`)."""

@@ -38,7 +38,7 @@ _API = {
     "MergeInterruptedError": "frankenmoe.errors",
 }
 _CLIENT = {
-    "DTYPES": "frankenmoe.config.schema",
+    "DTYPES": "frankenmoe.config.constants",
     "format_bytes": "frankenmoe.io.sizes",
     "interrupt_scope": "frankenmoe.runtime.interrupts",
     "SigtermInterrupt": "frankenmoe.runtime.interrupts",

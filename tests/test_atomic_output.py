@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from frankenmoe.checkpoint.output_folder import OWNER_FILE, partial_folder, replaced_folder
-from frankenmoe.io import safetensors as tensor_io
+from frankenmoe.checkpoint.output_recovery import OWNER_FILE
+from frankenmoe.checkpoint.output_rules import partial_folder, replaced_folder
+from frankenmoe.io import shards as tensor_io
 from frankenmoe.io.safetensors import read_header
 from frankenmoe.merging import run as merge
 from tests.conftest import TinyModels
@@ -64,10 +65,10 @@ def pause_after(function):
 
 
 if stage == "writing":
-    from frankenmoe.io.safetensors import ShardWriter
+    from frankenmoe.io.shards import ShardWriter
     ShardWriter.copy_bytes = pause_after(ShardWriter.copy_bytes)
 else:
-    from frankenmoe.decoder.layers import StreamedDecoder
+    from frankenmoe.decoder.decoder import StreamedDecoder
     StreamedDecoder.load_attention = pause_after(StreamedDecoder.load_attention)
 
 from frankenmoe.cli import app

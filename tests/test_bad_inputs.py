@@ -21,7 +21,7 @@ import typer
 import yaml
 from safetensors.torch import load_file, save_file
 
-from frankenmoe.checkpoint.output_folder import partial_folder
+from frankenmoe.checkpoint.output_rules import partial_folder
 from frankenmoe.cli.app import run_reporting_errors
 from frankenmoe.errors import ModelError
 from frankenmoe.io.safetensors import MAX_HEADER_BYTES, read_header

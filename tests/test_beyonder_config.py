@@ -24,9 +24,11 @@ import yaml
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, MixtralForCausalLM
 
-from frankenmoe.config.schema import DEFAULT_GATE_MODE, load_config
+from frankenmoe.config.constants import DEFAULT_GATE_MODE
+from frankenmoe.config.parse import load_config
 from frankenmoe.errors import ModelError
-from frankenmoe.sources.model import load_source, resolve_reference
+from frankenmoe.sources.model import load_source
+from frankenmoe.sources.resolve import resolve_reference
 from frankenmoe.testing.toymodels import write_toy_model
 from tests.conftest import TinyModels
 from tests.support import run_cli

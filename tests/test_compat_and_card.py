@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from frankenmoe.config.schema import parse_config
+from frankenmoe.config.parse import parse_config
 from frankenmoe.errors import ModelError
 from frankenmoe.merging.card import model_card
-from frankenmoe.merging.plan import MergePlan, build_plan
+from frankenmoe.merging.plan import MergePlan
+from frankenmoe.merging.planning import build_plan
 from frankenmoe.merging.prepare import load_sources
 from frankenmoe.sources.model import SourceModel, check_compatible, load_source
 from frankenmoe.testing.toymodels import SHAPES, write_toy_model

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from frankenmoe.config.schema import ExpertConfig, MergeConfig, RouterConfig, load_config, parse_config
+from frankenmoe.config.parse import load_config, parse_config
+from frankenmoe.config.schema import ExpertConfig, MergeConfig, RouterConfig
 from frankenmoe.errors import ConfigError
 
 MINIMAL = """

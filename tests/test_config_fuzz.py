@@ -15,8 +15,10 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from frankenmoe.config import constants as config_constants
 from frankenmoe.config import schema as config_module
-from frankenmoe.config.schema import MergeConfig, parse_config
+from frankenmoe.config.parse import parse_config
+from frankenmoe.config.schema import MergeConfig
 from frankenmoe.errors import ConfigError
 
 SEED_TEXT = """\
@@ -50,7 +52,13 @@ router:
 """
 SEED = yaml.safe_load(SEED_TEXT)
 KNOWN_KEYS = sorted(
-    {key for name, keys in vars(config_module).items() if name.endswith("_KEYS") for key in keys}
+    {
+        key
+        for module in (config_constants, config_module)
+        for name, keys in vars(module).items()
+        if name.endswith("_KEYS")
+        for key in keys
+    }
     | {"experts_per_tokens", "postive_prompts", "source", "gate"}
 )
 FUZZ_SETTINGS = settings(

@@ -12,8 +12,9 @@ import yaml
 from jsonschema import Draft202012Validator, ValidationError
 
 from frankenmoe.config import schema as config_module
+from frankenmoe.config.constants import TRUNK_METHOD_KEYS, TRUNK_METHODS
 from frankenmoe.config.json_schema import SCHEMA_FILE, config_schema, config_schema_text
-from frankenmoe.config.schema import parse_config
+from frankenmoe.config.parse import parse_config
 from frankenmoe.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,7 +141,7 @@ def schema_defaults(schema: dict[str, Any]) -> dict[str, Any]:
     return {key: spec["default"] for key, spec in schema["properties"].items() if "default" in spec}
 
 
-@pytest.mark.parametrize("method", config_module.TRUNK_METHODS)
+@pytest.mark.parametrize("method", TRUNK_METHODS)
 def test_writing_every_schema_default_parses_to_the_config_that_leaving_them_out_gives(method: str) -> None:
     defs = SCHEMA["$defs"]
     # gate_mode is given in both: leaving it out is recorded (gate_mode_defaulted), which the schema cannot say.
@@ -154,7 +155,7 @@ def test_writing_every_schema_default_parses_to_the_config_that_leaving_them_out
         "router": schema_defaults(defs["router"]),
         "shared_weights": {
             "method": method,
-            **{key: shared_weights[key] for key in config_module.TRUNK_METHOD_KEYS[method]},
+            **{key: shared_weights[key] for key in TRUNK_METHOD_KEYS[method]},
         },
         "experts": [{**schema_defaults(defs["expert"]), **expert} for expert in sparse["experts"]],
     }

@@ -10,8 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from frankenmoe.config.schema import AUTO_CONTINUATION_TOKENS, ExpertConfig, RouterConfig, parse_config
-from frankenmoe.decoder.layers import StreamedDecoder, greedy_continuations
+from frankenmoe.config.constants import AUTO_CONTINUATION_TOKENS
+from frankenmoe.config.parse import parse_config
+from frankenmoe.config.schema import ExpertConfig, RouterConfig
+from frankenmoe.decoder.decoder import StreamedDecoder
+from frankenmoe.decoder.generate import greedy_continuations
 from frankenmoe.errors import ConfigError
 from frankenmoe.merging.prepare import MergeOptions, prepare_merge
 from frankenmoe.merging.run import execute_merge

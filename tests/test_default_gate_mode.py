@@ -12,7 +12,8 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from frankenmoe.checkpoint.manifest import MANIFEST_NAME
-from frankenmoe.config.schema import AUTO_CONTINUATION_TOKENS, DEFAULT_GATE_MODE, parse_config
+from frankenmoe.config.constants import AUTO_CONTINUATION_TOKENS, DEFAULT_GATE_MODE
+from frankenmoe.config.parse import parse_config
 from tests.conftest import TinyModels
 from tests.support import run_cli, write_config
 

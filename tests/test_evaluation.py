@@ -18,7 +18,8 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 import frankenmoe
-from frankenmoe.analysis.evaluate import TokenWindows, cut_windows, domain_windows, gain_kept
+from frankenmoe.analysis.evaluate import gain_kept
+from frankenmoe.analysis.windows import TokenWindows, cut_windows, domain_windows
 from frankenmoe.checkpoint.manifest import MANIFEST_NAME
 from frankenmoe.testing.toymodels import ToyShape, write_toy_model
 from tests.support import run_cli

@@ -16,9 +16,13 @@ import pytest
 import torch
 
 from frankenmoe.checkpoint.manifest import MANIFEST_NAME
-from frankenmoe.config.schema import RouterConfig, load_config
-from frankenmoe.decoder import layers
-from frankenmoe.decoder.layers import MatrixRows, SliceCache, StreamedDecoder, greedy_continuations, slice_product
+from frankenmoe.config.parse import load_config
+from frankenmoe.config.schema import RouterConfig
+from frankenmoe.decoder import slices
+from frankenmoe.decoder.decoder import StreamedDecoder
+from frankenmoe.decoder.generate import greedy_continuations
+from frankenmoe.decoder.slices import MatrixRows, SliceCache, slice_product
+from frankenmoe.io.safetensors import read_tensor
 from frankenmoe.routers import GateRequest, compute_gates
 from frankenmoe.routers.prompts import load_tokenizer
 from frankenmoe.sources.model import load_source
@@ -35,7 +39,7 @@ def bfloat16_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def many_slices(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(layers, "SLICE_BYTES", 7 * 64 * 4)  # 7-row slices of the toy model's 64-wide matrices
+    monkeypatch.setattr(slices, "SLICE_BYTES", 7 * 64 * 4)  # 7-row slices of the toy model's 64-wide matrices
 
 
 def gate_proj(model: Path) -> MatrixRows:
@@ -47,12 +51,12 @@ def test_native_products_multiply_the_stored_bfloat16_rows_by_bfloat16_tokens(
     bfloat16_model: Path, many_slices: None
 ) -> None:
     matrix = gate_proj(bfloat16_model)
-    weight = layers.read_tensor(matrix.location)
+    weight = read_tensor(matrix.location)
     assert weight.dtype == torch.bfloat16
     tokens = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
     cpu = torch.device("cpu")
     native_cache = SliceCache(native_bfloat16=True)
-    starts = layers.slice_starts(matrix, cpu, native_cache)
+    starts = slices.slice_starts(matrix, cpu, native_cache)
     assert starts.step == 2 * matrix.slice_starts.step  # as many bytes as a float32 slice
     for start in starts:
         rows = weight[start : start + starts.step]
@@ -88,7 +92,7 @@ def test_kept_bfloat16_slices_cost_two_bytes_each_and_change_no_result(bfloat16_
     cpu = torch.device("cpu")
     keeping = SliceCache(budget=1 << 20, native_bfloat16=True)
     streaming = SliceCache(native_bfloat16=True)
-    for start in layers.slice_starts(matrix, cpu, streaming):
+    for start in slices.slice_starts(matrix, cpu, streaming):
         assert torch.equal(
             slice_product(tokens, matrix, start, cpu, keeping), slice_product(tokens, matrix, start, cpu, streaming)
         )
@@ -149,7 +153,7 @@ def test_the_manifest_records_the_generation_products_of_a_merge_that_generates(
     assert result.exit_code == 0, result.output
     options = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["options"]
     if recorded:
-        expected = "bfloat16" if layers.cpu_multiplies_bfloat16() else "float32"
+        expected = "bfloat16" if slices.cpu_multiplies_bfloat16() else "float32"
         assert options["generation_products"] == expected
     else:
         assert "generation_products" not in options

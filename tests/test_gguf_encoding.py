@@ -20,7 +20,7 @@ import torch
 from frankenmoe.checkpoint.gguf_file import read_gguf_table
 from frankenmoe.errors import OutputError
 from frankenmoe.io.gguf_blocks import encode_rows, quantize_q8_0
-from frankenmoe.merging import gguf as gguf_output
+from frankenmoe.merging import gguf_writer as gguf_output
 
 Q8_0 = gguf.GGMLQuantizationType.Q8_0
 

@@ -23,13 +23,21 @@ from unittest import mock
 
 import numpy as np
 import pytest
+import torch
+import yaml
 from gguf import GGUFReader
 
 from frankenmoe.architectures import gguf as gguf_tables
+from frankenmoe.checkpoint.folder import load_checkpoint
 from frankenmoe.errors import ConfigError, ModelError, OutputError
-from frankenmoe.merging.prepare import MergeOptions, prepare_merge
+from frankenmoe.io.safetensors import read_tensor
+from frankenmoe.merging.prepare import MergeOptions, gate_request, prepare_merge
+from frankenmoe.merging.routing_check import PlannedTensors
+from frankenmoe.merging.run import execute_merge
+from frankenmoe.routers import compute_gates
 from frankenmoe.testing.toymodels import ToyShape, write_toy_model
 from tests import llama_cpp
+from tests.conftest import TinyModels
 from tests.support import run_cli, write_config
 from tests.test_llama_cpp_convert import CASES, ROUTED, USED, Case, read_gguf, use_tokenizer, write_sources
 
@@ -249,3 +257,82 @@ def test_force_replaces_a_previous_gguf_checkpoint_and_without_it_the_previous_o
     assert replaced.exit_code == 0, replaced.output
     assert [path.name for path in out.glob("*.gguf")] == ["model-Q8_0.gguf"]
     assert run_cli("verify", out).exit_code == 0
+
+
+# --- the routing check of a GGUF merge ------------------------------------------------------------------------------
+
+
+def _checked_config(root: Path, tiny_models: TinyModels) -> Path:
+    """Tensors the writer makes rather than copies: bfloat16 from float32 sources (every tensor converted), a
+    merged trunk, and one expert with noise and residual_scale."""
+    config = write_config(
+        root / "moe.yaml",
+        tiny_models.base,
+        tiny_models.experts[:2],
+        dtype="bfloat16",
+        shared_weights={"method": "linear", "weights": [0.3, 0.7], "base_weight": 2.0},
+    )
+    data = yaml.safe_load(config.read_text())
+    data["experts"][1]["noise_scale"] = 0.01
+    data["experts"][1]["residual_scale"] = 0.5
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    return config
+
+
+def _card_section(card: str, heading: str) -> str:
+    """One `## ` section of a model card, heading to the next heading."""
+    start = card.index(heading)
+    end = card.find("\n## ", start + 1)
+    return card[start : end if end >= 0 else None]
+
+
+def test_a_gguf_merge_records_the_routing_check_of_the_safetensors_merge(
+    tmp_path: Path, tiny_models: TinyModels
+) -> None:
+    config = _checked_config(tmp_path, tiny_models)
+    safetensors = execute_merge(prepare_merge(config, tmp_path / "st", MergeOptions()))
+    direct = execute_merge(prepare_merge(config, tmp_path / "gguf", MergeOptions(gguf_type="f16")))
+    assert safetensors.routing_check is not None
+    assert direct.routing_check == safetensors.routing_check
+    card = (tmp_path / "gguf" / "README.md").read_text()
+    heading = "## Routing check"
+    assert _card_section(card, heading) == _card_section((tmp_path / "st" / "README.md").read_text(), heading)
+    assert "routed the prompts through the unquantised weights this file encodes (the values before their F16" in card
+    manifest = json.loads((tmp_path / "gguf" / "frankenmoe-manifest.json").read_text())
+    card_record = next(file for file in manifest["files"] if file["name"] == "README.md")
+    assert card_record["sha256"] == hashlib.sha256(card.encode()).hexdigest()
+    assert manifest["timings_s"]["routing_check"] > 0
+    assert sorted(path.name for path in (tmp_path / "gguf").iterdir()) == [
+        "README.md", "config.json", "frankenmoe-manifest.json", "model-F16.gguf"
+    ]  # fmt: skip  # the check's scratch folder is gone
+
+    unchecked = execute_merge(
+        prepare_merge(config, tmp_path / "unchecked", MergeOptions(gguf_type="f16", check_routing=False))
+    )
+    assert unchecked.routing_check is None
+    card = (tmp_path / "unchecked" / "README.md").read_text()
+    assert heading not in card and "unquantised" not in card
+    manifest = json.loads((tmp_path / "unchecked" / "frankenmoe-manifest.json").read_text())
+    card_record = next(file for file in manifest["files"] if file["name"] == "README.md")
+    assert card_record["sha256"] == hashlib.sha256(card.encode()).hexdigest()
+
+
+def test_planned_tensors_hold_the_written_bytes_and_keep_one_layers_made_tensors(
+    tmp_path: Path, tiny_models: TinyModels
+) -> None:
+    config = _checked_config(tmp_path, tiny_models)
+    prepared = prepare_merge(config, tmp_path / "st", MergeOptions(check_routing=False))
+    execute_merge(prepared)
+    written = load_checkpoint(tmp_path / "st").tensors
+    plan = prepared.plan
+    gates = compute_gates(plan.config.gate_mode, gate_request(plan, prepared.options))
+    scratch = tmp_path / "scratch"
+    planned = PlannedTensors(plan, scratch, lambda: gates, torch.device("cpu"))
+    assert sorted(planned) == sorted(written)
+    for name in sorted(written, key=lambda name: (name.startswith("model.layers."), name)):
+        location = planned[name]
+        assert read_tensor(location).view(torch.uint8).equal(read_tensor(written[name]).view(torch.uint8)), name
+        made_layers = {path.name.split(".")[2] for path in scratch.glob("model.layers.*")}
+        assert len(made_layers) <= 1  # earlier layers' files are gone once a later layer's tensor is made
+    planned.close()
+    assert not scratch.exists()

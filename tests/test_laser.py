@@ -14,14 +14,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from frankenmoe.config.schema import LaserConfig, parse_config
-from frankenmoe.decoder.layers import StreamedDecoder
+from frankenmoe.config.parse import parse_config
+from frankenmoe.config.schema import LaserConfig
+from frankenmoe.decoder.decoder import StreamedDecoder
 from frankenmoe.errors import ConfigError, ModelError
 from frankenmoe.io.safetensors import read_header
 from frankenmoe.merging.card import LASER_HEADING
 from frankenmoe.merging.laser import (
-    LaserResult,
-    analyse_lasers,
     optimal_threshold,
     signal_to_noise,
     singular_values,
@@ -29,6 +28,7 @@ from frankenmoe.merging.laser import (
     spectrum,
     truncate,
 )
+from frankenmoe.merging.laser_plan import LaserResult
 from frankenmoe.merging.prepare import MergeOptions, prepare_merge
 from frankenmoe.sources.model import load_source
 from frankenmoe.testing.toymodels import write_toy_model
@@ -79,8 +79,8 @@ def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def laser_results(config: Path, out: Path) -> tuple[LaserResult, ...]:
-    prepared = prepare_merge(config, out, MergeOptions(layout="classic"))
-    return analyse_lasers(prepared.plan, CPU)
+    """The decisions planning made (a merge writes what they say)."""
+    return prepare_merge(config, out, MergeOptions(layout="classic")).plan.laser_results
 
 
 # The formulas
@@ -294,7 +294,7 @@ def test_laser_in_the_fused_layout_reduces_only_that_experts_slice(tiny_models: 
             assert torch.equal(down[index], source[f"model.layers.{layer}.mlp.down_proj.weight"])
 
 
-def test_dry_run_lists_the_matrices_that_would_be_considered(tiny_models: TinyModels, tmp_path: Path) -> None:
+def test_dry_run_shows_each_considered_matrixs_decision(tiny_models: TinyModels, tmp_path: Path) -> None:
     config = write_laser_config(
         tmp_path / "merge.yaml",
         tiny_models.base,
@@ -303,12 +303,23 @@ def test_dry_run_lists_the_matrices_that_would_be_considered(tiny_models: TinyMo
     )
     result = run_cli("merge", config, tmp_path / "out", "--dry-run")
     assert result.exit_code == 0, result.output
+
+    source = load_file(tiny_models.experts[0] / "model.safetensors")
+    measured = {}
+    for part in ("gate_proj", "up_proj", "down_proj"):
+        weight = source[f"model.layers.1.mlp.{part}.weight"]
+        values = singular_values(weight, CPU)
+        threshold = snr_threshold(values, tuple(weight.shape))
+        measured[part] = (signal_to_noise(values, threshold), int((values > threshold).sum()))
+    lowest = sorted(measured, key=lambda part: measured[part][0])[:2]
+    expected = []
+    for shape, part in (("128x64", "gate_proj"), ("128x64", "up_proj"), ("64x128", "down_proj")):
+        snr, kept = measured[part]
+        verdict = f"64 -> {kept}  reduced" if part in lowest else "64 -> 64  not among the 2 lowest-SNR matrices"
+        expected.append(f"  {shape:<12} model.layers.1.mlp.{part}.weight  SNR {snr:.4g}  rank {verdict}")
     lines = result.output.splitlines()
-    start = lines.index("laser experts[0].laser (method snr, top_k 2): 3 matrices considered")
-    assert lines[start + 1 : start + 4] == [
-        f"  {shape:<12} model.layers.1.mlp.{part}.weight"
-        for shape, part in (("128x64", "gate_proj"), ("128x64", "up_proj"), ("64x128", "down_proj"))
-    ]
+    start = lines.index("laser experts[0].laser (method snr, top_k 2): 3 matrices considered, 2 reduced")
+    assert lines[start + 1 : start + 4] == expected
     assert not lines[start + 4].startswith("  ")
     assert not (tmp_path / "out").exists()
 

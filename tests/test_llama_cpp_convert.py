@@ -33,7 +33,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from safetensors.torch import load_file
 
-from frankenmoe.merging.plan import EMPTY_SHARED_EXPERT_SIZE
+from frankenmoe.merging.output_config import EMPTY_SHARED_EXPERT_SIZE
 from frankenmoe.testing.toymodels import ToyShape, write_toy_model
 from tests import llama_cpp
 from tests.support import run_cli, write_config

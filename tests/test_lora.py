@@ -21,10 +21,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from frankenmoe.architectures.tables import ATTENTION_PROJECTIONS, MLP_PARTS
-from frankenmoe.config.schema import parse_config
-from frankenmoe.decoder import layers
-from frankenmoe.decoder.layers import MatrixRows, sliced_mlp
+from frankenmoe.architectures.roles import ATTENTION_PROJECTIONS, MLP_PARTS
+from frankenmoe.config.parse import parse_config
+from frankenmoe.decoder import slices
+from frankenmoe.decoder.moe import sliced_mlp
+from frankenmoe.decoder.slices import MatrixRows
 from frankenmoe.errors import ModelError
 from frankenmoe.io.safetensors import read_tensor
 from frankenmoe.merging.prepare import load_sources
@@ -349,7 +350,7 @@ def test_forward_passes_see_the_adapted_matrices_slice_by_slice(
     llama = models["llama"]
     adapter = make_adapter(llama, tmp_path / "adapter", seed=8, r=4, lora_alpha=16)
     source = lora_source(models, adapter.folder)
-    monkeypatch.setattr(layers, "SLICE_BYTES", 10 * 64 * 4)  # 10-row slices: every matrix in several
+    monkeypatch.setattr(slices, "SLICE_BYTES", 10 * 64 * 4)  # 10-row slices: every matrix in several
     merged_model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
     merged_model.load_state_dict(adapter.merged)
     tokens = torch.randn(5, 64, generator=torch.Generator().manual_seed(0))

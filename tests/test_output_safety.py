@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from frankenmoe.checkpoint.output_folder import NAME_MAX, not_a_checkpoint_reason, partial_folder, replaced_folder
+from frankenmoe.checkpoint.output_rules import NAME_MAX, not_a_checkpoint_reason, partial_folder, replaced_folder
 from frankenmoe.merging import run as pipeline
 from tests.conftest import TinyModels
 from tests.support import run_cli, write_config

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from frankenmoe.errors import ModelError
-from frankenmoe.io import pickles as pickle_weights
+from frankenmoe.io import pickle_reader
 from frankenmoe.io.pickles import read_pickle_index
 from frankenmoe.io.safetensors import read_tensor
 
@@ -188,7 +188,7 @@ def test_a_data_pkl_that_builds_too_much_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: bytes
 ) -> None:
     # A smaller budget keeps the test fast; the real one is measured below.
-    monkeypatch.setattr(pickle_weights, "PICKLE_BUILD_BUDGET", 16 * 2**20)
+    monkeypatch.setattr(pickle_reader, "PICKLE_BUILD_BUDGET", 16 * 2**20)
     path = tmp_path / "pytorch_model.bin"
     torch.save({"w": torch.ones(2)}, path)
     _with_data_pkl(path, body, zipfile.ZIP_DEFLATED)

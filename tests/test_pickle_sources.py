@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 
 from frankenmoe.errors import ModelError
 from frankenmoe.io.pickles import read_pickle_index
-from frankenmoe.io.safetensors import ShardEntry, ShardWriter, read_rows, read_tensor
+from frankenmoe.io.safetensors import read_rows, read_tensor
+from frankenmoe.io.shards import ShardEntry, ShardWriter
 from frankenmoe.sources.model import load_source
 from frankenmoe.testing.toymodels import write_toy_model
 from tests.support import run_cli, write_config

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig
 
-from frankenmoe.config.schema import MergeConfig, parse_config
+from frankenmoe.config.parse import parse_config
+from frankenmoe.config.schema import MergeConfig
 from frankenmoe.errors import ConfigError
-from frankenmoe.merging.plan import DEFAULT_SHARD_BYTES, Computed, MergePlan, build_plan, parse_size
+from frankenmoe.merging.plan import DEFAULT_SHARD_BYTES, Computed, MergePlan, parse_size
+from frankenmoe.merging.planning import build_plan
 from frankenmoe.sources.model import load_source
 from tests.conftest import TinyModels
 

@@ -21,7 +21,8 @@ from benchmarks.quality.full_finetunes import variants as full_variants
 from benchmarks.quality.mergekit_reference import mergekit_config
 from benchmarks.quality.run import MAIN_SET, PROMPTS, Variant, merge_variant, render_tables
 from benchmarks.quality.training import TRAINING_LOG, TrainingSettings, settings_record, train_mlp_expert
-from frankenmoe.analysis.evaluate import ModelScore, TokenWindows, score_folder
+from frankenmoe.analysis.perplexity import ModelScore, score_folder
+from frankenmoe.analysis.windows import TokenWindows
 from frankenmoe.testing.toymodels import write_toy_model
 
 PROSE = (

@@ -23,7 +23,8 @@ import yaml
 import frankenmoe
 from frankenmoe.checkpoint import output_folder as output
 from frankenmoe.checkpoint.manifest import MANIFEST_NAME, SAMPLE_BYTES, SAMPLED_BLOCKS
-from frankenmoe.checkpoint.output_folder import OWNER_FILE, partial_folder, replaced_folder
+from frankenmoe.checkpoint.output_recovery import OWNER_FILE
+from frankenmoe.checkpoint.output_rules import partial_folder, replaced_folder
 from frankenmoe.errors import ConfigError, OutputError
 from frankenmoe.merging.batch import output_folder
 from tests.conftest import TinyModels
@@ -51,7 +52,7 @@ def pause(stage):
 
 
 if mode == "kill-between-renames":
-    from frankenmoe.checkpoint import output_folder as output
+    from frankenmoe.checkpoint import output_rules as output
 
     rename = os.rename
 
@@ -64,7 +65,7 @@ if mode == "kill-between-renames":
     os.rename = rename_or_die
 else:
     from frankenmoe.merging import batch
-    from frankenmoe.io.safetensors import ShardWriter
+    from frankenmoe.io.shards import ShardWriter
 
     paused_merge = int(mode.removeprefix("writing-merge-"))
     merges = []

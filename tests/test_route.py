@@ -22,7 +22,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
 
-from frankenmoe.analysis.routing import resolve_expert
+from frankenmoe.analysis.labels import resolve_expert
 from frankenmoe.architectures.tables import MIXTRAL_LAYOUTS
 from frankenmoe.errors import ConfigError, ModelError
 from frankenmoe.testing.toymodels import TOKENIZER_CONFIG, mistral_tokenizer_model

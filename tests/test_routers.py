@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from frankenmoe.analysis.routing import route_prompts, routing_accuracy
+from frankenmoe.analysis.routing import route_prompts
+from frankenmoe.analysis.routing_stats import routing_accuracy
 from frankenmoe.checkpoint.folder import load_checkpoint
-from frankenmoe.config.schema import ExpertConfig, RouterConfig, parse_config
-from frankenmoe.decoder.layers import StreamedDecoder, router_inputs_by_layer
+from frankenmoe.config.parse import parse_config
+from frankenmoe.config.schema import ExpertConfig, RouterConfig
+from frankenmoe.decoder.decoder import StreamedDecoder, router_inputs_by_layer
 from frankenmoe.errors import ConfigError
 from frankenmoe.io.safetensors import read_tensor
 from frankenmoe.merging.prepare import MergeOptions, prepare_merge
@@ -51,7 +53,7 @@ def gate_request(
 
 
 def base_router_inputs(request: GateRequest) -> list[list[torch.Tensor]]:
-    """Every layer's router inputs of every prompt, computed in the base model by layers.py."""
+    """Every layer's router inputs of every prompt, computed in the base model by the streamed decoder."""
     prompts = collect_expert_prompts(request.base, request.experts)
     decoder = StreamedDecoder(request.base.config, request.base.tensors)
     return [inputs for _, inputs in router_inputs_by_layer(decoder, [prompt.token_ids for prompt in prompts.prompts])]

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from frankenmoe.checkpoint.output_folder import not_a_checkpoint_reason, partial_folder, staged_output
+from frankenmoe.checkpoint.output_folder import staged_output
+from frankenmoe.checkpoint.output_rules import not_a_checkpoint_reason, partial_folder
 from frankenmoe.runtime.interrupts import interrupt_scope
 from tests.conftest import TinyModels
 from tests.support import write_config
@@ -69,7 +70,7 @@ if "routers" in stages:
     pipeline.compute_gates = busy_then_compute
 
 if "writing" in stages:
-    from frankenmoe.io.safetensors import ShardWriter
+    from frankenmoe.io.shards import ShardWriter
 
     copy_bytes = ShardWriter.copy_bytes
 

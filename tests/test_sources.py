@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from frankenmoe.errors import ModelError
-from frankenmoe.sources.model import ModelShape, check_compatible, load_source, resolve_reference
+from frankenmoe.sources.model import ModelShape, check_compatible, load_source
+from frankenmoe.sources.resolve import resolve_reference
 from frankenmoe.testing.toymodels import SHAPES, ToyShape, write_toy_model
 from tests.conftest import TinyModels
 

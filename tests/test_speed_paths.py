@@ -6,6 +6,8 @@ solve equals the primal one."""
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
 import time
 from pathlib import Path
@@ -16,23 +18,23 @@ import yaml
 from transformers.cache_utils import DynamicCache
 
 from frankenmoe.analysis import routing
-from frankenmoe.analysis.routing import check_positive_prompts
+from frankenmoe.analysis.routing_check import RoutingCheck, check_routing
 from frankenmoe.api import plan_merge
+from frankenmoe.architectures.roles import MLP_PARTS
 from frankenmoe.checkpoint.folder import load_checkpoint
-from frankenmoe.config.schema import RouterConfig, load_config
-from frankenmoe.decoder import layers
-from frankenmoe.decoder.layers import (
-    KeyValueCache,
-    MatrixRows,
-    MLPWeights,
-    SliceCache,
-    StreamedDecoder,
-    activation_function,
-    greedy_continuations,
-    sliced_mlp,
-)
-from frankenmoe.errors import ModelError
-from frankenmoe.io.safetensors import ShardEntry, ShardWriter, read_growing_header, read_tensor, tensor_bytes
+from frankenmoe.config.parse import load_config
+from frankenmoe.config.schema import RouterConfig
+from frankenmoe.decoder import slices
+from frankenmoe.decoder.attention import KeyValueCache
+from frankenmoe.decoder.decoder import StreamedDecoder
+from frankenmoe.decoder.generate import greedy_continuations
+from frankenmoe.decoder.moe import ACTIVATIONS, MLPWeights, activation_function, sliced_mlp
+from frankenmoe.decoder.slices import MatrixRows, SliceCache
+from frankenmoe.errors import ModelError, OutputError
+from frankenmoe.io import shards
+from frankenmoe.io.safetensors import read_header, read_tensor
+from frankenmoe.io.shards import ShardEntry, ShardWriter, tensor_bytes
+from frankenmoe.io.written import WriteLog
 from frankenmoe.merging import routing_check
 from frankenmoe.merging.prepare import MergeOptions, gate_request, prepare_merge
 from frankenmoe.merging.routing_check import WrittenTensors
@@ -61,10 +63,10 @@ class RoutedCalls:
             self.calls.append((threading.current_thread().name, result))
             return result
 
-        monkeypatch.setattr(routing, "route_prompts", recorded)
+        monkeypatch.setattr("frankenmoe.analysis.routing_check.route_prompts", recorded)
 
 
-def merged_with_check(tmp_path: Path, config: Path, **options: object) -> tuple[Path, routing.RoutingCheck | None]:
+def merged_with_check(tmp_path: Path, config: Path, **options: object) -> tuple[Path, RoutingCheck | None]:
     out = tmp_path / "out"
     result = execute_merge(prepare_merge(config, out, MergeOptions(**options)))  # type: ignore[arg-type]
     return out, result.routing_check
@@ -81,12 +83,12 @@ def transformed_config(tmp_path: Path, tiny_models: TinyModels, gate_mode: str) 
 
 
 def assert_check_while_writing_equals_check_after(
-    calls: RoutedCalls, out: Path, during: routing.RoutingCheck | None, config: Path
+    calls: RoutedCalls, out: Path, during: RoutingCheck | None, config: Path
 ) -> None:
     experts = load_config(config).experts
     assert during is not None
     assert [thread for thread, _ in calls.calls] == ["frankenmoe-check"]  # it ran while writing, once
-    after = check_positive_prompts(out, experts)
+    after = check_routing(load_checkpoint(out), experts, None)
     assert after == during
     (_, routed_during), (_, routed_after) = calls.calls
     assert len(routed_during) == len(routed_after)
@@ -130,6 +132,19 @@ def test_the_check_while_writing_equals_the_check_after_for_qwen2_moe_with_a_sha
     assert_check_while_writing_equals_check_after(calls, out, during, config)
 
 
+def test_a_check_that_saw_other_routers_than_the_written_ones_runs_again_on_the_written_ones(
+    tmp_path: Path, tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = RoutedCalls(monkeypatch)
+    monkeypatch.setattr(routing_check.ComputedRows, "matches_written", lambda self, checkpoint: False)
+    config = transformed_config(tmp_path, tiny_models, "hidden")
+    with caplog.at_level("WARNING", logger="frankenmoe"):
+        out, checked = merged_with_check(tmp_path, config)
+    assert "saw other routers than the ones written; running it again" in caplog.text
+    assert [thread for thread, _ in calls.calls] == ["frankenmoe-check", "MainThread"]
+    assert checked == check_routing(load_checkpoint(out), load_config(config).experts, None)
+
+
 def test_the_check_reads_the_routers_the_writer_writes(
     tmp_path: Path, tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -153,45 +168,67 @@ def test_the_check_reads_the_routers_the_writer_writes(
 def test_written_tensors_hand_out_a_tensor_only_once_its_bytes_are_written(tmp_path: Path) -> None:
     path = tmp_path / "shard.safetensors"
     first, second = torch.arange(6, dtype=torch.float32), torch.arange(6, 12, dtype=torch.float32)
-    writer = ShardWriter(path, [ShardEntry("first", "F32", (6,)), ShardEntry("second", "F32", (6,))], {})
-    header = read_growing_header(path)
-    assert header is not None and set(header) == {"first", "second"}
+    written = WriteLog()
+    entries = [ShardEntry("first", "F32", (6,)), ShardEntry("second", "F32", (6,))]
+    writer = ShardWriter(path, entries, {}, written)
     writer.begin("first")
     writer.write_bytes(tensor_bytes(first))
-    tensors = WrittenTensors({"first": path, "second": path}, tmp_path)
+    tensors = WrittenTensors(written, ["first", "second"])
     assert torch.equal(read_tensor(tensors["first"]), first)
 
     found: list[torch.Tensor] = []
     reader = threading.Thread(target=lambda: found.append(read_tensor(tensors["second"])))
     reader.start()
-    reader.join(0.2)
-    assert reader.is_alive() and not found  # still waiting: "second" is not written yet
     writer.begin("second")
-    writer.write_bytes(tensor_bytes(second))
-    writer.close()
+    writer.write_bytes(tensor_bytes(second[:3]))
+    reader.join(0.2)
+    assert reader.is_alive() and not found  # still waiting: half of "second" is written
+    writer.write_bytes(tensor_bytes(second[3:]))
     reader.join(10)
     assert torch.equal(found[0], second)
+    writer.close()
+    assert {name: tensors[name] for name in tensors} == read_header(path)  # the offsets the header gives
 
 
-def test_a_growing_header_is_none_until_complete(tmp_path: Path) -> None:
-    path = tmp_path / "partial.safetensors"
-    path.write_bytes(b"\x10\x00\x00")
-    assert read_growing_header(path) is None
-    path.write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{")
-    assert read_growing_header(path) is None
-
-
-def test_written_tensors_give_up_when_the_staging_folder_goes(tmp_path: Path) -> None:
-    folder = tmp_path / "staging"
-    folder.mkdir()
-    tensors = WrittenTensors({"never": folder / "shard.safetensors"}, folder)
-    remover = threading.Timer(0.1, folder.rmdir)
-    remover.start()
+def test_the_check_waiting_for_a_tensor_is_released_when_the_writer_stops(tmp_path: Path) -> None:
+    written = WriteLog()
+    tensors = WrittenTensors(written, ["never"])
+    stopper = threading.Timer(0.1, written.fail, ["The disk is full"])
+    stopper.start()
     started = time.monotonic()
-    with pytest.raises(ModelError, match="went away"):
+    with pytest.raises(ModelError, match=r"'never' was never written: the writer stopped \(The disk is full\)"):
         tensors["never"]
     assert time.monotonic() - started < 30
-    remover.join()
+    stopper.join()
+    finished = WriteLog()
+    finished.close()
+    with pytest.raises(ModelError, match="finished without it"):
+        WrittenTensors(finished, ["never"])["never"]
+
+
+def test_a_merge_whose_writer_fails_ends_with_its_error_and_leaves_no_check_waiting(
+    tmp_path: Path, tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The routing check runs behind the writer: when the disk fills up after the first tensors, the merge
+    fails with the writer's error at once, and the check's thread has ended (it never waits forever)."""
+    real_write_all = shards._write_all
+    writes = 0
+
+    def fills_up(descriptor: int, data: memoryview) -> None:
+        nonlocal writes
+        writes += 1
+        if writes > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write_all(descriptor, data)
+
+    monkeypatch.setattr(shards, "_write_all", fills_up)
+    config = transformed_config(tmp_path, tiny_models, "hidden")
+    started = time.monotonic()
+    with pytest.raises(OutputError, match="The disk is full"):
+        merged_with_check(tmp_path, config)
+    assert time.monotonic() - started < 25  # BackgroundResult.cancel waits up to 30 s for a stuck check
+    assert not [thread for thread in threading.enumerate() if thread.name == "frankenmoe-check"]
+    assert not (tmp_path / "out").exists()
 
 
 # --- slice workers ---------------------------------------------------------------------------------------------------
@@ -199,21 +236,19 @@ def test_written_tensors_give_up_when_the_staging_folder_goes(tmp_path: Path) ->
 
 @pytest.fixture
 def many_slices(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(layers, "SLICE_BYTES", 7 * 64 * 4)  # 7-row slices of the tiny models' 64-wide matrices
+    monkeypatch.setattr(slices, "SLICE_BYTES", 7 * 64 * 4)  # 7-row slices of the tiny models' 64-wide matrices
 
 
 def with_workers(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", str(count))
-    assert layers.slice_workers() == count
+    assert slices.slice_workers() == count
 
 
 def test_slices_give_the_same_bits_for_any_number_of_workers(
     tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch, many_slices: None
 ) -> None:
     source = load_source(str(tiny_models.experts[0]))
-    weights = MLPWeights(
-        *(MatrixRows.whole(source.tensor(source.family.mlp_name(1, part))) for part in layers.MLP_PARTS)
-    )
+    weights = MLPWeights(*(MatrixRows.whole(source.tensor(source.family.mlp_name(1, part))) for part in MLP_PARTS))
     tokens = torch.randn(37, 64, generator=torch.Generator().manual_seed(5))
     results = []
     for count in (1, 2, 3):
@@ -370,7 +405,7 @@ def test_a_weight_cache_that_is_not_a_size_is_refused_before_anything_is_read(
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name", sorted(layers.ACTIVATIONS))
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
 def test_each_activation_computes_what_transformers_gives_that_name(name: str) -> None:
     from transformers.activations import ACT2FN
 

@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 import frankenmoe.io.remote
 import frankenmoe.sources.hub
 from frankenmoe.io.remote import RemoteFile
-from frankenmoe.io.safetensors import ShardEntry, ShardWriter, TensorLocation
+from frankenmoe.io.safetensors import TensorLocation
+from frankenmoe.io.shards import ShardEntry, ShardWriter
 from frankenmoe.testing.toymodels import write_toy_model
 from tests import test_hub_sources
 from tests.hub_server import HubServer

@@ -15,16 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from frankenmoe.errors import ModelError, OutputError
-from frankenmoe.io.safetensors import (
-    ALIGNMENT,
-    ShardEntry,
-    ShardWriter,
-    StreamHasher,
-    read_header,
-    read_tensor,
-    shard_header,
-    tensor_bytes,
-)
+from frankenmoe.io.safetensors import read_header, read_tensor
+from frankenmoe.io.shards import ALIGNMENT, ShardEntry, ShardWriter, StreamHasher, shard_header, tensor_bytes
 
 
 def sample_tensors() -> dict[str, torch.Tensor]:
@@ -232,7 +224,7 @@ def test_the_hasher_takes_copied_ranges_without_blocking_but_holds_at_most_two_w
 def test_a_shard_is_sent_to_the_disk_range_after_range_while_it_is_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from frankenmoe.io import safetensors as tensor_io
+    from frankenmoe.io import shards as tensor_io
 
     started: list[tuple[int, int]] = []
     real = tensor_io.start_writeback

@@ -11,7 +11,8 @@ import pytest
 from matplotlib.figure import Figure
 from transformers import PreTrainedTokenizerBase
 
-from frankenmoe.analysis.routing import display_token, route_prompts, summarise_routing, token_texts
+from frankenmoe.analysis.routing import display_token, route_prompts, token_texts
+from frankenmoe.analysis.routing_stats import summarise_routing
 from frankenmoe.checkpoint.folder import load_checkpoint
 from frankenmoe.routers.prompts import load_tokenizer
 from frankenmoe.testing.toymodels import TOKENIZER_CONFIG, mistral_tokenizer_model

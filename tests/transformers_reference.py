@@ -1,4 +1,4 @@
-"""transformers' own decoder layers: the reference the streamed decoder (frankenmoe.decoder.layers) is held to.
+"""transformers' own decoder layers: the reference the streamed decoder (frankenmoe.decoder.decoder) is held to.
 
 frankenmoe never runs these layers; the tests run them here, through transformers' public API (the
 model from `from_pretrained`, its rotary embedding and its mask functions), on the same toy models.

@@ -1,4 +1,4 @@
-"""The gain a merge kept, from perplexities (computed by frankenmoe.analysis.evaluate, see run.evaluate_folder)."""
+"""The gain a merge kept, from perplexities (computed by frankenmoe.analysis.perplexity, see run.evaluate_folder)."""
 
 from __future__ import annotations
 

@@ -31,8 +31,11 @@ import frankenmoe
 from benchmarks.quality.domains import CACHE, EVAL_DOMAINS, EXPERT_DOMAINS, EXPERTS, base_model, blocks
 from benchmarks.quality.evaluate import gain_retained, relative_change
 from benchmarks.quality.training import TRAINING_LOG
-from frankenmoe.analysis.evaluate import TokenWindows, score_folder
-from frankenmoe.config.schema import GATE_MODES, PROMPT_GATE_MODES, RouterConfig, parse_config
+from frankenmoe.analysis.perplexity import score_folder
+from frankenmoe.analysis.windows import TokenWindows
+from frankenmoe.config.constants import GATE_MODES, PROMPT_GATE_MODES
+from frankenmoe.config.parse import parse_config
+from frankenmoe.config.schema import RouterConfig
 from frankenmoe.errors import FrankenMoEError
 from frankenmoe.routers import GATE_FUNCTIONS
 

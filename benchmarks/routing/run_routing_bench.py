@@ -6,7 +6,7 @@ The model is SmolLM2-135M-Instruct (examples/smollm2.py converts it once), merge
 MoE whose experts are all that same model, so routing is the only thing that differs between
 variants. The labelled prompts are eval_prompts.yaml (chat, code, story, maths: experts 0-3);
 the positive prompts are prompt_sets.yaml. Accuracy, utilisation and entropy come from
-frankenmoe.analysis.routing, the same functions `frankenmoe route` uses (chance is 25%).
+frankenmoe.analysis.routing_stats, the same functions `frankenmoe route` uses (chance is 25%).
 
 Every variant computes its routers with frankenmoe's public API (plan_merge, then compute_routers:
 what a merge writes, cast to the output dtype). Because the experts are
@@ -40,9 +40,10 @@ sys.path.insert(0, str(ROOT / "examples"))
 from smollm2 import ensure_smollm2  # noqa: E402
 
 import frankenmoe  # noqa: E402
-from frankenmoe.analysis.routing import PromptRouting, route_prompts, routing_accuracy, summarise_routing  # noqa: E402
+from frankenmoe.analysis.routing import PromptRouting, route_prompts  # noqa: E402
+from frankenmoe.analysis.routing_stats import routing_accuracy, summarise_routing  # noqa: E402
 from frankenmoe.checkpoint.folder import Checkpoint, load_checkpoint  # noqa: E402
-from frankenmoe.decoder.layers import StreamedDecoder, router_inputs_by_layer  # noqa: E402
+from frankenmoe.decoder.decoder import StreamedDecoder, router_inputs_by_layer  # noqa: E402
 from frankenmoe.io.safetensors import read_header  # noqa: E402
 from frankenmoe.routers.prompts import EncodedPrompt, encode_prompts  # noqa: E402
 from frankenmoe.sources.model import load_source  # noqa: E402

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
-from frankenmoe.analysis.routing import PromptRouting, RoutingSummary, content_probabilities, content_texts
+from frankenmoe.analysis.routing import PromptRouting
+from frankenmoe.analysis.routing_stats import RoutingSummary, content_probabilities, content_texts
 from frankenmoe.errors import FrankenMoEError, OutputError
 
 MAX_FIGURE_INCHES = 40.0

@@ -171,30 +171,7 @@ def _tensor_problems(folder: Path, entries: dict[str, os.stat_result]) -> tuple[
     if schema := index_problems(index):
         return schema, 0
     index = index["weight_map"]
-    problems: list[str] = []
-    stored: dict[str, TensorLocation] = {}
-    for shard in sorted(set(index.values())):
-        entry = entries.get(shard)
-        if entry is not None and not stat.S_ISREG(entry.st_mode):
-            problems.append(f"{shard}: its tensors were not checked: {_not_a_file(entry)}")
-            continue
-        try:
-            header = read_header(folder / shard)
-        except FrankenMoEError as error:
-            problems.append(f"{shard}: {error.message}")
-            continue
-        for name, location in header.items():
-            if name in stored:
-                problems.append(f"{name}: stored in both {stored[name].file.name} and {shard}")
-            stored[name] = location
-    for name, shard in index.items():
-        if name in stored and stored[name].file.name != shard:
-            problems.append(f"{name}: the index says {shard}, but it is in {stored[name].file.name}")
-        elif name not in stored and not any(problem.startswith(str(shard)) for problem in problems):
-            problems.append(f"{name}: listed in the index, in no shard")
-    problems += [
-        f"{name}: in {stored[name].file.name}, not listed in the index" for name in stored if name not in index
-    ]
+    problems, stored = _stored_tensors(folder, entries, index)
     architecture = OUTPUT_ARCHITECTURES.get(str(config.get("model_type")))
     if architecture is None:
         return [*problems, f"config.json: model_type {config.get('model_type')!r} is not a frankenmoe output"], len(
@@ -222,6 +199,37 @@ def _tensor_problems(folder: Path, entries: dict[str, os.stat_result]) -> tuple[
         f"{name}: an extra tensor {architecture.model_type} has no place for" for name in stored if name not in expected
     ]
     return problems, len(stored)
+
+
+def _stored_tensors(
+    folder: Path, entries: dict[str, os.stat_result], index: dict[str, str]
+) -> tuple[list[str], dict[str, TensorLocation]]:
+    """Every tensor in the shards the index names, and the problems of reading them or of matching the index."""
+    problems: list[str] = []
+    stored: dict[str, TensorLocation] = {}
+    for shard in sorted(set(index.values())):
+        entry = entries.get(shard)
+        if entry is not None and not stat.S_ISREG(entry.st_mode):
+            problems.append(f"{shard}: its tensors were not checked: {_not_a_file(entry)}")
+            continue
+        try:
+            header = read_header(folder / shard)
+        except FrankenMoEError as error:
+            problems.append(f"{shard}: {error.message}")
+            continue
+        for name, location in header.items():
+            if name in stored:
+                problems.append(f"{name}: stored in both {stored[name].file.name} and {shard}")
+            stored[name] = location
+    for name, shard in index.items():
+        if name in stored and stored[name].file.name != shard:
+            problems.append(f"{name}: the index says {shard}, but it is in {stored[name].file.name}")
+        elif name not in stored and not any(problem.startswith(str(shard)) for problem in problems):
+            problems.append(f"{name}: listed in the index, in no shard")
+    problems += [
+        f"{name}: in {stored[name].file.name}, not listed in the index" for name in stored if name not in index
+    ]
+    return problems, stored
 
 
 def manifest_mismatch(folder: Path) -> str | None:

@@ -4,15 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from frankenmoe.architectures.tables import (
-    EMBEDDINGS,
-    FINAL_NORM,
-    LAYER_PREFIX,
-    LM_HEAD,
-    MLP_PARTS,
-    OutputArchitecture,
-    OutputLayout,
-)
+from frankenmoe.architectures.roles import EMBEDDINGS, FINAL_NORM, LAYER_PREFIX, LM_HEAD, MLP_PARTS
+from frankenmoe.architectures.tables import OutputArchitecture, OutputLayout
 from frankenmoe.errors import ModelError
 from frankenmoe.io.safetensors import TensorLocation
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from gguf import MODEL_ARCH, GGMLQuantizationType, LlamaFileType
 
-from frankenmoe.architectures.tables import MLP_PARTS
+from frankenmoe.architectures.roles import MLP_PARTS
 
 
 @dataclass(frozen=True)

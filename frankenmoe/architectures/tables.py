@@ -4,7 +4,8 @@ A source family says where a dense decoder keeps each weight, with its shape as 
 model's dimensions. An output architecture says where a MoE keeps its routed experts, routers and
 shared expert, which families it can hold (and why not the others), how its config.json is built
 and how it routes. The plan, the writer, the streamed decoder and the read commands are generic
-over these entries: adding a family or an output is an entry in the tables below plus tests.
+over these entries: adding a family or an output is an entry in the tables below plus tests. The tensor
+roles and named dimensions the entries are made of are frankenmoe.architectures.roles'.
 """
 
 from __future__ import annotations
@@ -12,43 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
-LAYER_PREFIX = "model.layers.{layer}."
-
-Dims = tuple[str, ...]
-"""A shape as names of model dimensions: hidden, intermediate, vocab, q_width, kv_width, head_dim."""
-
-
-@dataclass(frozen=True)
-class Weight:
-    """One tensor: its name (relative to the layer prefix for per-layer weights) and its shape.
-
-    A weight with a `flag` exists exactly when the model's config.json sets that flag (Llama's
-    `attention_bias`); one without is always there.
-    """
-
-    name: str
-    shape: Dims
-    flag: str | None = None
-
-
-ATTENTION_PROJECTIONS: dict[str, Dims] = {
-    "q_proj": ("q_width", "hidden"),
-    "k_proj": ("kv_width", "hidden"),
-    "v_proj": ("kv_width", "hidden"),
-    "o_proj": ("hidden", "q_width"),
-}
-"""Every family's attention matrices (what `base_laser` can reduce), at self_attn.NAME.weight."""
-
-
-def attention_projection_name(projection: str) -> str:
-    return f"self_attn.{projection}.weight"
-
-
-LAYER_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
-"""A decoder layer's RMS norms: before its attention, and before its MLP (the router's input)."""
-QK_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
-"""Per-head RMS norms of queries and keys, before the rotary embedding (Qwen3)."""
+from frankenmoe.architectures.roles import (
+    ATTENTION_PROJECTIONS,
+    DENSE_MLP,
+    LAYER_NORMS,
+    LAYER_PREFIX,
+    MLP_PARTS,
+    QK_NORMS,
+    Weight,
+    attention_projection_name,
+)
 
 
 def _attention(*extras: Weight) -> tuple[Weight, ...]:
@@ -71,17 +45,6 @@ def _qkv_biases(flag: str | None = None) -> tuple[Weight, ...]:
 
 def _qk_norms() -> tuple[Weight, ...]:
     return tuple(Weight(name, ("head_dim",)) for name in QK_NORMS)
-
-
-DENSE_MLP = {
-    "gate_proj": Weight("mlp.gate_proj.weight", ("intermediate", "hidden")),
-    "up_proj": Weight("mlp.up_proj.weight", ("intermediate", "hidden")),
-    "down_proj": Weight("mlp.down_proj.weight", ("hidden", "intermediate")),
-}
-EMBEDDINGS = Weight("model.embed_tokens.weight", ("vocab", "hidden"))
-FINAL_NORM = Weight("model.norm.weight", ("hidden",))
-LM_HEAD = Weight("lm_head.weight", ("vocab", "hidden"))
-"""Absent when the config ties the head to the embeddings."""
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,2 @@
-"""A MoE output folder: staging and the atomic swap, opening a checkpoint, its manifest and model-card recipe."""
+"""A MoE output folder: the rules for OUT, staging and the atomic swap, recovery after a killed merge, opening a
+checkpoint, its manifest and model-card recipe."""

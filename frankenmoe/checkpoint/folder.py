@@ -11,7 +11,8 @@ from frankenmoe.architectures.expected import detect_layout
 from frankenmoe.architectures.tables import OUTPUT_ARCHITECTURES, OutputArchitecture, OutputLayout
 from frankenmoe.errors import ModelError
 from frankenmoe.io.safetensors import TensorLocation
-from frankenmoe.sources.model import index_tensors, read_model_config
+from frankenmoe.sources.model import read_model_config
+from frankenmoe.sources.weights import index_tensors
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,42 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 """GGUF's fixed-size value types and their struct formats; 8 is a string, 9 an array."""
 
 
+class _HeaderReader:
+    """Reads a GGUF header's values in order from a mapped file, from `position` on."""
+
+    def __init__(self, data: mmap.mmap) -> None:
+        self.data = data
+        self.position = 0
+
+    def take(self, format: str) -> Any:
+        value = struct.unpack_from(format, self.data, self.position)[0]
+        self.position += struct.calcsize(format)
+        return value
+
+    def text(self) -> str:
+        length = self.take("<Q")
+        if self.position + length > len(self.data):
+            raise ValueError("a string runs past the end of the file")
+        self.position += length
+        return bytes(self.data[self.position - length : self.position]).decode("utf-8", errors="replace")
+
+    def skip_array(self) -> None:
+        kind, count = self.take("<I"), self.take("<Q")
+        if kind in _SCALARS:
+            self.position += count * struct.calcsize(_SCALARS[kind])
+        elif kind == 8:
+            for _ in range(count):
+                length = self.take("<Q")  # before the addition: take moves position itself
+                self.position += length
+        else:  # arrays of arrays
+            for _ in range(count):
+                self.skip_array()
+
+
+TensorEntry = tuple[str, int, tuple[int, ...], int]
+"""A tensor table entry as the header gives it: name, GGML type, shape (PyTorch order), offset in the data."""
+
+
 def read_gguf_table(path: Path) -> GgufTable:
     """The keys and tensor table of the GGUF file at `path`, read straight from its header.
 
@@ -42,68 +79,16 @@ def read_gguf_table(path: Path) -> GgufTable:
     vocabulary); this walks the header once, skipping arrays, and checks that every tensor's data lies
     within the file. A file that is not a whole GGUF raises ValueError naming what is wrong.
     """
-    import mmap
-
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        position = 0
-
-        def take(format: str) -> Any:
-            nonlocal position
-            value = struct.unpack_from(format, data, position)[0]
-            position += struct.calcsize(format)
-            return value
-
-        def text() -> str:
-            nonlocal position
-            length = take("<Q")
-            if position + length > len(data):
-                raise ValueError("a string runs past the end of the file")
-            position += length
-            return bytes(data[position - length : position]).decode("utf-8", errors="replace")
-
-        def skip_array() -> None:
-            nonlocal position
-            kind, count = take("<I"), take("<Q")
-            if kind in _SCALARS:
-                position += count * struct.calcsize(_SCALARS[kind])
-            elif kind == 8:
-                for _ in range(count):
-                    length = take("<Q")  # before the addition: take moves position itself
-                    position += length
-            else:  # arrays of arrays
-                for _ in range(count):
-                    skip_array()
-
+        reader = _HeaderReader(data)
         try:
-            if take("<I") != 0x46554747:  # "GGUF"
-                raise ValueError("it does not start with GGUF's magic number")
-            version, tensor_count, key_count = take("<I"), take("<Q"), take("<Q")
-            if version not in (2, 3):
-                raise ValueError(f"GGUF version {version} is not one llama.cpp reads")
-            fields: dict[str, str | int | float | bool] = {}
-            for _ in range(key_count):
-                key, kind = text(), take("<I")
-                if kind == 9:
-                    skip_array()
-                elif kind == 8:
-                    fields[key] = text()
-                elif kind in _SCALARS:
-                    fields[key] = take(_SCALARS[kind])
-                else:
-                    raise ValueError(f"key {key} has an unknown value type {kind}")
-            entries = []
-            for _ in range(tensor_count):
-                name, dimensions = text(), take("<I")
-                if dimensions > 4:
-                    raise ValueError(f"tensor {name} has {dimensions} dimensions")
-                shape = tuple(reversed([take("<Q") for _ in range(dimensions)]))
-                entries.append((name, take("<I"), shape, take("<Q")))
+            fields, entries = _read_header(reader)
         except struct.error:
             raise ValueError("its header runs past the end of the file") from None
         alignment = int(fields.get("general.alignment", 32))
-        data_start = position + -position % alignment
+        data_start = reader.position + -reader.position % alignment
         tensors = {}
         for name, kind, shape, offset in entries:
             try:
@@ -117,6 +102,35 @@ def read_gguf_table(path: Path) -> GgufTable:
         return GgufTable(fields, tensors)
 
 
+def _read_header(reader: _HeaderReader) -> tuple[dict[str, str | int | float | bool], list[TensorEntry]]:
+    """The header's non-array keys and its tensor entries; the reader is left at the end of the header."""
+    take, text = reader.take, reader.text
+    if take("<I") != 0x46554747:  # "GGUF"
+        raise ValueError("it does not start with GGUF's magic number")
+    version, tensor_count, key_count = take("<I"), take("<Q"), take("<Q")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not one llama.cpp reads")
+    fields: dict[str, str | int | float | bool] = {}
+    for _ in range(key_count):
+        key, kind = text(), take("<I")
+        if kind == 9:
+            reader.skip_array()
+        elif kind == 8:
+            fields[key] = text()
+        elif kind in _SCALARS:
+            fields[key] = take(_SCALARS[kind])
+        else:
+            raise ValueError(f"key {key} has an unknown value type {kind}")
+    entries: list[TensorEntry] = []
+    for _ in range(tensor_count):
+        name, dimensions = text(), take("<I")
+        if dimensions > 4:
+            raise ValueError(f"tensor {name} has {dimensions} dimensions")
+        shape = tuple(reversed([take("<Q") for _ in range(dimensions)]))
+        entries.append((name, take("<I"), shape, take("<Q")))
+    return fields, entries
+
+
 def gguf_folder_problems(folder: Path) -> tuple[list[str], int] | None:
     """`verify`'s tensor check of a GGUF output: the file's tensors are exactly those its config.json implies
     (names, shapes), for llama.cpp's architecture; None when `folder` holds no GGUF file."""
@@ -124,7 +138,7 @@ def gguf_folder_problems(folder: Path) -> tuple[list[str], int] | None:
 
     from frankenmoe.architectures.expected import expected_tensors
     from frankenmoe.architectures.tables import OUTPUT_ARCHITECTURES
-    from frankenmoe.checkpoint.output_folder import GGUF_FILE_NAME
+    from frankenmoe.checkpoint.output_rules import GGUF_FILE_NAME
 
     files = sorted(
         path

@@ -20,11 +20,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from frankenmoe.config.constants import BASE_LASER_MATRICES, EXPERT_LASER_MATRICES, TRUNK_METHOD_KEYS
 from frankenmoe.config.schema import (
-    BASE_LASER_MATRICES,
-    EXPERT_LASER_MATRICES,
     SHARED_EXPERT_KEYS,
-    TRUNK_METHOD_KEYS,
     ExpertConfig,
     LaserConfig,
     MergeConfig,

@@ -148,6 +148,7 @@ def split_repo_reference(reference: str) -> tuple[str, str]:
     return repo_id, revision or "main"
 
 
+# One except clause per error, each with its own message: splitting it would only scatter the table.
 @contextlib.contextmanager
 def hub_errors(reference: str, name: str | None = None) -> Iterator[None]:
     """Turn huggingface_hub's and the network's exceptions into one-paragraph messages naming the repo."""

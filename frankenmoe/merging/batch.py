@@ -30,7 +30,8 @@ from typing import Any
 from frankenmoe import __version__
 from frankenmoe.analysis.verify import manifest_mismatch, verify_output
 from frankenmoe.checkpoint.manifest import MANIFEST_NAME, normalised_config_sha256, read_manifest, source_record
-from frankenmoe.checkpoint.output_folder import absolute_target, recover_interrupted_output
+from frankenmoe.checkpoint.output_recovery import recover_interrupted_output
+from frankenmoe.checkpoint.output_rules import absolute_target
 from frankenmoe.errors import ConfigError, FrankenMoEError
 from frankenmoe.merging.prepare import MergeOptions, load_sources, prepare_merge, read_config_input
 from frankenmoe.merging.run import execute_merge

@@ -9,9 +9,10 @@ import yaml
 
 from frankenmoe import __version__
 from frankenmoe.checkpoint.recipe import RECIPE_HEADING
-from frankenmoe.config.schema import PROMPT_GATE_MODES, MergeConfig
+from frankenmoe.config.constants import PROMPT_GATE_MODES
+from frankenmoe.config.schema import MergeConfig
 from frankenmoe.io.safetensors import SAFETENSORS_TO_CONFIG_DTYPE
-from frankenmoe.merging.laser import LaserResult
+from frankenmoe.merging.laser_plan import LaserResult
 from frankenmoe.merging.plan import MergePlan
 from frankenmoe.sources.model import SourceModel, weight_formats_summary
 

@@ -7,11 +7,11 @@ Built here, next to the plan, so that a client shows a merge without reading the
 
 from __future__ import annotations
 
-from frankenmoe.analysis.routing import routing_check_lines, routing_check_skip_reason
+from frankenmoe.analysis.routing_check import routing_check_lines, routing_check_skip_reason
 from frankenmoe.io.safetensors import SAFETENSORS_TO_CONFIG_DTYPE
 from frankenmoe.io.sizes import format_bytes
 from frankenmoe.merging.card import router_summary
-from frankenmoe.merging.laser import describe_group
+from frankenmoe.merging.laser_plan import LaserGroup, LaserResult
 from frankenmoe.merging.plan import MergePlan, TensorJob
 from frankenmoe.merging.prepare import MergeResult, PreparedMerge
 from frankenmoe.sources.model import weight_formats_summary
@@ -48,12 +48,35 @@ def describe_plan(prepared: PreparedMerge, detailed: bool = False) -> tuple[str,
         f"free on disk {format_bytes(prepared.free_bytes)}",
     ]
     lines += _hub_lines(prepared)
-    lines += [describe_group(group, detailed) for group in plan.laser_groups]
+    lines += [_laser_lines(group, plan.laser_results, detailed) for group in plan.laser_groups]
     lines += _gguf_lines(prepared, detailed)
     if detailed:
         lines.append("\nshard  dtype  shape                 tensor  <-  source")
         lines += [_job_line(plan, job) for job in plan.jobs]
     return tuple(lines)
+
+
+def _laser_lines(group: LaserGroup, results: tuple[LaserResult, ...], detailed: bool) -> str:
+    """One line per laser block; with `detailed` (the dry run), every considered matrix's decision, as the
+    model card's laser table shows it: shape, tensor, SNR, rank before -> rank kept, and the verdict."""
+    settings = group.settings
+    options = [f"method {settings.method}"]
+    if settings.top_k is not None:
+        options.append(f"top_k {settings.top_k}")
+    if settings.keep_fraction is not None:
+        options.append(f"keep_fraction {settings.keep_fraction}")
+    if settings.calibration is not None:
+        options.append(f"calibration {settings.calibration}")
+    decided = [result for result in results if result.group == group.path]
+    reduced = sum(result.reduced for result in decided)
+    lines = [f"laser {group.path} ({', '.join(options)}): {len(group.matrices)} matrices considered, {reduced} reduced"]
+    if detailed:
+        lines.extend(
+            f"  {'x'.join(map(str, matrix.location.shape)):<12} {matrix.location.name}  SNR {result.snr:.4g}  "
+            f"rank {result.rank_before} -> {result.rank_after}  {result.note}"
+            for matrix, result in zip(group.matrices, decided, strict=True)
+        )
+    return "\n".join(lines)
 
 
 def _hub_lines(prepared: PreparedMerge) -> list[str]:

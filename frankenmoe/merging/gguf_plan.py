@@ -250,8 +250,9 @@ def gguf_problems(path: Path, gplan: GgufPlan) -> list[str]:
     return problems
 
 
-def gguf_card_section(gplan: GgufPlan) -> str:
-    """The model card's section on the GGUF file: its type, what stays float32, fallbacks, how to run it."""
+def gguf_card_section(gplan: GgufPlan, routing_checked: bool) -> str:
+    """The model card's section on the GGUF file: its type, what stays float32, fallbacks, what the routing
+    check (`routing_checked`: the section above) read, how to run it."""
     name = gplan.file_name
     fallbacks = gplan.fallbacks
     lines = [
@@ -268,8 +269,12 @@ def gguf_card_section(gplan: GgufPlan) -> str:
             + (" ..." if len(fallbacks) > 8 else "")
             + "."
         )
+    if routing_checked:
+        lines.append(
+            "The routing check above routed the prompts through the unquantised weights this file encodes "
+            f"(the values before their {gplan.type.tensor_type.name} encoding)."
+        )
     lines += [
-        "The routing check of a safetensors merge does not run for a GGUF output.",
         "",
         "```",
         f"llama-cli -m {name} -p 'Hello'",

@@ -1,10 +1,11 @@
 """Laser: denoise weight matrices by rank reduction during the merge (formulas in docs/laser.md).
 
-Planning decides which matrices each `laser` block considers (`plan.laser_group`). After planning,
-the analysis (`analyse_lasers`) reads the considered matrices one at a time, keeps only a few scalars
-per matrix (its SNR, rank and proposed rank), chooses the reductions, optionally checks each one
-against a calibration text's perplexity, and returns the ranks to keep, which the plan takes
-(`MergePlan.with_laser_ranks`). The writer applies a piece's rank with `apply_laser`.
+Planning chooses which matrices each `laser` block considers (`laser_plan.laser_group`), and its
+last step (`planning.decide_lasers`) runs this analysis: `analyse_lasers` reads the considered
+matrices one at a time, keeps only a few scalars per matrix (its SNR, rank and proposed rank),
+chooses the reductions, optionally checks each one against a calibration text's perplexity, and
+returns every matrix's decision, whose ranks the plan's pieces then carry. The writer applies a
+piece's rank with `apply_laser`.
 
 SVD cost: the analysis needs only singular values (`svdvals`); the writer computes the full SVD of
 each reduced matrix once more when it writes it. The calibration check also builds the reduced
@@ -23,10 +24,10 @@ import torch
 from tqdm import tqdm
 
 from frankenmoe.config.schema import LaserConfig
-from frankenmoe.decoder.layers import StreamedDecoder
+from frankenmoe.decoder.decoder import StreamedDecoder
 from frankenmoe.errors import ConfigError
 from frankenmoe.io.safetensors import read_tensor
-from frankenmoe.merging.plan import LaserGroup, LaserTarget, MergePlan
+from frankenmoe.merging.laser_plan import LaserGroup, LaserResult, LaserTarget
 from frankenmoe.routers.prompts import load_tokenizer
 from frankenmoe.sources.model import SourceModel
 
@@ -47,39 +48,6 @@ class Spectrum:
     snr: float
     rank: int
     proposed_rank: int
-
-
-@dataclass(frozen=True)
-class LaserResult:
-    """One considered matrix in the model card: its SNR, rank before and after, and the verdict."""
-
-    group: str
-    tensor: str
-    layer: int
-    matrix: str
-    snr: float
-    rank_before: int
-    rank_after: int
-    reduced: bool
-    note: str
-
-
-def describe_group(group: LaserGroup, detailed: bool) -> str:
-    """One line per laser block, plus one per considered matrix when `detailed` (the dry run)."""
-    settings = group.settings
-    options = [f"method {settings.method}"]
-    if settings.top_k is not None:
-        options.append(f"top_k {settings.top_k}")
-    if settings.keep_fraction is not None:
-        options.append(f"keep_fraction {settings.keep_fraction}")
-    if settings.calibration is not None:
-        options.append(f"calibration {settings.calibration}")
-    lines = [f"laser {group.path} ({', '.join(options)}): {len(group.matrices)} matrices considered"]
-    if detailed:
-        lines.extend(
-            f"  {'x'.join(map(str, matrix.location.shape)):<12} {matrix.location.name}" for matrix in group.matrices
-        )
-    return "\n".join(lines)
 
 
 def singular_values(weight: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -145,17 +113,17 @@ def apply_laser(tensor: torch.Tensor, target: LaserTarget | None, device: torch.
     return truncate(tensor, target.keep_rank, device)
 
 
-def analyse_lasers(plan: MergePlan, device: torch.device, show_progress: bool = False) -> tuple[LaserResult, ...]:
-    """Measure and decide every matrix of every laser block; `kept_ranks` turns the results into what the plan takes."""
+def analyse_lasers(
+    groups: tuple[LaserGroup, ...], tokenizer_source: SourceModel, device: torch.device, show_progress: bool = False
+) -> tuple[LaserResult, ...]:
+    """Measure and decide every matrix of every laser block, in block then matrix order.
+
+    `tokenizer_source` is the base model: calibration text is tokenised as the merged model will tokenise it.
+    """
     results: list[LaserResult] = []
-    for group in plan.laser_groups:
-        results.extend(analyse_group(group, plan.base, device, show_progress))
+    for group in groups:
+        results.extend(analyse_group(group, tokenizer_source, device, show_progress))
     return tuple(results)
-
-
-def kept_ranks(results: tuple[LaserResult, ...]) -> dict[tuple[str, int, str], int]:
-    """(block path, layer, matrix) -> the rank to keep, for every reduced matrix."""
-    return {(result.group, result.layer, result.matrix): result.rank_after for result in results if result.reduced}
 
 
 def analyse_group(

@@ -1,11 +1,10 @@
-"""Preparing a merge: the config read once, sources loaded and checked, OUT checked, and the whole plan made."""
+"""Preparing a merge: the config read once, sources loaded and checked, OUT checked, the whole plan made and laser's ranks decided."""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -14,19 +13,22 @@ from typing import Any
 import torch
 import yaml
 
-from frankenmoe.analysis.routing import RoutingCheck
+from frankenmoe.analysis.routing_check import RoutingCheck
 from frankenmoe.analysis.verify import manifest_mismatch
 from frankenmoe.architectures.tables import TOKENIZER_FILES
 from frankenmoe.checkpoint.manifest import FileRecord
 from frankenmoe.checkpoint.output_folder import check_free_space, check_output_target
-from frankenmoe.config.schema import MergeConfig, load_config, parse_config
-from frankenmoe.decoder.layers import cpu_multiplies_bfloat16
+from frankenmoe.config.parse import parse_config, read_config_text
+from frankenmoe.config.schema import MergeConfig
+from frankenmoe.decoder.slices import cpu_multiplies_bfloat16
 from frankenmoe.errors import ConfigError, ModelError
 from frankenmoe.io.safetensors import SAFETENSORS_TO_CONFIG_DTYPE
 from frankenmoe.merging.downloads import planned_downloads, planned_streams
 from frankenmoe.merging.gguf_plan import GgufPlan
-from frankenmoe.merging.laser import LaserResult
-from frankenmoe.merging.plan import DEFAULT_SHARD_BYTES, MergePlan, build_plan
+from frankenmoe.merging.laser_plan import LaserResult
+from frankenmoe.merging.plan import DEFAULT_SHARD_BYTES, MergePlan
+from frankenmoe.merging.planning import build_plan, decide_lasers
+from frankenmoe.merging.timing import stage
 from frankenmoe.merging.writer import NON_FINITE_CHECK
 from frankenmoe.routers.prompts import load_tokenizer
 from frankenmoe.routers.request import GateRequest
@@ -103,7 +105,8 @@ class PreparedMerge:
     out: Path
     options: MergeOptions
     config_path: Path | None = None
-    planning_seconds: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds of the stages run while preparing: planning, then laser (its analysis, deciding the ranks)."""
     gguf: GgufPlan | None = None
     """Set when the output is a GGUF file: its tensors, types and tokenizer, decided before writing."""
     downloads: tuple[Download, ...] = ()
@@ -177,8 +180,8 @@ def read_config_input(config: ConfigInput) -> tuple[MergeConfig, str, Path | Non
     path = Path(config) if not isinstance(config, str) or _names_a_file(config) else None
     if path is None:
         return parse_config(config, "<config text>"), config, None
-    parsed = load_config(path)
-    return parsed, path.read_text(encoding="utf-8"), path
+    text = read_config_text(path)
+    return parse_config(text, str(path)), text, path
 
 
 def load_config_input(config: ConfigInput) -> LoadedConfig:
@@ -234,9 +237,25 @@ def _names_a_file(text: str) -> bool:
 
 
 def prepare_merge(config_input: ConfigInput, out: Path, options: MergeOptions) -> PreparedMerge:
-    """Validate everything that can be validated without writing, and plan every tensor."""
-    started = time.monotonic()
-    logger.info("planning started", extra={"stage": "planning", "status": "started"})
+    """Validate everything that can be validated without writing, plan every tensor, and decide laser's ranks.
+
+    Laser's analysis is planning's last step and its longest (it reads the matrices the laser blocks
+    consider), so it starts only once every check has passed. The plan returned is the one that runs.
+    """
+    timings: dict[str, float] = {}
+    with stage("planning", timings):
+        prepared = _checked_plan(config_input, Path(out), options)
+    if not prepared.plan.laser_groups:
+        # Every build record times the same stages; a merge without laser blocks logs no empty one.
+        return replace(prepared, timings={**timings, "laser": 0.0})
+    with stage("laser", timings):
+        plan = decide_lasers(prepared.plan, resolve_device(options.device), options.show_progress)
+    gguf = None if prepared.gguf is None else _with_plan_jobs(prepared.gguf, plan)
+    return replace(prepared, plan=plan, gguf=gguf, timings=timings)
+
+
+def _checked_plan(config_input: ConfigInput, out: Path, options: MergeOptions) -> PreparedMerge:
+    """Every check and the plan of every tensor, laser's blocks still undecided; reads configs and headers only."""
     config, config_text, config_path = read_config_input(config_input)
     resolve_device(options.device)
     base, experts, shared_expert = load_sources(config)
@@ -260,27 +279,21 @@ def prepare_merge(config_input: ConfigInput, out: Path, options: MergeOptions) -
     if options.gguf_type is not None:
         from frankenmoe.merging.gguf_plan import plan_gguf
 
-        gguf = plan_gguf(plan, options.gguf_type, Path(out).name)
+        gguf = plan_gguf(plan, options.gguf_type, out.name)
     free = check_free_space(out, plan.output_bytes if gguf is None else gguf.data_bytes)
     downloads = planned_downloads(plan, stream=options.stream_sources)
     streams = planned_streams(plan, downloads) if options.stream_sources else ()
-    check_download_space(downloads, Path(out), plan.output_bytes if gguf is None else gguf.data_bytes)
-    seconds = time.monotonic() - started
-    logger.info(
-        "planning finished in %.1f s", seconds, extra={"stage": "planning", "status": "finished", "seconds": seconds}
-    )
+    check_download_space(downloads, out, plan.output_bytes if gguf is None else gguf.data_bytes)
     return PreparedMerge(
-        config_text,
-        plan,
-        free,
-        Path(out),
-        options,
-        config_path,
-        planning_seconds=seconds,
-        gguf=gguf,
-        downloads=downloads,
-        streams=streams,
+        config_text, plan, free, out, options, config_path, gguf=gguf, downloads=downloads, streams=streams
     )
+
+
+def _with_plan_jobs(gguf: GgufPlan, plan: MergePlan) -> GgufPlan:
+    """The GGUF plan with its tensors' jobs taken from `plan`: the same jobs, with the ranks laser decided."""
+    jobs = {job.name: job for job in plan.jobs}
+    tensors = tuple(replace(tensor, jobs=tuple(jobs[job.name] for job in tensor.jobs)) for tensor in gguf.tensors)
+    return replace(gguf, tensors=tensors)
 
 
 def load_sources(config: MergeConfig) -> tuple[SourceModel, tuple[SourceModel, ...], SourceModel | None]:
@@ -373,6 +386,6 @@ def gate_request(plan: MergePlan, options: MergeOptions) -> GateRequest:
 
 def generation_products(device: torch.device) -> str:
     """How text generation (router.continuation_tokens) multiplies the base's bfloat16 matrices here:
-    "bfloat16" on a CPU with bfloat16 matrix units (layers.SliceCache), else "float32". The manifest
+    "bfloat16" on a CPU with bfloat16 matrix units (decoder.slices.SliceCache), else "float32". The manifest
     records it, since greedy text and so the routers can differ between the two."""
     return "bfloat16" if device.type == "cpu" and cpu_multiplies_bfloat16() else "float32"

@@ -1,58 +1,47 @@
-"""What both output formats run the same way: timed stages, work in the background, lasers, and the manifest."""
+"""What both output formats run the same way: the start, work in the background, and the manifest."""
 
 from __future__ import annotations
 
 import atexit
-import contextlib
-import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
 import torch
 
-from frankenmoe.analysis.routing import RoutingCheck
+from frankenmoe.analysis.routing_check import RoutingCheck
 from frankenmoe.checkpoint.manifest import FileRecord, build_manifest, source_record, write_manifest
 from frankenmoe.io.safetensors import INDEX_NAME
-from frankenmoe.merging.laser import LaserResult, analyse_lasers, kept_ranks
 from frankenmoe.merging.plan import MergePlan
 from frankenmoe.merging.prepare import MergeResult, PreparedMerge, gate_request
 from frankenmoe.routers.request import GateProgress, GateRequest, Gates
 from frankenmoe.runtime.compat import raise_in_thread
 
-logger = logging.getLogger("frankenmoe")
-
 T = TypeVar("T")
 
 
-def run_lasers(prepared: PreparedMerge) -> tuple[MergePlan, GateRequest, tuple[LaserResult, ...], dict[str, float]]:
-    """A merge's first stage, whatever the output format: laser's checks, and the plan with the ranks they kept.
-
-    Returns that plan, the routers' request, laser's results and the timings so far (planning, laser).
-    """
-    timings = {"planning": prepared.planning_seconds}
-    request = gate_request(prepared.plan, prepared.options)
-    with stage("laser", timings):
-        laser_results = analyse_lasers(prepared.plan, request.device, prepared.options.show_progress)
-    return prepared.plan.with_laser_ranks(kept_ranks(laser_results)), request, laser_results, timings
+def execution_start(prepared: PreparedMerge) -> tuple[GateRequest, dict[str, float]]:
+    """What both output formats start executing with: the routers' request, and the timings of preparing the
+    merge (planning, laser) that the later stages add to."""
+    return gate_request(prepared.plan, prepared.options), dict(prepared.timings)
 
 
 def record_merge(
     prepared: PreparedMerge,
-    plan: MergePlan,
     staging: Path,
     records: dict[str, FileRecord],
     timings: dict[str, float],
-    laser_results: tuple[LaserResult, ...],
     routing_check: RoutingCheck | None,
 ) -> MergeResult:
     """Write the build record into the staged output (its last file, before the swap) and say what was merged.
 
-    Both output formats end here: `plan` is the one that ran (laser ranks included), `records` every file written.
+    Both output formats end here: `prepared.plan` is the one that ran (laser ranks included), `records` every
+    file written.
     """
+    plan = prepared.plan
     timings["total"] = sum(timings.values())
     manifest = build_manifest(
         config_text=prepared.config_text,
@@ -71,7 +60,7 @@ def record_merge(
         active_parameters=plan.active_parameters,
         timings=timings,
         routing_check=routing_check,
-        laser_results=laser_results,
+        laser_results=plan.laser_results,
         manifest=manifest,
     )
 
@@ -84,31 +73,12 @@ def source_records(plan: MergePlan, full_hash: bool = False) -> list[dict[str, A
     return [source_record(role, source, full_hash) for role, source in roles]
 
 
-@contextlib.contextmanager
-def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
-    """Time one stage of a merge into `timings[name]`, logging when it starts and finishes.
-
-    The log records carry `stage`, `status` and (when finished) `seconds`, which `--log-format json`
-    writes as fields of one JSON object per line.
-    """
-    logger.info("%s started", name, extra={"stage": name, "status": "started"})
-    started = time.monotonic()
-    yield
-    timings[name] = time.monotonic() - started
-    logger.info(
-        "%s finished in %.1f s",
-        name,
-        timings[name],
-        extra={"stage": name, "status": "finished", "seconds": timings[name]},
-    )
-
-
 class BackgroundResult(Generic[T]):
     """Runs `compute` on a daemon thread while the caller goes on; `result()` waits for it.
 
     The router computation and the routing check run this way, so that their CPU work overlaps the
     writer's disk work. Each thread uses one intra-op thread; their matrix work goes to the slice
-    workers (layers.map_slices), whose results do not depend on how many there are, so router rows
+    workers (decoder.slices.map_slices), whose results do not depend on how many there are, so router rows
     are bit-identical whatever the machine's thread count. An exception in it is re-raised by `result()`.
 
     When the caller stops early (Ctrl-C, SIGTERM, an error), the thread is cancelled and joined: by

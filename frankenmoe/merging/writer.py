@@ -1,4 +1,8 @@
-"""Execute a merge plan: stream every tensor into its shard, then the index, config and tokenizer."""
+"""Execute a merge plan: stream every tensor into its shard, then the index, config and tokenizer.
+
+The model card is not written here: it shows the routing check, which reads what this writes
+(`run.execute_merge` writes it once everything it shows is known).
+"""
 
 from __future__ import annotations
 
@@ -8,22 +12,16 @@ import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tqdm import tqdm
 
 from frankenmoe.checkpoint.manifest import FileRecord, file_sha256
 from frankenmoe.errors import ModelError, OutputError
-from frankenmoe.io.safetensors import (
-    DTYPES,
-    INDEX_NAME,
-    ShardEntry,
-    ShardWriter,
-    read_header,
-    read_rows,
-    read_tensor,
-    tensor_bytes,
-)
+from frankenmoe.io.safetensors import DTYPES, INDEX_NAME, TensorLocation, read_header, read_rows, read_tensor
+from frankenmoe.io.shards import ShardEntry, ShardWriter, tensor_bytes
+from frankenmoe.io.written import WriteLog
 from frankenmoe.merging.laser import apply_laser
 from frankenmoe.merging.plan import MergePlan, TensorJob, TensorPiece
 from frankenmoe.routers.request import Gates
@@ -40,31 +38,26 @@ def write_checkpoint(
     plan: MergePlan,
     gates: Callable[[], Gates],
     folder: Path,
-    card: str,
+    written: WriteLog,
     device: torch.device | None = None,
     show_progress: bool = False,
 ) -> dict[str, FileRecord]:
-    """Write the whole checkpoint into `folder` (which must exist and be empty); every file's record.
+    """Write the checkpoint, all but its model card, into `folder` (which must exist and be empty); every
+    file's record.
 
     `gates` returns the computed rows; it is called only when the first computed tensor is due, so
     the rows may still be computing while the other tensors are copied. Laser's reductions run on
     `device` (the CPU by default). Every file's sha256 is computed from the bytes as they are
     written (shards) or from what was written (the small files), never by reading the output back.
+    Each tensor is published in `written` once its bytes are in its shard; the log is closed when the
+    shards are written, or failed when writing stops early, so no reader behind the writer waits forever.
     """
-    device = device or torch.device("cpu")
-    records: dict[str, FileRecord] = {}
-    # A shard's fsync and the end of its hash run on a thread of their own while the next shard is
-    # written; leaving the block waits for them.
-    with (
-        tqdm(total=plan.output_bytes, desc="writing", unit="B", unit_scale=True, disable=not show_progress) as bar,
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="frankenmoe-fsync") as closer,
-    ):
-        closing: list[tuple[Path, Future[str]]] = []
-        for shard in range(plan.shard_count):
-            path = folder / plan.shard_name(shard)
-            closing.append((path, closer.submit(_write_shard(plan, shard, gates, path, bar, device).close)))
-        for path, digest in closing:
-            records[path.name] = FileRecord(path.name, path.stat().st_size, digest.result())
+    try:
+        records = _write_shards(plan, gates, folder, written, device or torch.device("cpu"), show_progress)
+    except BaseException as error:
+        written.fail(str(error) or type(error).__name__)
+        raise
+    written.close()
     index = {
         "metadata": {"total_size": plan.output_bytes},
         "weight_map": {job.name: plan.shard_name(job.shard) for job in plan.jobs},
@@ -77,39 +70,52 @@ def write_checkpoint(
         except OSError as error:
             raise OutputError(f"Copying {source} into the output failed: {error.strerror or error}.") from None
         records[source.name] = FileRecord(source.name, source.stat().st_size, file_sha256(source))
-    records["README.md"] = write_text_file(folder / "README.md", card)
+    return records
+
+
+def _write_shards(
+    plan: MergePlan,
+    gates: Callable[[], Gates],
+    folder: Path,
+    written: WriteLog,
+    device: torch.device,
+    show_progress: bool,
+) -> dict[str, FileRecord]:
+    """Every shard, in order; their records."""
+    records: dict[str, FileRecord] = {}
+    # A shard's fsync and the end of its hash run on a thread of their own while the next shard is
+    # written; leaving the block waits for them.
+    with (
+        tqdm(total=plan.output_bytes, desc="writing", unit="B", unit_scale=True, disable=not show_progress) as bar,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="frankenmoe-fsync") as closer,
+    ):
+        closing: list[tuple[Path, Future[str]]] = []
+        for shard in range(plan.shard_count):
+            path = folder / plan.shard_name(shard)
+            writer = _write_shard(plan, shard, gates, path, written, bar, device)
+            closing.append((path, closer.submit(writer.close)))
+        for path, digest in closing:
+            records[path.name] = FileRecord(path.name, path.stat().st_size, digest.result())
     return records
 
 
 def _write_shard(
-    plan: MergePlan, shard: int, gates: Callable[[], Gates], path: Path, bar: tqdm, device: torch.device
+    plan: MergePlan,
+    shard: int,
+    gates: Callable[[], Gates],
+    path: Path,
+    written: WriteLog,
+    bar: tqdm,
+    device: torch.device,
 ) -> ShardWriter:
     """Write every tensor of one shard; its writer, for `close` to flush, fsync and hash."""
     jobs = plan.shard_jobs(shard)
-    writer = ShardWriter(path, [ShardEntry(job.name, job.dtype, job.shape) for job in jobs], {"format": "pt"})
+    entries = [ShardEntry(job.name, job.dtype, job.shape) for job in jobs]
+    writer = ShardWriter(path, entries, {"format": "pt"}, written)
     try:
         for job in jobs:
             writer.begin(job.name)
-            if job.computed is not None:
-                rows = gates().rows(job.computed.kind, job.computed.layer).to(DTYPES[job.dtype][0])
-                if not bool(torch.isfinite(rows).all()):
-                    raise non_finite_error(
-                        job.name,
-                        rows,
-                        f"the {job.computed.kind.replace('_', ' ')} computed by gate_mode {plan.config.gate_mode}",
-                        "The base model's hidden states overflowed, or the trunk they ran on holds NaN or Inf. "
-                        "Try a smaller router.scale, another gate_mode, or the output dtype float32.",
-                    )
-                writer.write_bytes(tensor_bytes(rows))
-            elif job.merged is not None:
-                write_merged(writer, job.name, job.merged, DTYPES[job.dtype][0], device)
-            elif job.origin == "zeros":
-                writer.write_bytes(bytes(job.nbytes))
-            for piece in job.pieces:
-                if piece.location.dtype == job.dtype and not piece.transformed:
-                    writer.copy_bytes(piece.location)
-                else:
-                    writer.write_bytes(tensor_bytes(produce_piece(piece, job, device)))
+            write_job(writer, job, gates, plan.config.gate_mode, device)
             bar.update(job.nbytes)
     except BaseException:
         writer.abort()
@@ -117,11 +123,47 @@ def _write_shard(
     return writer
 
 
+class TensorSink(Protocol):
+    """Where one tensor's bytes go, in order: a shard (ShardWriter), or a file of its own."""
+
+    def write_bytes(self, data: memoryview | bytes) -> None: ...
+
+    def copy_bytes(self, location: TensorLocation) -> None: ...
+
+
+def write_job(
+    sink: TensorSink, job: TensorJob, gates: Callable[[], Gates], gate_mode: str, device: torch.device
+) -> None:
+    """All of one tensor's bytes, made as the plan says: the one place that makes an output tensor, so
+    whatever reads a merge's tensors before or instead of its shards (the routing check of a GGUF
+    merge) reads the very bytes the shards hold."""
+    if job.computed is not None:
+        rows = gates().rows(job.computed.kind, job.computed.layer).to(DTYPES[job.dtype][0])
+        if not bool(torch.isfinite(rows).all()):
+            raise non_finite_error(
+                job.name,
+                rows,
+                f"the {job.computed.kind.replace('_', ' ')} computed by gate_mode {gate_mode}",
+                "The base model's hidden states overflowed, or the trunk they ran on holds NaN or Inf. "
+                "Try a smaller router.scale, another gate_mode, or the output dtype float32.",
+            )
+        sink.write_bytes(tensor_bytes(rows))
+    elif job.merged is not None:
+        write_merged(sink, job.name, job.merged, DTYPES[job.dtype][0], device)
+    elif job.origin == "zeros":
+        sink.write_bytes(bytes(job.nbytes))
+    for piece in job.pieces:
+        if piece.location.dtype == job.dtype and not piece.transformed:
+            sink.copy_bytes(piece.location)
+        else:
+            sink.write_bytes(tensor_bytes(produce_piece(piece, job, device)))
+
+
 MERGE_BLOCK_BYTES = 4 * 1024 * 1024
 """Float32 bytes of each source's rows held at a time while a shared tensor is merged."""
 
 
-def write_merged(writer: ShardWriter, name: str, merge: TrunkMerge, dtype: torch.dtype, device: torch.device) -> None:
+def write_merged(writer: TensorSink, name: str, merge: TrunkMerge, dtype: torch.dtype, device: torch.device) -> None:
     """A merged shared tensor, row block by row block: memory stays at one block per source."""
     columns = merge.base.shape[-1]
     step = max(1, MERGE_BLOCK_BYTES // (columns * 4))

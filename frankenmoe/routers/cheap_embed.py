@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from frankenmoe.decoder.layers import StreamedDecoder
+from frankenmoe.decoder.decoder import StreamedDecoder
 from frankenmoe.routers.prompts import collect_expert_prompts, pool, rows_from_prompt_vectors
 from frankenmoe.routers.random_init import neutral_shared_gates
 from frankenmoe.routers.request import GateRequest, Gates

@@ -23,17 +23,10 @@ from dataclasses import dataclass, replace
 import torch
 from tqdm import tqdm
 
-from frankenmoe.architectures.tables import MLP_PARTS
-from frankenmoe.decoder.layers import (
-    MatrixRows,
-    MLPWeights,
-    SharedExpert,
-    SliceCache,
-    StreamedDecoder,
-    activation_function,
-    add_mlp_outputs,
-    moe_forward,
-)
+from frankenmoe.architectures.roles import MLP_PARTS
+from frankenmoe.decoder.decoder import StreamedDecoder, add_mlp_outputs
+from frankenmoe.decoder.moe import MLPWeights, SharedExpert, activation_function, moe_forward
+from frankenmoe.decoder.slices import MatrixRows, SliceCache
 from frankenmoe.routers.prompts import (
     ExpertPrompts,
     collect_expert_prompts,

@@ -15,7 +15,8 @@ from transformers import PreTrainedTokenizerBase
 
 from frankenmoe.architectures.tables import TOKENIZER_FILES
 from frankenmoe.config.schema import ExpertConfig, RouterConfig
-from frankenmoe.decoder.layers import StreamedDecoder, greedy_continuations
+from frankenmoe.decoder.decoder import StreamedDecoder
+from frankenmoe.decoder.generate import greedy_continuations
 from frankenmoe.errors import ConfigError, ModelError
 from frankenmoe.sources.model import SourceModel
 

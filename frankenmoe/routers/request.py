@@ -37,11 +37,11 @@ class GateRequest:
     merge's routing check, which runs behind the router computation)."""
     weight_cache_bytes: int = 0
     """Memory text generation may spend keeping the base's matrix slices between generated tokens
-    (layers.SliceCache): each slice is then read once instead of once per token. 0 (the default)
+    (decoder.slices.SliceCache): each slice is then read once instead of once per token. 0 (the default)
     keeps the streaming bound."""
     bfloat16_generation: bool = False
     """Whether text generation (router.continuation_tokens) multiplies the base's bfloat16 matrices as
-    stored, on a CPU with bfloat16 matrix units (layers.SliceCache), instead of in float32."""
+    stored, on a CPU with bfloat16 matrix units (decoder.slices.SliceCache), instead of in float32."""
 
     @property
     def num_layers(self) -> int:

@@ -8,7 +8,7 @@ shape (hidden gates): peak RSS 611 MB -> 490 MB.
 
 The price is a fresh, zero-filled mapping for every large buffer. That is negligible for one pass
 over the model, but generating text streams the whole model once per token: there, buffers up to
-16 MiB (every matrix slice of layers.SLICE_BYTES, and the smaller attention matrices) come from the
+16 MiB (every matrix slice of decoder.slices.SLICE_BYTES, and the smaller attention matrices) come from the
 heap for the duration (`reuse_large_buffers`). On the 1.1B benchmark shape (fit gates, 32 tokens)
 the merge went from 141 s to 72 s, at 626 MB peak RSS instead of 599 MB; a 32 MiB threshold took
 54 s but peaked at 725 MB, 1.37x the small shape's peak against 1.15x.

@@ -1,4 +1,5 @@
-"""Source models: a reference (folder or Hugging Face id) becomes a config plus a lazy tensor index.
+"""Source models: a reference (folder or Hugging Face id) becomes a config plus a lazy tensor index
+(resolve.py finds the folder, weights.py indexes its files); shapes and the experts' compatibility.
 
 Nothing here reads tensor data; only config.json and safetensors headers are parsed.
 """
@@ -7,37 +8,21 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from frankenmoe.architectures.tables import (
-    EMBEDDINGS,
-    FINAL_NORM,
-    LM_HEAD,
-    MLP_PARTS,
-    SOURCE_FAMILIES,
-    Dims,
-    SourceFamily,
-    Weight,
-)
+from frankenmoe.architectures.roles import EMBEDDINGS, FINAL_NORM, LM_HEAD, MLP_PARTS, Dims, Weight
+from frankenmoe.architectures.tables import SOURCE_FAMILIES, SourceFamily
 from frankenmoe.errors import ModelError
-from frankenmoe.io.safetensors import FLOAT_DTYPES, INDEX_NAME, TensorLocation, WeightFormat, read_header
-from frankenmoe.sources.files import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS_PREFIX,
-    PICKLE_INDEX_FILE,
-    PICKLE_PATTERNS,
-    WEIGHT_PICKLE_PATTERNS,
-)
+from frankenmoe.io.safetensors import FLOAT_DTYPES, TensorLocation, WeightFormat
+from frankenmoe.sources.resolve import resolve_on_hub, resolve_reference
+from frankenmoe.sources.weights import index_tensors
 
 if TYPE_CHECKING:
     from frankenmoe.sources.hub import HubRepo
     from frankenmoe.sources.lora import LoraAdapter, LoraDelta
-
-HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 
 
 @dataclass(frozen=True)
@@ -201,7 +186,7 @@ class SourceModel:
 def load_source(reference: str) -> SourceModel:
     """Resolve a model reference and index its tensors (headers only, read over HTTP for a Hub repo's shards
     that are not in the cache)."""
-    hub = _resolve_on_hub(reference)
+    hub = resolve_on_hub(reference)
     path = resolve_reference(reference) if hub is None else hub.folder
     config = read_model_config(reference, path)
     model_type = config.get("model_type")
@@ -218,51 +203,6 @@ def load_source(reference: str) -> SourceModel:
     else:
         tensors = index_tensors(reference, path)  # a pickle repo's weights were downloaded by hub.resolve
     return SourceModel(reference, path, config, family, model_shape(reference, path, config), tensors, hub=hub)
-
-
-def _resolve_on_hub(reference: str) -> HubRepo | None:
-    """The Hub repo a repo id names, resolved online; None for a local folder or in offline mode."""
-    from frankenmoe.sources.hub import is_offline, resolve
-
-    if Path(reference).expanduser().is_dir() or not _is_repo_id(reference) or is_offline():
-        return None
-    return resolve(reference)
-
-
-def _is_repo_id(reference: str) -> bool:
-    return not reference.startswith((".", "/", "~")) and HF_REPO_ID.match(reference) is not None
-
-
-def resolve_reference(reference: str) -> Path:
-    """A local folder, or a Hugging Face repo id (`org/name` or `org/name@revision`): its snapshot folder in
-    the cache, fetched from the Hub with its small files (config, index, adapter files) unless offline."""
-    candidate = Path(reference).expanduser()
-    if candidate.is_dir():
-        return candidate.resolve()
-    if not _is_repo_id(reference):
-        raise ModelError(
-            f"Model folder {reference!r} does not exist (looked for {candidate.resolve()}). "
-            "Check the path in the config; relative paths are relative to the current directory."
-        )
-    hub = _resolve_on_hub(reference)
-    return _from_hf_cache(reference) if hub is None else hub.folder
-
-
-def _from_hf_cache(reference: str) -> Path:
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    repo_id, _, revision = reference.partition("@")
-    try:
-        return Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
-        fetch = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
-        raise ModelError(
-            f"Model {reference!r} is not a local folder and is not in the Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}), and offline mode (--offline or HF_HUB_OFFLINE=1) forbids downloading it: "
-            f"run without offline mode to fetch what the merge reads, fetch it first with `{fetch}`, or set "
-            "source_model to a local folder."
-        ) from None
 
 
 def read_model_config(reference: str, path: Path) -> dict[str, Any]:
@@ -297,30 +237,6 @@ def model_shape(reference: str, path: Path, config: dict[str, Any]) -> ModelShap
     return ModelShape(**values)
 
 
-@dataclass(frozen=True)
-class _WeightFiles:
-    """The files a model folder's weights are read from, and the index's tensor-to-file map if it has one."""
-
-    file_format: WeightFormat
-    files: list[Path]
-    weight_map: dict[str, str] | None = None
-
-
-def index_tensors(reference: str, path: Path) -> dict[str, TensorLocation]:
-    """Every tensor of a model folder as a byte range in its files; only headers (or pickle indexes) are read.
-
-    A tensor in two files is taken from the one the index names for it; with no index, it is refused,
-    because a stray old file would otherwise win or lose silently by its name's sort order.
-    """
-    weights = _weight_files(reference, path)
-    tensors: dict[str, TensorLocation] = {}
-    for file in weights.files:
-        for name, location in _file_tensors(file, weights.file_format).items():
-            earlier = tensors.get(name)
-            tensors[name] = location if earlier is None else _one_of(reference, path, earlier, location, weights)
-    return tensors
-
-
 def weight_formats_summary(models: Sequence[SourceModel]) -> str:
     """Which source models were read from pickle-format weights, in one line (dry run and model card)."""
     references = list(dict.fromkeys(model.reference for model in models))
@@ -329,101 +245,6 @@ def weight_formats_summary(models: Sequence[SourceModel]) -> str:
         return "safetensors"
     rest = "; the others safetensors" if len(pickled) < len(references) else ""
     return f"pickle-format (read with torch's weights-only unpickler): {', '.join(pickled)}{rest}"
-
-
-def _weight_files(reference: str, path: Path) -> _WeightFiles:
-    """Safetensors files when the folder has any (they win over pickles beside them), else its pickle weights."""
-    if (path / INDEX_NAME).is_file():
-        return _WeightFiles("safetensors", *_shards_from_index(reference, path / INDEX_NAME))
-    safetensors = _model_files(path, ("*.safetensors",))
-    if safetensors:
-        return _WeightFiles("safetensors", safetensors)
-    if (path / PICKLE_INDEX_FILE).is_file():
-        return _WeightFiles("pickle", *_shards_from_index(reference, path / PICKLE_INDEX_FILE))
-    for patterns in WEIGHT_PICKLE_PATTERNS:
-        pickles = _model_files(path, patterns)
-        if pickles:
-            return _WeightFiles("pickle", pickles)
-    raise _no_weights(reference, path)
-
-
-def _model_files(path: Path, patterns: tuple[str, ...]) -> list[Path]:
-    matches = {match for pattern in patterns for match in path.glob(pattern)}
-    return sorted(match for match in matches if match.is_file() and not match.name.startswith(ADAPTER_WEIGHTS_PREFIX))
-
-
-def _file_tensors(file: Path, file_format: WeightFormat) -> dict[str, TensorLocation]:
-    if file_format == "safetensors":
-        return read_header(file)
-    # Imported here: only pickle-format sources need the unpickling machinery.
-    from frankenmoe.io.pickles import read_pickle_index
-
-    return read_pickle_index(file)
-
-
-def _one_of(
-    reference: str, path: Path, earlier: TensorLocation, later: TensorLocation, weights: _WeightFiles
-) -> TensorLocation:
-    """The copy of a tensor found in two files that the index names; refused when there is no such copy."""
-    named = (weights.weight_map or {}).get(earlier.name)
-    for location in (earlier, later):
-        if named is not None and location.file == path / named:
-            return location
-    index = INDEX_NAME if weights.file_format == "safetensors" else PICKLE_INDEX_FILE
-    why = f"{index} names neither file for it" if weights.weight_map is not None else "the folder has no index file"
-    raise ModelError(
-        f"Model {reference} ({path}) has tensor {earlier.name!r} in two files, {earlier.file.name} and "
-        f"{later.file.name}, and {why}, so it is ambiguous which copy is the model's. One file is probably a stray "
-        "or outdated copy: remove it from the folder (or add the model's index file)."
-    )
-
-
-def _no_weights(reference: str, path: Path) -> ModelError:
-    """Why a folder without readable weights has none: an adapter, pickles that are not weights, or nothing."""
-    if (path / ADAPTER_CONFIG).is_file():
-        return ModelError(
-            f"Model {reference} ({path}) is a PEFT adapter ({ADAPTER_CONFIG}): its files hold LoRA matrices, not a "
-            "model's weights. Point source_model at the full model instead (the adapter's base model with the "
-            "adapter merged into it)."
-        )
-    pickles = sorted({match.name for pattern in PICKLE_PATTERNS for match in path.glob(pattern)})
-    if pickles:
-        return ModelError(
-            f"Model {reference} ({path}) has no weights frankenmoe reads, only {', '.join(pickles)}. It reads "
-            f"*.safetensors files, or pickle weights named pytorch_model*.bin (with {PICKLE_INDEX_FILE} when "
-            "sharded), *.pt or *.pth; other pickles hold training state or arbitrary objects and frankenmoe never "
-            "unpickles them. Save the model's weights with save_pretrained, or convert them to safetensors."
-        )
-    return ModelError(
-        f"Model {reference} ({path}) has no weights: looked for {INDEX_NAME}, *.safetensors files, "
-        f"{PICKLE_INDEX_FILE} and pytorch_model*.bin, *.pt or *.pth files. Download or save the model's weights "
-        "into that folder."
-    )
-
-
-def _shards_from_index(reference: str, index_path: Path) -> tuple[list[Path], dict[str, str]]:
-    """The shard files an index lists, checked to exist inside its folder, and its tensor-to-shard map."""
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-        weight_map = index["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise ModelError(
-            f"Model {reference}: {index_path} is not a valid weights index (a JSON object with a weight_map)."
-        ) from None
-    shards: list[Path] = []
-    for shard_name in sorted(set(map(str, weight_map.values()))):
-        shard = index_path.parent / shard_name
-        # Judged by the name, not by resolving links: Hugging Face cache shards are symlinks into its blob store.
-        inside = not Path(shard_name).is_absolute() and ".." not in Path(shard_name).parts
-        if not inside or not shard.is_file():
-            raise ModelError(
-                f"Model {reference}: {index_path.name} names shard {shard_name!r}, which does not exist in "
-                f"{index_path.parent}. The download is incomplete; fetch the missing shard."
-            )
-        shards.append(shard)
-    return shards, {str(name): str(shard) for name, shard in weight_map.items()}
 
 
 def check_compatible(base: SourceModel, expert: SourceModel, expert_label: str, shared_expert: bool = False) -> None:

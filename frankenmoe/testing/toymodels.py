@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from frankenmoe.architectures.tables import SOURCE_FAMILIES
-from frankenmoe.io.safetensors import CONFIG_DTYPE_TO_SAFETENSORS, DTYPES, ShardEntry, ShardWriter, tensor_bytes
+from frankenmoe.architectures.tables import SOURCE_FAMILIES, SourceFamily
+from frankenmoe.io.safetensors import CONFIG_DTYPE_TO_SAFETENSORS, DTYPES
+from frankenmoe.io.shards import ShardEntry, ShardWriter, tensor_bytes
 from frankenmoe.sources.model import SourceModel, model_shape
 
 TOKENIZER_CONFIG = {
@@ -84,7 +85,26 @@ def write_toy_model(
     """
     family = SOURCE_FAMILIES[model_type]
     folder.mkdir(parents=True, exist_ok=True)
-    config: dict[str, Any] = {
+    config = _toy_config(family, model_type, shape, dtype, tie_word_embeddings, extra_config)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2) + "\n")
+    shutil.copyfile(mistral_tokenizer_model(), folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
+    source = SourceModel("toy", folder, config, family, model_shape("toy", folder, config), {})
+    _write_weights(folder / "model.safetensors", source, dtype, base_seed, mlp_seed, weight_std)
+    return folder
+
+
+def _toy_config(
+    family: SourceFamily,
+    model_type: str,
+    shape: ToyShape,
+    dtype: str,
+    tie_word_embeddings: bool,
+    extra_config: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """config.json of a toy model: the shape's dimensions, silu, RoPE, token ids 1 and 2, then `extra_config`."""
+    return {
         "architectures": [family.class_name],
         "model_type": model_type,
         "hidden_size": shape.hidden_size,
@@ -104,17 +124,17 @@ def write_toy_model(
         "torch_dtype": dtype,
         **(extra_config or {}),
     }
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2) + "\n")
-    shutil.copyfile(mistral_tokenizer_model(), folder / "tokenizer.model")
-    (folder / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
 
-    source = SourceModel("toy", folder, config, family, model_shape("toy", folder, config), {})
+
+def _write_weights(
+    path: Path, source: SourceModel, dtype: str, base_seed: int, mlp_seed: int | None, weight_std: float
+) -> None:
+    """Every tensor the source's config implies, generated and streamed into one safetensors file one at a time."""
     tensors = list(source.expected_shapes().items())
     mlp_names = source.mlp_tensor_names()
     safetensors_dtype = CONFIG_DTYPE_TO_SAFETENSORS[dtype]
     writer = ShardWriter(
-        folder / "model.safetensors",
+        path,
         [ShardEntry(name, safetensors_dtype, tensor_shape) for name, tensor_shape in tensors],
         {"format": "pt"},
     )
@@ -124,7 +144,6 @@ def write_toy_model(
         values = _toy_tensor(name, tensor_shape, seed, weight_std)
         writer.write_bytes(tensor_bytes(values.to(DTYPES[safetensors_dtype][0])))
     writer.close()
-    return folder
 
 
 def _toy_tensor(name: str, shape: tuple[int, ...], seed: int, weight_std: float) -> torch.Tensor:

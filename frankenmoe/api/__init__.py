@@ -21,58 +21,42 @@ Arguments are checked before any work, with the messages the CLI gives (ConfigEr
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from functools import wraps
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import torch
 
-from frankenmoe.analysis.evaluate import DEFAULT_WINDOW, DomainText, EvaluationReport, evaluate_checkpoint
+from frankenmoe.analysis.evaluate import DEFAULT_WINDOW, EvaluationReport, evaluate_checkpoint
 from frankenmoe.analysis.inspect import (
     DEGENERATE_CONDITION,
     NEAR_DUPLICATE_COSINE,
     CheckpointReport,
     inspect_checkpoint,
 )
-from frankenmoe.analysis.routing import (
-    PromptRouting,
-    RoutingAccuracy,
-    RoutingSummary,
-    accuracy_to_dict,
-    content_texts,
-    expert_names,
-    load_labels,
-    read_prompts_file,
-    route_prompts,
-    routing_accuracy,
-    routing_to_dict,
-    summarise_routing,
-)
+from frankenmoe.analysis.route import NO_PROMPTS, RouteResult, route_checkpoint
 from frankenmoe.analysis.verify import VerifyReport, verify_output
+from frankenmoe.analysis.windows import DomainText
+from frankenmoe.api.arguments import check_device, check_flag, check_seed, check_size, config_file, prompt_list
 from frankenmoe.architectures.tables import LAYOUT_NAMES
-from frankenmoe.checkpoint.folder import load_checkpoint
 from frankenmoe.checkpoint.manifest import FileRecord
-from frankenmoe.checkpoint.recipe import read_recipe
-from frankenmoe.config.schema import DTYPES, MergeConfig
+from frankenmoe.config.constants import DTYPES
+from frankenmoe.config.schema import MergeConfig
 from frankenmoe.errors import ConfigError
 from frankenmoe.merging.batch import BuildInterrupted, BuildReport, build_configs
 from frankenmoe.merging.describe import describe_plan, describe_result
-from frankenmoe.merging.plan import DEFAULT_SHARD_BYTES, parse_size
+from frankenmoe.merging.plan import DEFAULT_SHARD_BYTES
 from frankenmoe.merging.prepare import (
     ConfigInput,
-    LoadedConfig,
     MergeOptions,
     MergeResult,
     PreparedMerge,
     gate_request,
     load_config_input,
     prepare_merge,
-    read_config_input,
     resolve_device,
 )
 from frankenmoe.merging.run import execute_merge
@@ -82,8 +66,6 @@ from frankenmoe.sources.hub import offline
 
 P = ParamSpec("P")
 R = TypeVar("R")
-MAX_SEED = 2**64 - 1
-"""torch generators take seeds up to 2**64 - 1."""
 
 
 @contextmanager
@@ -140,6 +122,11 @@ def plan_merge(
 
     The returned PreparedMerge holds the plan (`.plan.jobs`: every tensor, its source and shard),
     `out` and the options, so `run_merge(prepared)` cannot disagree with what was planned.
+
+    Planning reads configs and safetensors headers, except for a config with `laser` blocks: their
+    analysis (SVDs of the matrices they consider, and a calibration text's perplexity if given) is
+    planning's last step, so it reads those weights and takes their time, and `.plan.laser_results`
+    holds every considered matrix's decision (rank kept, SNR, verdict) that the merge then applies.
 
         >>> prepared = plan_merge("configs/toy-2x.yaml", "out/")   # doctest: +SKIP
         >>> prepared.plan.architecture.model_type                   # doctest: +SKIP
@@ -200,67 +187,22 @@ def plan_options(
         "stream_sources": stream_sources,
     }
     for name, value in flags.items():
-        _check_flag(name, value)
-    _check_device(device)
+        check_flag(name, value)
+    check_device(device)
     return MergeOptions(
         layout=layout,
         dtype=dtype,
-        shard_bytes=_size(shard_size, "Shard size", "shard_size", minimum=1),
-        seed=_seed(seed),
+        shard_bytes=check_size(shard_size, "Shard size", "shard_size", minimum=1),
+        seed=check_seed(seed),
         device=device,
         force=force,
         show_progress=progress,
         check_routing=check_routing,
         hash_sources=hash_sources,
-        weight_cache_bytes=_size(weight_cache, "Weight cache", "weight_cache", minimum=0),
+        weight_cache_bytes=check_size(weight_cache, "Weight cache", "weight_cache", minimum=0),
         gguf_type=resolve_gguf_type(output_format, gguf_type),
         stream_sources=stream_sources,
     )
-
-
-def _check_flag(name: str, value: object) -> None:
-    # "false" and 0 would otherwise be read as truthy or falsy by accident.
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be True or False, not {value!r} ({type(value).__name__}).")
-
-
-def _seed(value: object) -> int:
-    """A seed torch takes: a whole number from 0 to MAX_SEED (not a bool, a float or text)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
-        raise ConfigError(
-            f"seed {value!r} is not valid (--seed): use a whole number from 0 to {MAX_SEED} (the range torch's "
-            "random generators take)."
-        )
-    return value
-
-
-def _size(value: object, what: str, name: str, minimum: int) -> int:
-    """A byte count given as an int or as text such as "5GB" (parsed as the CLI parses it)."""
-    if isinstance(value, str):
-        if not math.isfinite(_size_number(value)):
-            raise ConfigError(f"{what} {value!r} is not a size. Use a byte count or a value like 5GB, 500MB, 2GiB.")
-        return parse_size(value, what, minimum)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(
-            f'{name} {value!r} is not valid: give a whole number of bytes (an int) or text like "5GB", "500MiB".'
-        )
-    if value < minimum:
-        raise ConfigError(f"{what} {value!r} must be at least {minimum} byte{'s' if minimum != 1 else ''}.")
-    return value
-
-
-def _size_number(text: str) -> float:
-    # parse_size turns the number into an int; nan and inf must be refused before that, not crash it.
-    try:
-        return float(text.strip().upper().replace(" ", "").rstrip("KMGTIB"))
-    except ValueError:
-        return 0.0  # not a number at all: parse_size names the problem
-
-
-def _check_device(device: object) -> None:
-    if not isinstance(device, str):
-        raise ConfigError(f"--device {device!r} is not a device; use cpu or cuda (cuda:N for a specific GPU).")
-    resolve_device(device)
 
 
 @_keeps_torch_threads
@@ -305,45 +247,6 @@ def inspect(checkpoint: Path | str) -> CheckpointReport:
     return inspect_checkpoint(Path(checkpoint))
 
 
-@dataclass(frozen=True)
-class RouteResult:
-    """Where each prompt's tokens go: per-prompt routings, their summary, and accuracy when labelled."""
-
-    routings: tuple[PromptRouting, ...]
-    summary: RoutingSummary
-    accuracy: RoutingAccuracy | None = None
-    expert_names: tuple[str, ...] = ()
-    """Each expert's source_model where the checkpoint's model card names them, else `expert N`."""
-    labelled: tuple[tuple[PromptRouting, int], ...] = ()
-    """The routings `accuracy` was measured on, each with the expert it should reach."""
-    checkpoint: Path | None = None
-    heatmap: Path | None = None
-    """The PNG written with `png=`."""
-
-    def shown_tokens(self) -> tuple[tuple[str, ...], ...]:
-        """Each prompt's own tokens (special tokens left out) as text shows them: decoded, spaces made visible."""
-        return tuple(tuple(content_texts(routing)) for routing in self.routings)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready data: per-prompt grids and shares, the summary, and accuracy (null when unlabelled)."""
-        data = {
-            "checkpoint": str(self.checkpoint),
-            **routing_to_dict(self.routings, self.summary, self.expert_names),
-        }
-        routings = [routing for routing, _ in self.labelled]
-        labels = [label for _, label in self.labelled]
-        accuracy = self.accuracy
-        data["accuracy"] = None if accuracy is None else accuracy_to_dict(accuracy, routings, labels, self.expert_names)
-        data["png"] = None if self.heatmap is None else str(self.heatmap)
-        return data
-
-
-NO_PROMPTS = (
-    "No prompts to route. Pass --prompt TEXT (repeatable), --prompts-file FILE or --labels FILE "
-    "(from Python: prompts, prompts_file or labels_file)."
-)
-
-
 @_keeps_torch_threads
 def route(
     checkpoint: Path | str,
@@ -365,38 +268,17 @@ def route(
         >>> route("out/", ["def f(x):"]).summary.mean_entropy   # doctest: +SKIP
         0.41
     """
-    from frankenmoe.analysis.plot import require_matplotlib, write_routing_heatmap
+    from frankenmoe.analysis.plot import require_matplotlib
 
-    texts = _prompts(prompts)
+    texts = prompt_list(prompts)
     if labels is not None and len(labels) != len(texts):
         raise ConfigError(f"labels gives {len(labels)} expert(s) for {len(texts)} prompt(s); give one per prompt.")
     if not texts and prompts_file is None and labels_file is None:
         raise ConfigError(NO_PROMPTS)
-    _check_device(device)
+    check_device(device)
     if png is not None:
         require_matplotlib()
-    path = Path(checkpoint)
-    loaded = load_checkpoint(path)
-    recipe = read_recipe(path)
-    sources = recipe.expert_sources if recipe else ()
-    if prompts_file is not None:
-        texts += read_prompts_file(Path(prompts_file))
-    from_file = [] if labels_file is None else load_labels(Path(labels_file), loaded.num_experts, sources)
-    texts += list(dict.fromkeys(item.text for item in from_file if item.text not in texts))
-    if not texts:
-        raise ConfigError(NO_PROMPTS)
-    routings = route_prompts(loaded, texts, resolve_device(device))
-    by_text = {routing.prompt.text: routing for routing in routings}
-    # `labels` are those of the first prompts (checked above); the prompts file's and the labels file's follow.
-    given = zip(routings, labels or (), strict=False)
-    labelled = [*given, *((by_text[item.text], item.expert) for item in from_file)]
-    accuracy = routing_accuracy(*zip(*labelled, strict=True)) if labelled else None
-    summary = summarise_routing(routings)
-    names = tuple(expert_names(loaded.num_experts, sources))
-    if png is not None:
-        write_routing_heatmap(Path(png), routings, summary, names)
-    heatmap = None if png is None else Path(png)
-    return RouteResult(tuple(routings), summary, accuracy, names, tuple(labelled), path, heatmap)
+    return route_checkpoint(Path(checkpoint), texts, labels, resolve_device(device), prompts_file, labels_file, png)
 
 
 def evaluate(
@@ -430,15 +312,6 @@ def evaluate(
         device=resolve_device(device),
         progress=progress,
     )
-
-
-def _prompts(prompts: object) -> list[str]:
-    if isinstance(prompts, str):
-        return [prompts]
-    texts = list(prompts) if isinstance(prompts, Sequence) else None
-    if texts is None or not all(isinstance(text, str) for text in texts):
-        raise ConfigError(f"prompts must be a string or a list of strings, not {prompts!r}.")
-    return texts
 
 
 def verify(checkpoint: Path | str) -> VerifyReport:
@@ -478,26 +351,12 @@ def build(
         >>> build(["configs/toy-2x.yaml", "configs/toy-4x.yaml"], "builds/").exit_code   # doctest: +SKIP
         0
     """
-    _check_flag("rebuild", rebuild)
-    _check_flag("fail_fast", fail_fast)
+    check_flag("rebuild", rebuild)
+    check_flag("fail_fast", fail_fast)
     prepared_options = plan_options(**options)
     one = isinstance(configs, (str, os.PathLike, MergeConfig))
-    paths = [_config_file(config, index) for index, config in enumerate([configs] if one else configs)]
+    paths = [config_file(config, index) for index, config in enumerate([configs] if one else configs)]
     return build_configs(paths, Path(out_dir), prepared_options, rebuild=rebuild, fail_fast=fail_fast)
-
-
-def _config_file(config: object, index: int) -> Path:
-    """The file `build` reads a config from: each output is named after its config file's stem."""
-    if isinstance(config, (str, os.PathLike)):
-        return Path(config)
-    if isinstance(config, LoadedConfig) and config.source_path is not None:
-        read_config_input(config)  # refuses one changed since it was loaded: build reads the file
-        return config.source_path
-    raise ConfigError(
-        f"configs[{index}] is not a config file: build names each output after its config file "
-        "(OUT_DIR/<file stem>), so it needs the file's path, or load_config's result for a file. Write the config "
-        "to a .yaml file and pass that, or use merge() for a config held in memory."
-    )
 
 
 __all__ = [
