@@ -296,7 +296,10 @@ def test_a_gguf_merge_records_the_routing_check_of_the_safetensors_merge(
     assert direct.routing_check == safetensors.routing_check
     card = (tmp_path / "gguf" / "README.md").read_text()
     heading = "## Routing check"
-    assert _card_section(card, heading) == _card_section((tmp_path / "st" / "README.md").read_text(), heading)
+    reproduce = " Reproduce with `frankenmoe route OUT --labels FILE`."  # route reads safetensors outputs only
+    safetensors_section = _card_section((tmp_path / "st" / "README.md").read_text(), heading)
+    assert reproduce in safetensors_section
+    assert _card_section(card, heading) == safetensors_section.replace(reproduce, "")
     assert "routed the prompts through the unquantised weights this file encodes (the values before their F16" in card
     manifest = json.loads((tmp_path / "gguf" / "frankenmoe-manifest.json").read_text())
     card_record = next(file for file in manifest["files"] if file["name"] == "README.md")

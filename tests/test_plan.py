@@ -12,7 +12,8 @@ from transformers import AutoConfig
 
 from frankenmoe.config.parse import parse_config
 from frankenmoe.config.schema import MergeConfig
-from frankenmoe.errors import ConfigError
+from frankenmoe.errors import ConfigError, InternalError
+from frankenmoe.merging import planning
 from frankenmoe.merging.plan import DEFAULT_SHARD_BYTES, Computed, MergePlan, parse_size
 from frankenmoe.merging.planning import build_plan
 from frankenmoe.sources.model import load_source
@@ -257,3 +258,16 @@ def test_parse_size_understands_decimal_and_binary_units(text: str, size: int) -
 def test_parse_size_refuses_what_is_not_a_size(text: str) -> None:
     with pytest.raises(ConfigError, match="Shard size"):
         parse_size(text)
+
+
+def test_a_plan_whose_tensors_differ_from_what_its_config_json_implies_is_refused_as_a_bug(
+    tiny_models: TinyModels, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    implied = planning.expected_tensors
+
+    def with_one_more(*args: object) -> dict[str, tuple[int, ...]]:
+        return {**implied(*args), "model.extra.weight": (1,)}
+
+    monkeypatch.setattr(planning, "expected_tensors", with_one_more)
+    with pytest.raises(InternalError, match=r"differ from those its config.json implies \(model.extra.weight\)"):
+        plan_for(tiny_models.base, list(tiny_models.experts))

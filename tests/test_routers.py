@@ -12,6 +12,7 @@ import torch
 from frankenmoe.analysis.routing import route_prompts
 from frankenmoe.analysis.routing_stats import routing_accuracy
 from frankenmoe.checkpoint.folder import load_checkpoint
+from frankenmoe.config.constants import CONTINUING_GATE_MODES, GATE_MODES, PROMPT_GATE_MODES
 from frankenmoe.config.parse import parse_config
 from frankenmoe.config.schema import ExpertConfig, RouterConfig
 from frankenmoe.decoder.decoder import StreamedDecoder, router_inputs_by_layer
@@ -19,7 +20,7 @@ from frankenmoe.errors import ConfigError
 from frankenmoe.io.safetensors import read_tensor
 from frankenmoe.merging.prepare import MergeOptions, prepare_merge
 from frankenmoe.merging.run import execute_merge
-from frankenmoe.routers import GateRequest, compute_gates
+from frankenmoe.routers import GATE_FUNCTIONS, GateRequest, compute_gates
 from frankenmoe.routers.prompts import LEAD_IN_TEXT, collect_expert_prompts, encode_prompts, load_tokenizer
 from frankenmoe.sources.model import load_source
 from tests.conftest import TinyModels
@@ -295,3 +296,9 @@ def test_lead_in_puts_a_newline_before_prompts_only_when_the_tokenizer_adds_no_s
         for flag in (True, False)
     )
     assert not torch.allclose(on, off, atol=1e-3)
+
+
+def test_every_gate_mode_the_config_accepts_has_exactly_one_router_function() -> None:
+    # The config (a layer below the routers) owns the names; the registry must cover exactly those.
+    assert set(GATE_FUNCTIONS) == set(GATE_MODES)
+    assert set(GATE_MODES) >= PROMPT_GATE_MODES and CONTINUING_GATE_MODES <= PROMPT_GATE_MODES

@@ -14,11 +14,16 @@ from typing import Any
 
 import torch
 
+from frankenmoe.architectures.expected import active_parameters
 from frankenmoe.architectures.tables import TOKENIZER_FILES, OutputLayout
 from frankenmoe.checkpoint.folder import Checkpoint, load_checkpoint
 from frankenmoe.checkpoint.recipe import MergeRecipe, read_recipe
 from frankenmoe.errors import ModelError
-from frankenmoe.io.safetensors import CONFIG_DTYPE_TO_SAFETENSORS, TensorLocation, read_tensor
+from frankenmoe.io.safetensors import (
+    SAFETENSORS_TO_CONFIG_DTYPE,
+    TensorLocation,
+    read_tensor,
+)
 from frankenmoe.routers.prompts import TOKENIZER_MARKERS
 
 NEAR_DUPLICATE_COSINE = 0.99
@@ -118,7 +123,6 @@ def inspect_checkpoint(path: Path) -> CheckpointReport:
     layout = checkpoint.layout
     total = sum(math.prod(location.shape) for location in checkpoint.tensors.values())
     expert_total = _expert_parameters(checkpoint, layout)
-    unchosen = checkpoint.num_experts - int(config.get("num_experts_per_tok", 2))
     stored: dict[str, int] = {}
     for location in checkpoint.tensors.values():
         stored[location.dtype] = stored.get(location.dtype, 0) + math.prod(location.shape)
@@ -138,7 +142,12 @@ def inspect_checkpoint(path: Path) -> CheckpointReport:
         ),
         stored_dtypes=dict(sorted(stored.items())),
         total_parameters=total,
-        active_parameters=total - expert_total // checkpoint.num_experts * unchosen,
+        active_parameters=active_parameters(
+            total,
+            expert_total // checkpoint.num_experts,
+            checkpoint.num_experts,
+            int(config.get("num_experts_per_tok", 2)),
+        ),
         shards=tuple(ShardFile(file.name, file.stat().st_size) for file in files),
         tokenizer_files=tuple(
             name for name in TOKENIZER_FILES if name != "generation_config.json" and (path / name).is_file()
@@ -162,8 +171,7 @@ def _router(checkpoint: Checkpoint, layout: OutputLayout, layer: int) -> TensorL
 
 
 def _config_dtype(safetensors_dtype: str) -> str:
-    names = {value: key for key, value in CONFIG_DTYPE_TO_SAFETENSORS.items()}
-    return names.get(safetensors_dtype, safetensors_dtype)
+    return SAFETENSORS_TO_CONFIG_DTYPE.get(safetensors_dtype, safetensors_dtype)
 
 
 def _expert_parameters(checkpoint: Checkpoint, layout: OutputLayout) -> int:

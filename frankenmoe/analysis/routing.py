@@ -14,6 +14,7 @@ import torch
 
 from frankenmoe.checkpoint.folder import Checkpoint
 from frankenmoe.decoder.decoder import StreamedDecoder
+from frankenmoe.decoder.moe import router_probabilities
 from frankenmoe.routers.prompts import EncodedPrompt, encode_prompts, load_tokenizer
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def route_prompts(
             with torch.no_grad():
                 routed = decoder.router_logits(layer, torch.cat(router_inputs))
             logits = None if routed is None else list(routed.split([len(inputs) for inputs in router_inputs]))
-        per_layer.append([torch.softmax(layer_logits.float(), dim=-1).cpu() for layer_logits in logits or []])
+        per_layer.append([router_probabilities(layer_logits).cpu() for layer_logits in logits or []])
     return [
         PromptRouting(
             prompt=prompt,

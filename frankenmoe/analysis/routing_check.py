@@ -81,8 +81,9 @@ def routing_check_lines(check: RoutingCheck) -> list[str]:
     return lines
 
 
-def routing_check_markdown(check: RoutingCheck) -> str:
-    """The check as a model-card section."""
+def routing_check_markdown(check: RoutingCheck, reproducible_with_route: bool = True) -> str:
+    """The check as a model-card section; `reproducible_with_route` is false for an output `route` cannot read
+    (a GGUF file), whose card then names no command to reproduce it."""
     accuracy = check.accuracy
     rows = "\n".join(
         f"| {expert} | `{check.expert_sources[expert]}` | {check.hits_per_expert[expert]}/{count} | "
@@ -98,5 +99,5 @@ def routing_check_markdown(check: RoutingCheck) -> str:
         "| # | expert | prompts reaching it | tokens choosing it first |\n|---|---|---|---|\n"
         f"{rows}\n\n"
         f"Overall: {check.hits}/{check.prompts} prompts, {accuracy.token_accuracy:.0%} of tokens "
-        f"(by layer: {by_layer}). Reproduce with `frankenmoe route OUT --labels FILE`.\n"
+        f"(by layer: {by_layer}).{' Reproduce with `frankenmoe route OUT --labels FILE`.' if reproducible_with_route else ''}\n"
     )

@@ -20,15 +20,9 @@ from frankenmoe.architectures.expected import detect_layout, expected_tensors
 from frankenmoe.architectures.tables import (
     OUTPUT_ARCHITECTURES,
 )
-from frankenmoe.checkpoint.manifest import (
-    MANIFEST_NAME,
-    ManifestError,
-    file_sha256,
-    is_plain_name,
-    read_manifest,
-    read_plain_file,
-)
+from frankenmoe.checkpoint.manifest import MANIFEST_NAME, ManifestError, is_plain_name, read_manifest, read_plain_file
 from frankenmoe.errors import FrankenMoEError, ModelError
+from frankenmoe.io.hashing import file_sha256
 from frankenmoe.io.safetensors import (
     CONFIG_DTYPE_TO_SAFETENSORS,
     INDEX_NAME,

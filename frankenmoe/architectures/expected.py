@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from frankenmoe.architectures.roles import EMBEDDINGS, FINAL_NORM, LAYER_PREFIX, LM_HEAD, MLP_PARTS
+from frankenmoe.architectures.roles import (
+    EMBEDDINGS,
+    FINAL_NORM,
+    LAYER_PREFIX,
+    LM_HEAD,
+    MLP_PARTS,
+    dims_shape,
+    named_dimensions,
+)
 from frankenmoe.architectures.tables import OutputArchitecture, OutputLayout
 from frankenmoe.errors import ModelError
 from frankenmoe.io.safetensors import TensorLocation
@@ -18,14 +26,8 @@ def expected_tensors(
     head_dim = int(config.get("head_dim") or hidden // heads)
     expert_size = int(config[architecture.expert_size_key])
     experts = int(config[architecture.expert_count_key])
-    dims = {
-        "hidden": hidden,
-        "vocab": int(config["vocab_size"]),
-        "head_dim": head_dim,
-        "q_width": heads * head_dim,
-        "kv_width": int(config.get("num_key_value_heads") or heads) * head_dim,
-        "intermediate": expert_size,
-    }
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    dims = named_dimensions(hidden, expert_size, int(config["vocab_size"]), heads, kv_heads, head_dim)
     part_shapes = {
         "gate_proj": (expert_size, hidden),
         "up_proj": (expert_size, hidden),
@@ -37,7 +39,7 @@ def expected_tensors(
     for layer in range(int(config["num_hidden_layers"])):
         prefix = LAYER_PREFIX.format(layer=layer)
         for weight in architecture.layer_weights:
-            expected[prefix + weight.name] = tuple(dims[name] for name in weight.shape)
+            expected[prefix + weight.name] = dims_shape(weight.shape, dims)
         for tensor in layout.expert_tensors:
             rows = sum(part_shapes[part][0] for part in tensor.parts)
             columns = part_shapes[tensor.parts[0]][1]
@@ -67,3 +69,8 @@ def detect_layout(arch: OutputArchitecture, tensors: dict[str, TensorLocation]) 
         f"The checkpoint has no {arch.model_type} router tensor for layer 0 in any known layout "
         f"({', '.join(layout.router_name(0) for layout in arch.layouts.values())}); it is not a {arch.model_type} MoE."
     )
+
+
+def active_parameters(total: int, per_expert: int, experts: int, experts_per_token: int) -> int:
+    """Parameters one token passes through: all of them but the MLPs of the experts its router does not choose."""
+    return total - (experts - experts_per_token) * per_expert

@@ -55,3 +55,21 @@ EMBEDDINGS = Weight("model.embed_tokens.weight", ("vocab", "hidden"))
 FINAL_NORM = Weight("model.norm.weight", ("hidden",))
 LM_HEAD = Weight("lm_head.weight", ("vocab", "hidden"))
 """Absent when the config ties the head to the embeddings."""
+
+
+def named_dimensions(
+    hidden: int, intermediate: int, vocab: int, heads: int, kv_heads: int, head_dim: int
+) -> dict[str, int]:
+    """The values of the named dimensions (`Dims`) the tables' shapes are written in."""
+    return {
+        "hidden": hidden,
+        "intermediate": intermediate,
+        "vocab": vocab,
+        "head_dim": head_dim,
+        "q_width": heads * head_dim,
+        "kv_width": kv_heads * head_dim,
+    }
+
+
+def dims_shape(shape: Dims, dims: dict[str, int]) -> tuple[int, ...]:
+    return tuple(dims[name] for name in shape)

@@ -17,6 +17,7 @@ import re
 import resource
 import stat
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,13 @@ import yaml
 
 from frankenmoe import __version__
 from frankenmoe.errors import ModelError
+from frankenmoe.io.hashing import file_sha256
+from frankenmoe.io.remote import split_repo_reference
 from frankenmoe.sources.model import SourceModel
+from frankenmoe.sources.resolve import cached_repo_id
 
 MANIFEST_NAME = "frankenmoe-manifest.json"
 MANIFEST_FORMAT = 1
-HASH_CHUNK_BYTES = 8 * 1024 * 1024
 SAMPLED_BLOCKS = 16
 SAMPLE_BYTES = 64 * 1024
 
@@ -41,22 +44,6 @@ class FileRecord:
     name: str
     size: int
     sha256: str
-
-
-def file_sha256(path: Path, follow_symlinks: bool = True) -> str:
-    """sha256 of a file, read in chunks; without `follow_symlinks`, a symbolic link is an OSError.
-
-    >>> import tempfile; folder = Path(tempfile.mkdtemp()); (folder / "x").write_bytes(b"abc")
-    3
-    >>> file_sha256(folder / "x")[:8]
-    'ba7816bf'
-    """
-    digest = hashlib.sha256()
-    flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
-    with os.fdopen(os.open(path, flags), "rb", buffering=0) as handle:
-        while chunk := handle.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def normalised_config_sha256(config_text: str) -> str:
@@ -104,14 +91,23 @@ def source_record(role: str, source: SourceModel, full_hash: bool = False) -> di
     return record
 
 
+def source_records(
+    base: SourceModel, experts: Sequence[SourceModel], shared_expert: SourceModel | None, full_hash: bool = False
+) -> list[dict[str, Any]]:
+    """The manifest's record of every source in config order, each under its role (a model named twice is listed
+    twice): what a merge records and what `build` compares to decide whether an output is up to date."""
+    roles = [("base", base), *((f"experts[{index}]", expert) for index, expert in enumerate(experts))]
+    if shared_expert is not None:
+        roles.append(("shared_experts[0]", shared_expert))
+    return [source_record(role, source, full_hash) for role, source in roles]
+
+
 def hub_location(folder: Path, reference: str) -> dict[str, str]:
     """repo id, revision and commit of a folder inside the Hugging Face cache; nothing for a local folder."""
-    parts = folder.parts
-    if len(parts) < 3 or parts[-2] != "snapshots" or not parts[-3].startswith("models--"):
+    repo = cached_repo_id(folder)
+    if repo is None:
         return {}
-    repo = parts[-3].removeprefix("models--").replace("--", "/")
-    _, _, revision = reference.partition("@")
-    return {"repo_id": repo, "revision": revision or "main", "commit": parts[-1]}
+    return {"repo_id": repo, "revision": split_repo_reference(reference)[1], "commit": folder.name}
 
 
 def peak_rss_bytes() -> int:

@@ -51,6 +51,12 @@ class SharedExpert:
     """[1, hidden] float32."""
 
 
+def router_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Each token's probability for every expert: the softmax of its router logits, in float32 (what every output
+    architecture computes before choosing its top-k experts, and what `route` reports)."""
+    return torch.softmax(logits.float(), dim=-1)
+
+
 def moe_forward(
     tokens: torch.Tensor,
     logits: torch.Tensor,
@@ -63,8 +69,7 @@ def moe_forward(
 ) -> torch.Tensor:
     """A sparse MoE MLP: softmax over all experts in float32, top-k (weights renormalised to 1 when
     `renormalize`), plus the shared expert behind its sigmoid gate when there is one."""
-    probabilities = torch.softmax(logits.float(), dim=-1)
-    top_weights, top_experts = probabilities.topk(top_k, dim=-1)
+    top_weights, top_experts = router_probabilities(logits).topk(top_k, dim=-1)
     if renormalize:
         top_weights = top_weights / top_weights.sum(dim=-1, keepdim=True)
     output = torch.zeros_like(tokens)

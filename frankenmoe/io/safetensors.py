@@ -61,6 +61,7 @@ UNSUPPORTED_DTYPES = frozenset(
 )
 TORCH_TO_SAFETENSORS = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
 CONFIG_DTYPE_TO_SAFETENSORS = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+SAFETENSORS_TO_CONFIG_DTYPE = {value: key for key, value in CONFIG_DTYPE_TO_SAFETENSORS.items()}
 
 
 WeightFormat = Literal["safetensors", "pickle"]
@@ -232,14 +233,9 @@ def read_rows(location: TensorLocation, start: int, stop: int) -> torch.Tensor:
     the rest of the tensor resident, so a caller walking a large matrix slice by slice holds one
     slice at a time. Stacked expert tensors [experts, rows, columns] are read as one tall matrix.
     """
-    torch_dtype, item_size = DTYPES[location.dtype]
-    columns = location.shape[-1]
     stop = min(stop, math.prod(location.shape[:-1]))
-    row_bytes = columns * item_size
-    count = (stop - start) * row_bytes
-    buffer = bytearray(count)
-    _read_exactly(location, memoryview(buffer), location.start + start * row_bytes)
-    return torch.frombuffer(buffer, dtype=torch_dtype).reshape(stop - start, columns)
+    count = (stop - start) * location.shape[-1] * element_size(location.dtype)
+    return read_rows_into(location, start, stop, torch.empty(count, dtype=torch.uint8))
 
 
 def read_rows_into(location: TensorLocation, start: int, stop: int, buffer: torch.Tensor) -> torch.Tensor:
@@ -295,9 +291,6 @@ def advise_will_need(locations: Iterable[TensorLocation]) -> None:
             pass
         finally:
             os.close(descriptor)
-
-
-SAFETENSORS_TO_CONFIG_DTYPE = {value: key for key, value in CONFIG_DTYPE_TO_SAFETENSORS.items()}
 
 
 INDEX_NAME = "model.safetensors.index.json"

@@ -27,12 +27,12 @@ from typing import BinaryIO
 import torch
 
 from frankenmoe.errors import OutputError
+from frankenmoe.io.hashing import HASH_CHUNK_BYTES
 from frankenmoe.io.safetensors import TensorLocation, tensor_nbytes
 from frankenmoe.io.written import WriteLog
 
 ALIGNMENT = 8
 COPY_CHUNK_BYTES = 64 * 1024 * 1024
-HASH_CHUNK_BYTES = 8 * 1024 * 1024
 RANGE_HASH_CHUNK_BYTES = 1024 * 1024
 """What StreamHasher reads back of a kernel-copied range at a time (small enough for the CPU's cache)."""
 _NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF})

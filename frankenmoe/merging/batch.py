@@ -29,7 +29,12 @@ from typing import Any
 
 from frankenmoe import __version__
 from frankenmoe.analysis.verify import manifest_mismatch, verify_output
-from frankenmoe.checkpoint.manifest import MANIFEST_NAME, normalised_config_sha256, read_manifest, source_record
+from frankenmoe.checkpoint.manifest import (
+    MANIFEST_NAME,
+    normalised_config_sha256,
+    read_manifest,
+    source_records,
+)
 from frankenmoe.checkpoint.output_recovery import recover_interrupted_output
 from frankenmoe.checkpoint.output_rules import absolute_target
 from frankenmoe.errors import ConfigError, FrankenMoEError
@@ -238,10 +243,7 @@ def stale_reason(config: Path, out: Path, options: MergeOptions) -> str | None:
     if options.hash_sources and not all("sha256" in file for file in files):
         return "--hash-sources compares sources by full sha256, and the build record has only sampled fingerprints"
     base, experts, shared = load_sources(parsed)
-    roles = [("base", base), *((f"experts[{i}]", expert) for i, expert in enumerate(experts))]
-    if shared is not None:
-        roles.append(("shared_experts[0]", shared))
-    current = [source_record(role, source, full_hash) for role, source in roles]
+    current = source_records(base, experts, shared, full_hash)
     if current != manifest["sources"]:
         return "a source model's files changed"
     if options.hash_sources:

@@ -15,6 +15,7 @@ from frankenmoe.io.safetensors import SAFETENSORS_TO_CONFIG_DTYPE
 from frankenmoe.merging.laser_plan import LaserResult
 from frankenmoe.merging.plan import MergePlan
 from frankenmoe.sources.model import SourceModel, weight_formats_summary
+from frankenmoe.sources.resolve import cached_repo_id
 
 LASER_HEADING = "## Laser rank reduction"
 LORA_HEADING = "## LoRA adapters"
@@ -72,23 +73,15 @@ def card_header(plan: MergePlan) -> str:
     """
     sources = _sources(plan)
     metadata: dict[str, Any] = {"library_name": "transformers"}
-    repo_ids = _unique(repo_id for repo_id in map(hub_repo_id, sources) if repo_id is not None)
+    repo_ids = _unique(
+        repo_id for repo_id in (cached_repo_id(source.path) for source in sources) if repo_id is not None
+    )
     if repo_ids:
         metadata["base_model"] = repo_ids
         metadata["base_model_relation"] = "merge"
     families = (plan.architecture.model_type, *(source.model_type for source in sources))
     metadata["tags"] = _unique(("moe", "frankenmoe", "merge", *families))
     return "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n"
-
-
-def hub_repo_id(source: SourceModel) -> str | None:
-    """`org/name` when the source's folder is a snapshot in a Hugging Face cache
-    (`models--org--name/snapshots/<commit>`), whether it was named by repo id or by that path."""
-    snapshots, repo = source.path.parent, source.path.parent.parent
-    if snapshots.name != "snapshots" or not repo.name.startswith("models--"):
-        return None
-    # Repo ids cannot contain "--", so the cache's "/" -> "--" folder naming reverses unambiguously.
-    return repo.name.removeprefix("models--").replace("--", "/")
 
 
 def _sources(plan: MergePlan) -> tuple[SourceModel, ...]:
@@ -101,7 +94,7 @@ def _unique(items: Iterable[str]) -> list[str]:
 
 
 def _local_sources_note(plan: MergePlan) -> str:
-    local = _unique(source.reference for source in _sources(plan) if hub_repo_id(source) is None)
+    local = _unique(source.reference for source in _sources(plan) if cached_repo_id(source.path) is None)
     if not local:
         return ""
     return (

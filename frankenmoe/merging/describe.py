@@ -14,7 +14,7 @@ from frankenmoe.merging.card import router_summary
 from frankenmoe.merging.laser_plan import LaserGroup, LaserResult
 from frankenmoe.merging.plan import MergePlan, TensorJob
 from frankenmoe.merging.prepare import MergeResult, PreparedMerge
-from frankenmoe.sources.model import weight_formats_summary
+from frankenmoe.sources.model import SourceModel, weight_formats_summary
 
 
 def describe_plan(prepared: PreparedMerge, detailed: bool = False) -> tuple[str, ...]:
@@ -22,10 +22,10 @@ def describe_plan(prepared: PreparedMerge, detailed: bool = False) -> tuple[str,
     plan = prepared.plan
     lines = [f"base model: {plan.base.reference} ({plan.base.path})"]
     for index, expert in enumerate(plan.experts):
-        lines.append(f"expert {index}: {expert.reference} ({expert.path}){expert.adapter_note}")
+        lines.append(f"expert {index}: {expert.reference} ({expert.path}){_adapter_note(expert)}")
     if plan.shared_expert is not None:
         shared = plan.shared_expert
-        lines.append(f"shared expert: {shared.reference} ({shared.path}){shared.adapter_note}")
+        lines.append(f"shared expert: {shared.reference} ({shared.path}){_adapter_note(shared)}")
     lines.append(
         f"architecture: {plan.architecture.model_type} ({plan.architecture_reason}); tensor layout: {plan.layout.name}"
     )
@@ -122,17 +122,23 @@ def _job_line(plan: MergePlan, job: TensorJob) -> str:
 
 
 def describe_result(prepared: PreparedMerge, result: MergeResult) -> tuple[str, ...]:
-    """What a finished merge wrote and, for a checkpoint folder, how its routing check went (or why it was skipped)."""
+    """What a finished merge wrote and how its routing check went (or why it was skipped)."""
     out = prepared.out
     if prepared.gguf is not None:
         target = out / prepared.gguf.file_name
-        return (
+        lines = [
             f"Wrote {format_bytes(result.output_bytes)} to {target}",
             f"Run it: llama-cli -m {target} (or Ollama: see {out / 'README.md'})",
-        )
-    lines = [f"Wrote {format_bytes(result.output_bytes)} in {prepared.plan.shard_count} shard(s) to {out}"]
+        ]
+    else:
+        lines = [f"Wrote {format_bytes(result.output_bytes)} in {prepared.plan.shard_count} shard(s) to {out}"]
     if result.routing_check is not None:
         lines.append("\n".join(routing_check_lines(result.routing_check)))
     elif prepared.options.check_routing:
         lines.append(routing_check_skip_reason(out, prepared.plan.config.experts) or "")
     return tuple(lines)
+
+
+def _adapter_note(source: SourceModel) -> str:
+    """'' or '; LoRA ...: rank, scale...' to follow the model's name in the dry run."""
+    return "" if source.adapter is None else f"; {source.adapter.summary()}"

@@ -78,7 +78,9 @@ def execute_gguf_merge(prepared: PreparedMerge, gplan: GgufPlan) -> MergeResult:
                 routing_check = check.result()
             finally:
                 tensors.close()
-        checked = () if routing_check is None else (routing_check_markdown(routing_check),)
+        checked = (
+            () if routing_check is None else (routing_check_markdown(routing_check, reproducible_with_route=False),)
+        )
         sections = (*laser_sections(plan.laser_results), *checked, gguf_card_section(gplan, routing_check is not None))
         records["README.md"] = write_text_file(staging / "README.md", model_card(plan, prepared.config_text, sections))
         check_complete(staging, list(records))

@@ -10,19 +10,21 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
-from frankenmoe.architectures.roles import EMBEDDINGS, FINAL_NORM, LM_HEAD
+from frankenmoe.architectures.expected import active_parameters, expected_tensors
+from frankenmoe.architectures.roles import EMBEDDINGS, FINAL_NORM, LM_HEAD, dims_shape
 from frankenmoe.architectures.tables import TOKENIZER_FILES, OutputArchitecture, OutputLayout
 from frankenmoe.config.schema import ExpertConfig, MergeConfig, SharedWeightsConfig
-from frankenmoe.errors import ConfigError, ModelError
+from frankenmoe.errors import ConfigError, InternalError, ModelError
 from frankenmoe.io.safetensors import CONFIG_DTYPE_TO_SAFETENSORS, SAFETENSORS_TO_CONFIG_DTYPE, tensor_nbytes
 from frankenmoe.merging.laser import analyse_lasers
 from frankenmoe.merging.laser_plan import LaserGroup, LaserTarget, expert_laser_groups, kept_ranks, laser_group
 from frankenmoe.merging.output_config import choose_architecture, choose_layout, output_config
 from frankenmoe.merging.plan import DEFAULT_SHARD_BYTES, Computed, MergePlan, TensorJob, TensorPiece
-from frankenmoe.sources.model import SourceModel, dims_shape
+from frankenmoe.sources.model import SourceModel
 from frankenmoe.sources.trunk import TrunkMerge
 
 
@@ -75,6 +77,8 @@ def build_plan(
     sources = _Sources(config, base, experts, shared_expert, arch, layout, seed, expert_lasers, base_laser)
     jobs = _assign_shards(tuple(_output_tensors(sources)), dtype, shard_bytes)
     total = sum(job.parameters for job in jobs)
+    config_json = output_config(arch, base, config, SAFETENSORS_TO_CONFIG_DTYPE[dtype], len(experts), shared_expert)
+    _check_planned_tensors(jobs, arch, layout, config_json)
     return MergePlan(
         config=config,
         base=base,
@@ -85,16 +89,29 @@ def build_plan(
         dtype=dtype,
         jobs=jobs,
         shard_count=jobs[-1].shard + 1,
-        output_config=output_config(
-            arch, base, config, SAFETENSORS_TO_CONFIG_DTYPE[dtype], len(experts), shared_expert
-        ),
+        output_config=config_json,
         tokenizer_files=tuple(base.path / name for name in TOKENIZER_FILES if (base.path / name).is_file()),
         total_parameters=total,
-        active_parameters=total - (len(experts) - config.experts_per_token) * _expert_parameters(base),
+        active_parameters=active_parameters(total, _expert_parameters(base), len(experts), config.experts_per_token),
         shared_expert=shared_expert,
         skipped_tensors=base.skipped_tensors(),
         laser_groups=(*expert_lasers.values(), *([base_laser] if base_laser else [])),
     )
+
+
+def _check_planned_tensors(
+    jobs: tuple[TensorJob, ...], arch: OutputArchitecture, layout: OutputLayout, config_json: dict[str, Any]
+) -> None:
+    """The plan's tensors are exactly those its config.json implies: `expected_tensors` owns that set, and
+    `verify` checks every output against it, so a plan that disagreed would write an output verify rejects."""
+    planned = {job.name: job.shape for job in jobs}
+    implied = expected_tensors(arch, layout, config_json)
+    if planned != implied:
+        differing = sorted(name for name in planned.keys() | implied.keys() if planned.get(name) != implied.get(name))
+        raise InternalError(
+            f"The plan's tensors differ from those its config.json implies ({', '.join(differing[:5])}): a bug in "
+            "frankenmoe's tables. Please report it with the config."
+        )
 
 
 def decide_lasers(plan: MergePlan, device: torch.device, show_progress: bool = False) -> MergePlan:

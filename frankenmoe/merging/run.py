@@ -14,7 +14,7 @@ from frankenmoe.merging.prepare import MergeResult, PreparedMerge
 from frankenmoe.merging.routing_check import RoutingCheckWhileWriting, WrittenTensors
 from frankenmoe.merging.stages import BackgroundResult, execution_start, output_files, record_merge
 from frankenmoe.merging.timing import stage
-from frankenmoe.merging.writer import verify_checkpoint, write_checkpoint, write_text_file
+from frankenmoe.merging.writer import check_written_shards, write_checkpoint, write_text_file
 from frankenmoe.routers import compute_gates
 from frankenmoe.routers.request import GateProgress
 from frankenmoe.sources.hub import download
@@ -61,7 +61,7 @@ def execute_merge(prepared: PreparedMerge) -> MergeResult:
             finally:
                 read_ahead.join()
         with stage("verifying", timings):
-            verify_checkpoint(plan, staging)
+            check_written_shards(plan, staging)
         with stage("routing_check", timings):
             routing_check = check.result()
         checked = () if routing_check is None else (routing_check_markdown(routing_check),)

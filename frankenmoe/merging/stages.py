@@ -13,7 +13,7 @@ from typing import Any, Generic, TypeVar, cast
 import torch
 
 from frankenmoe.analysis.routing_check import RoutingCheck
-from frankenmoe.checkpoint.manifest import FileRecord, build_manifest, source_record, write_manifest
+from frankenmoe.checkpoint.manifest import FileRecord, build_manifest, source_records, write_manifest
 from frankenmoe.io.safetensors import INDEX_NAME
 from frankenmoe.merging.plan import MergePlan
 from frankenmoe.merging.prepare import MergeResult, PreparedMerge, gate_request
@@ -45,7 +45,7 @@ def record_merge(
     timings["total"] = sum(timings.values())
     manifest = build_manifest(
         config_text=prepared.config_text,
-        sources=source_records(plan, prepared.options.hash_sources),
+        sources=source_records(plan.base, plan.experts, plan.shared_expert, prepared.options.hash_sources),
         options=prepared.options.recorded(plan),
         architecture=plan.architecture.model_type,
         files=list(records.values()),
@@ -63,14 +63,6 @@ def record_merge(
         laser_results=plan.laser_results,
         manifest=manifest,
     )
-
-
-def source_records(plan: MergePlan, full_hash: bool = False) -> list[dict[str, Any]]:
-    """The manifest's record of every source, in config order (a model named twice is listed twice)."""
-    roles = [("base", plan.base), *((f"experts[{i}]", expert) for i, expert in enumerate(plan.experts))]
-    if plan.shared_expert is not None:
-        roles.append(("shared_experts[0]", plan.shared_expert))
-    return [source_record(role, source, full_hash) for role, source in roles]
 
 
 class BackgroundResult(Generic[T]):

@@ -17,8 +17,9 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
-from frankenmoe.checkpoint.manifest import FileRecord, file_sha256
+from frankenmoe.checkpoint.manifest import FileRecord
 from frankenmoe.errors import ModelError, OutputError
+from frankenmoe.io.hashing import file_sha256
 from frankenmoe.io.safetensors import DTYPES, INDEX_NAME, TensorLocation, read_header, read_rows, read_tensor
 from frankenmoe.io.shards import ShardEntry, ShardWriter, tensor_bytes
 from frankenmoe.io.written import WriteLog
@@ -271,7 +272,7 @@ def _non_finite_merge(
     )
 
 
-def verify_checkpoint(plan: MergePlan, folder: Path) -> None:
+def check_written_shards(plan: MergePlan, folder: Path) -> None:
     """Re-read every shard header: the tensors, their shapes and sizes must be exactly the plan's."""
     for shard in range(plan.shard_count):
         path = folder / plan.shard_name(shard)

@@ -13,7 +13,15 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from frankenmoe.architectures.roles import EMBEDDINGS, FINAL_NORM, LM_HEAD, MLP_PARTS, Dims, Weight
+from frankenmoe.architectures.roles import (
+    EMBEDDINGS,
+    FINAL_NORM,
+    LM_HEAD,
+    MLP_PARTS,
+    Weight,
+    dims_shape,
+    named_dimensions,
+)
 from frankenmoe.architectures.tables import SOURCE_FAMILIES, SourceFamily
 from frankenmoe.errors import ModelError
 from frankenmoe.io.safetensors import FLOAT_DTYPES, TensorLocation, WeightFormat
@@ -40,18 +48,14 @@ class ModelShape:
 
     def dims(self) -> dict[str, int]:
         """The named dimensions that the family tables' shapes are written in."""
-        return {
-            "hidden": self.hidden_size,
-            "intermediate": self.intermediate_size,
-            "vocab": self.vocab_size,
-            "head_dim": self.head_dim,
-            "q_width": self.num_attention_heads * self.head_dim,
-            "kv_width": self.num_key_value_heads * self.head_dim,
-        }
-
-
-def dims_shape(shape: Dims, dims: dict[str, int]) -> tuple[int, ...]:
-    return tuple(dims[name] for name in shape)
+        return named_dimensions(
+            self.hidden_size,
+            self.intermediate_size,
+            self.vocab_size,
+            self.num_attention_heads,
+            self.num_key_value_heads,
+            self.head_dim,
+        )
 
 
 @dataclass(frozen=True)
@@ -84,11 +88,6 @@ class SourceModel:
     def lora_delta(self, name: str) -> LoraDelta | None:
         """The adapter's delta for tensor `name`, when this model carries an adapter that adapts it."""
         return None if self.adapter is None else self.adapter.delta(name)
-
-    @property
-    def adapter_note(self) -> str:
-        """'' or '; LoRA ...: rank, scale...' to follow the model's name in the dry run."""
-        return "" if self.adapter is None else f"; {self.adapter.summary()}"
 
     def tensor(self, name: str) -> TensorLocation:
         try:

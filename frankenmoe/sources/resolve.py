@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from frankenmoe.errors import ModelError
+from frankenmoe.io.remote import split_repo_reference
 
 if TYPE_CHECKING:
     from frankenmoe.sources.hub import HubRepo
@@ -47,14 +48,24 @@ def _from_hf_cache(reference: str) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
-    repo_id, _, revision = reference.partition("@")
+    repo_id, revision = split_repo_reference(reference)
     try:
-        return Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, ValueError, OSError):
-        fetch = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+        fetch = f"hf download {repo_id}" + (f" --revision {revision}" if "@" in reference else "")
         raise ModelError(
             f"Model {reference!r} is not a local folder and is not in the Hugging Face cache "
             f"({constants.HF_HUB_CACHE}), and offline mode (--offline or HF_HUB_OFFLINE=1) forbids downloading it: "
             f"run without offline mode to fetch what the merge reads, fetch it first with `{fetch}`, or set "
             "source_model to a local folder."
         ) from None
+
+
+def cached_repo_id(folder: Path) -> str | None:
+    """`org/name` when `folder` is a snapshot in a Hugging Face cache (`models--org--name/snapshots/<commit>`),
+    whether it was named by repo id or by that path."""
+    snapshots, repo = folder.parent, folder.parent.parent
+    if snapshots.name != "snapshots" or not repo.name.startswith("models--"):
+        return None
+    # Repo ids cannot contain "--", so the cache's "/" -> "--" folder naming reverses unambiguously.
+    return repo.name.removeprefix("models--").replace("--", "/")
