@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,9 @@ from frankenmoe.errors import ConfigError
 from frankenmoe.io.safetensors import read_tensor
 from frankenmoe.merging.prepare import MergeOptions, prepare_merge
 from frankenmoe.merging.run import execute_merge
-from frankenmoe.routers import GATE_FUNCTIONS, GateRequest, compute_gates
+from frankenmoe.routers import GATE_FUNCTIONS, GateRequest, Gates, compute_gates
 from frankenmoe.routers.prompts import LEAD_IN_TEXT, collect_expert_prompts, encode_prompts, load_tokenizer
+from frankenmoe.routers.request import GateProgress
 from frankenmoe.sources.model import load_source
 from tests.conftest import TinyModels
 from tests.support import write_config
@@ -302,3 +304,17 @@ def test_every_gate_mode_the_config_accepts_has_exactly_one_router_function() ->
     # The config (a layer below the routers) owns the names; the registry must cover exactly those.
     assert set(GATE_FUNCTIONS) == set(GATE_MODES)
     assert set(GATE_MODES) >= PROMPT_GATE_MODES and CONTINUING_GATE_MODES <= PROMPT_GATE_MODES
+
+
+def test_gate_progress_wakes_a_reader_when_rows_are_published_and_releases_it_when_the_computation_ends() -> None:
+    progress, gates, seen = GateProgress(), Gates(torch.zeros(2, 3, 4)), []
+    reader = threading.Thread(target=lambda: seen.append(progress.wait_for(0)))
+    reader.start()
+    progress.publish(0, gates)
+    reader.join(timeout=10)
+    assert not reader.is_alive() and seen == [gates]
+    waiting_for_layer_1 = threading.Thread(target=lambda: seen.append(progress.wait_for(1)))
+    waiting_for_layer_1.start()
+    progress.close()  # the computation ended without publishing layer 1: its result says why
+    waiting_for_layer_1.join(timeout=10)
+    assert not waiting_for_layer_1.is_alive() and seen == [gates, None]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,6 +17,7 @@ from frankenmoe.errors import ModelError, OutputError
 from frankenmoe.merging.gguf_plan import GgufPlan, gguf_card_section, gguf_plan_for, gguf_problems, gguf_type
 from frankenmoe.merging.gguf_writer import write_gguf
 from frankenmoe.merging.plan import TensorJob, TensorPiece
+from frankenmoe.merging.stages import compute_gates_in_background
 from frankenmoe.routers.request import Gates
 
 if TYPE_CHECKING:
@@ -40,20 +40,16 @@ def execute_gguf_merge(prepared: PreparedMerge, gplan: GgufPlan) -> MergeResult:
     from frankenmoe.checkpoint.output_folder import check_complete, staged_output
     from frankenmoe.merging.card import laser_sections, model_card
     from frankenmoe.merging.routing_check import PlannedTensors, RoutingCheckWhileWriting
-    from frankenmoe.merging.stages import BackgroundResult, execution_start, record_merge
+    from frankenmoe.merging.stages import execution_start, record_merge
     from frankenmoe.merging.timing import stage
     from frankenmoe.merging.writer import write_text_file
-    from frankenmoe.routers import compute_gates
-    from frankenmoe.routers.request import GateProgress
 
     options = prepared.options
     plan, (request, timings) = prepared.plan, execution_start(prepared)
     # Whether OUT's checkpoint may be replaced is this merge's own --force, as for a safetensors output.
     with staged_output(prepared.out, replace_checkpoint=options.force) as staging:
         with stage("writing", timings):
-            progress = GateProgress()
-            request = replace(request, progress=progress)
-            gates = BackgroundResult(lambda: compute_gates(plan.config.gate_mode, request))
+            request, progress, gates = compute_gates_in_background(plan.config.gate_mode, request)
             tensors = PlannedTensors(plan, staging / CHECK_SCRATCH, gates.result, request.device)
             check = RoutingCheckWhileWriting(plan, tensors, gates, progress, request.device, options.check_routing)
             try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
 
 from frankenmoe.analysis.routing_check import routing_check_markdown
 from frankenmoe.checkpoint.output_folder import check_complete, staged_output
@@ -12,11 +11,14 @@ from frankenmoe.io.written import WriteLog
 from frankenmoe.merging.card import laser_sections, model_card
 from frankenmoe.merging.prepare import MergeResult, PreparedMerge
 from frankenmoe.merging.routing_check import RoutingCheckWhileWriting, WrittenTensors
-from frankenmoe.merging.stages import BackgroundResult, execution_start, output_files, record_merge
+from frankenmoe.merging.stages import (
+    compute_gates_in_background,
+    execution_start,
+    output_files,
+    record_merge,
+)
 from frankenmoe.merging.timing import stage
 from frankenmoe.merging.writer import check_written_shards, write_checkpoint, write_text_file
-from frankenmoe.routers import compute_gates
-from frankenmoe.routers.request import GateProgress
 from frankenmoe.sources.hub import download
 
 
@@ -39,9 +41,7 @@ def execute_merge(prepared: PreparedMerge) -> MergeResult:
     # Whether OUT's checkpoint may be replaced is this plan's own --force, never another plan's.
     with staged_output(out, replace_checkpoint=options.force) as staging:
         with stage("writing", timings):
-            progress = GateProgress()
-            request = replace(request, progress=progress)
-            gates = BackgroundResult(lambda: compute_gates(plan.config.gate_mode, request))
+            request, progress, gates = compute_gates_in_background(plan.config.gate_mode, request)
             # The writer publishes each tensor it has written in `written`; the routing check reads them from
             # there behind the writer and the router computation (RoutingCheckWhileWriting).
             written = WriteLog()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import atexit
 import threading
-import time
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar, cast
 
@@ -17,6 +17,7 @@ from frankenmoe.checkpoint.manifest import FileRecord, build_manifest, source_re
 from frankenmoe.io.safetensors import INDEX_NAME
 from frankenmoe.merging.plan import MergePlan
 from frankenmoe.merging.prepare import MergeResult, PreparedMerge, gate_request
+from frankenmoe.routers import compute_gates
 from frankenmoe.routers.request import GateProgress, GateRequest, Gates
 from frankenmoe.runtime.compat import raise_in_thread
 
@@ -140,10 +141,27 @@ class BackgroundResult(Generic[T]):
             background.cancel()
 
 
+def compute_gates_in_background(
+    gate_mode: str, request: GateRequest
+) -> tuple[GateRequest, GateProgress, BackgroundResult[Gates]]:
+    """Start the router computation on a thread of its own. A layerwise gate mode publishes each finished
+    layer's rows to the returned progress, which is closed when the computation ends, finished or failed,
+    so that no reader waits for rows that will never come."""
+    progress = GateProgress()
+    request = replace(request, progress=progress)
+
+    def compute() -> Gates:
+        try:
+            return compute_gates(gate_mode, request)
+        finally:
+            progress.close()
+
+    return request, progress, BackgroundResult(compute)
+
+
 def gates_of_layer(gates: BackgroundResult[Gates], progress: GateProgress, layer: int) -> Gates:
     """Gates whose rows of `layer` are final: as soon as a layerwise mode publishes them, else when done."""
-    while (published := progress.finished(layer)) is None and not gates.done:
-        time.sleep(0.005)
+    published = progress.wait_for(layer)
     return published if published is not None else gates.result()
 
 

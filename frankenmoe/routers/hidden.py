@@ -142,7 +142,7 @@ def merged_moe_mlp(
     residual_scale applies to down_proj as in the written checkpoint; noise_scale is left out, its
     seeded noise being small by design.
     """
-    if len(request.expert_models) != len(request.experts):
+    if not request.expert_models:
         raise ValueError("router.sequential needs GateRequest.expert_models, one per expert")
     experts = [
         _mlp_weights(model, layer, settings.residual_scale)

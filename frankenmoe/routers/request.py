@@ -43,6 +43,14 @@ class GateRequest:
     """Whether text generation (router.continuation_tokens) multiplies the base's bfloat16 matrices as
     stored, on a CPU with bfloat16 matrix units (decoder.slices.SliceCache), instead of in float32."""
 
+    def __post_init__(self) -> None:
+        # The experts' settings and models are parallel: a mismatch is a caller's bug, refused when the request is
+        # made rather than in the middle of a router computation.
+        if self.expert_models and len(self.expert_models) != len(self.experts):
+            raise ValueError(f"{len(self.expert_models)} expert models for {len(self.experts)} experts")
+        if self.shared_expert_model is not None and self.shared_expert is None:
+            raise ValueError("a shared expert model without the shared expert's settings")
+
     @property
     def num_layers(self) -> int:
         return self.base.shape.num_hidden_layers
@@ -77,21 +85,32 @@ class GateProgress:
     """The rows of the first layers a layerwise gate mode has finished, for a reader on another thread.
 
     `publish(layer, gates)` says that `gates`' rows of layers 0..layer (and their shared-expert gates)
-    are final: the mode writes no more into them. `finished(layer)` gives those gates, or None while
-    that layer's rows are still being computed.
+    are final: the mode writes no more into them. `wait_for(layer)` blocks until they are, or until the
+    computation ends (`close`, finished or failed) without publishing them.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()
         self._gates: Gates | None = None
         self._layers = 0
+        self._closed = False
 
     def publish(self, layer: int, gates: Gates) -> None:
-        with self._lock:
+        with self._changed:
             self._gates, self._layers = gates, layer + 1
+            self._changed.notify_all()
 
-    def finished(self, layer: int) -> Gates | None:
-        with self._lock:
+    def close(self) -> None:
+        """The computation has ended: readers stop waiting for rows it did not publish."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    def wait_for(self, layer: int) -> Gates | None:
+        """The gates once `layer`'s rows are final; None when the computation ended without publishing them
+        (a mode that is not layerwise, or one that failed: its result says which)."""
+        with self._changed:
+            self._changed.wait_for(lambda: layer < self._layers or self._closed)
             return self._gates if layer < self._layers else None
 
 
