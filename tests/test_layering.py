@@ -4,6 +4,8 @@ back through others (read from the source's imports, those inside functions and 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "frankenmoe"
@@ -116,3 +118,11 @@ def test_the_checker_sees_an_upward_import_and_a_cycle(tmp_path: Path) -> None:
     imports = imported_modules(source, {"frankenmoe.io.bad", "frankenmoe.merging.plan"})
     assert imports == {"frankenmoe.merging.plan", "frankenmoe.io.bad"}
     assert LAYERS.index(layer_of("frankenmoe.merging.plan")) > LAYERS.index(layer_of("frankenmoe.io.bad"))
+
+
+def test_the_merge_machinery_does_not_load_gguf_until_a_gguf_merge_needs_it() -> None:
+    # gguf (with what it imports) takes a large part of a second to import, and a safetensors merge never needs it
+    # (benchmarks/README.md times `import frankenmoe.merging.run`).
+    code = "import sys, frankenmoe.merging.run; print('gguf' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "False"

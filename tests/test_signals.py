@@ -55,9 +55,9 @@ if "startup" in stages:
 
 if "routers" in stages:
     import torch
-    from frankenmoe.merging import run as pipeline
+    from frankenmoe.merging import stages as merge_stages
 
-    compute_gates = pipeline.compute_gates
+    compute_gates = merge_stages.compute_gates
 
     def busy_then_compute(*args):
         (markers / "routers").touch()
@@ -67,7 +67,7 @@ if "routers" in stages:
             rows = torch.tanh(rows @ rows)
         return compute_gates(*args)
 
-    pipeline.compute_gates = busy_then_compute
+    merge_stages.compute_gates = busy_then_compute
 
 if "writing" in stages:
     from frankenmoe.io.shards import ShardWriter

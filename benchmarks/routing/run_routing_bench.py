@@ -116,7 +116,7 @@ def variant_gates(model: Path, prompts: dict[str, list[str]], variant: Variant, 
     if not variant.float32_generation:
         return frankenmoe.compute_routers(prepared).router.to(OUTPUT_TORCH_DTYPE)
     # The merge decides bfloat16 products from the CPU alone; the "before" rows pretend it has no bfloat16 units.
-    with mock.patch("frankenmoe.merging.run.cpu_multiplies_bfloat16", return_value=False):
+    with mock.patch("frankenmoe.merging.prepare.cpu_multiplies_bfloat16", return_value=False):
         return frankenmoe.compute_routers(prepared).router.to(OUTPUT_TORCH_DTYPE)
 
 

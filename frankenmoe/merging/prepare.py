@@ -8,7 +8,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -24,7 +24,6 @@ from frankenmoe.decoder.slices import cpu_multiplies_bfloat16
 from frankenmoe.errors import ConfigError, ModelError
 from frankenmoe.io.safetensors import SAFETENSORS_TO_CONFIG_DTYPE
 from frankenmoe.merging.downloads import planned_downloads, planned_streams
-from frankenmoe.merging.gguf_plan import GgufPlan
 from frankenmoe.merging.laser_plan import LaserResult
 from frankenmoe.merging.plan import DEFAULT_SHARD_BYTES, MergePlan
 from frankenmoe.merging.planning import build_plan, decide_lasers
@@ -35,6 +34,9 @@ from frankenmoe.routers.request import GateRequest
 from frankenmoe.sources.adapter import load_adapter, split_reference
 from frankenmoe.sources.hub import Download, Stream, check_download_space, fetch
 from frankenmoe.sources.model import SourceModel, check_compatible, load_source
+
+if TYPE_CHECKING:  # gguf is slow to import: only a --format gguf merge loads it
+    from frankenmoe.merging.gguf_plan import GgufPlan
 
 logger = logging.getLogger("frankenmoe")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -154,14 +155,16 @@ def write_job(
     elif job.origin == "zeros":
         sink.write_bytes(bytes(job.nbytes))
     for piece in job.pieces:
-        if piece.location.dtype == job.dtype and not piece.transformed:
+        if piece.transformed:
+            sink.write_bytes(tensor_bytes(produce_piece(piece, job, device)))
+        elif piece.location.dtype == job.dtype:
             sink.copy_bytes(piece.location)
         else:
-            sink.write_bytes(tensor_bytes(produce_piece(piece, job, device)))
+            write_converted(sink, piece, job, device)
 
 
 MERGE_BLOCK_BYTES = 4 * 1024 * 1024
-"""Float32 bytes of each source's rows held at a time while a shared tensor is merged."""
+"""Float32 bytes of rows held at a time while a shared tensor is merged (per source) or a tensor is converted."""
 
 
 def write_merged(writer: TensorSink, name: str, merge: TrunkMerge, dtype: torch.dtype, device: torch.device) -> None:
@@ -174,6 +177,20 @@ def write_merged(writer: TensorSink, name: str, merge: TrunkMerge, dtype: torch.
         if not bool(torch.isfinite(rows).all()):
             raise _non_finite_merge(name, rows, merge, start, stop, dtype)
         writer.write_bytes(tensor_bytes(rows))
+
+
+def write_converted(sink: TensorSink, piece: TensorPiece, job: TensorJob, device: torch.device) -> None:
+    """An untransformed source tensor in the job's dtype, row block by row block: memory stays at one block
+    (an embedding matrix converted whole would be the merge's largest allocation). The bytes are those
+    `produce_piece` makes, and a block that overflows the output dtype gets its refusal."""
+    location, dtype = piece.location, DTYPES[job.dtype][0]
+    rows, columns = math.prod(location.shape[:-1]), location.shape[-1]
+    step = max(1, MERGE_BLOCK_BYTES // (columns * 4))
+    for start in range(0, rows, step):
+        block = read_rows(location, start, min(start + step, rows)).to(dtype)
+        if not bool(torch.isfinite(block).all()):
+            produce_piece(piece, job, device)  # raises unless the source holds these values itself (then kept)
+        sink.write_bytes(tensor_bytes(block))
 
 
 def produce_piece(piece: TensorPiece, job: TensorJob, device: torch.device) -> torch.Tensor:
