@@ -106,9 +106,7 @@ def _local_sources_note(plan: MergePlan) -> str:
 def vocabulary_sections(plan: MergePlan) -> tuple[str, ...]:
     """A note on experts whose vocabulary differs from the base's; no section when none does."""
     base_size = plan.base.shape.vocab_size
-    labelled = [(str(index), expert) for index, expert in enumerate(plan.experts)]
-    if plan.shared_expert is not None:
-        labelled.append(("shared", plan.shared_expert))
+    labelled = _labelled_experts(plan)
     rows = "\n".join(
         f"| {label} | `{expert.reference}` | {expert.shape.vocab_size} | "
         f"{abs(expert.shape.vocab_size - base_size)} {'added' if expert.shape.vocab_size > base_size else 'fewer'} |"
@@ -129,9 +127,7 @@ def vocabulary_sections(plan: MergePlan) -> tuple[str, ...]:
 def lora_sections(plan: MergePlan) -> tuple[str, ...]:
     """The experts given as model+adapter: each adapter, its rank and scale, and what of it was left out;
     no section when no expert has an adapter."""
-    labelled = [(str(index), expert) for index, expert in enumerate(plan.experts)]
-    if plan.shared_expert is not None:
-        labelled.append(("shared", plan.shared_expert))
+    labelled = _labelled_experts(plan)
     rows = "\n".join(
         f"| {label} | `{expert.reference}` | {expert.adapter.trained_on or '-'} | {expert.adapter.ranks}"
         f"{' (rslora)' if expert.adapter.use_rslora else ''} | {expert.adapter.scales} | {len(expert.adapter.deltas)} "
@@ -181,3 +177,11 @@ def laser_sections(results: tuple[LaserResult, ...]) -> tuple[str, ...]:
         + rows
         + "\n",
     )
+
+
+def _labelled_experts(plan: MergePlan) -> list[tuple[str, SourceModel]]:
+    """Each expert's model under the label the card's tables give it: its index, or "shared"."""
+    labelled = [(str(index), expert) for index, expert in enumerate(plan.experts)]
+    if plan.shared_expert is not None:
+        labelled.append(("shared", plan.shared_expert))
+    return labelled
