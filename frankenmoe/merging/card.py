@@ -13,6 +13,7 @@ from frankenmoe.config.constants import PROMPT_GATE_MODES
 from frankenmoe.config.schema import MergeConfig
 from frankenmoe.io.safetensors import SAFETENSORS_TO_CONFIG_DTYPE
 from frankenmoe.merging.laser_plan import LaserResult
+from frankenmoe.merging.origins import computed_origin, shared_weights_origin
 from frankenmoe.merging.plan import MergePlan
 from frankenmoe.sources.model import SourceModel, weight_formats_summary
 from frankenmoe.sources.resolve import cached_repo_id
@@ -42,12 +43,12 @@ def model_card(plan: MergePlan, config_text: str, extra_sections: tuple[str, ...
         "| | |\n|---|---|\n"
         f"| architecture | {plan.architecture.class_name} ({plan.layout.name} tensor layout; {plan.architecture_reason}) |\n"
         + (
-            f"| shared expert | `{plan.shared_expert.reference}`; gate: {plan.computed_origin('shared_expert_gate')} |\n"
+            f"| shared expert | `{plan.shared_expert.reference}`; gate: {computed_origin(plan, 'shared_expert_gate')} |\n"
             if plan.shared_expert is not None
             else ""
         )
-        + f"| routers | {plan.computed_origin('router')} |\n"
-        + f"| shared weights | {plan.shared_weights_origin()} |\n"
+        + f"| routers | {computed_origin(plan, 'router')} |\n"
+        + f"| shared weights | {shared_weights_origin(plan)} |\n"
         f"| experts | {len(plan.experts)}, {config.experts_per_token} per token |\n"
         f"| parameters | {plan.total_parameters:,} total, {plan.active_parameters:,} active per token |\n"
         f"| dtype | {SAFETENSORS_TO_CONFIG_DTYPE[plan.dtype]} |\n"

@@ -12,6 +12,7 @@ from frankenmoe.io.safetensors import SAFETENSORS_TO_CONFIG_DTYPE
 from frankenmoe.io.sizes import format_bytes
 from frankenmoe.merging.card import router_summary
 from frankenmoe.merging.laser_plan import LaserGroup, LaserResult
+from frankenmoe.merging.origins import computed_origin, shared_weights_origin
 from frankenmoe.merging.plan import MergePlan, TensorJob
 from frankenmoe.merging.prepare import MergeResult, PreparedMerge
 from frankenmoe.sources.model import SourceModel, weight_formats_summary
@@ -30,7 +31,7 @@ def describe_plan(prepared: PreparedMerge, detailed: bool = False) -> tuple[str,
         f"architecture: {plan.architecture.model_type} ({plan.architecture_reason}); tensor layout: {plan.layout.name}"
     )
     if plan.architecture.shared_expert is not None:
-        lines.append(f"shared-expert gate: {plan.computed_origin('shared_expert_gate')}")
+        lines.append(f"shared-expert gate: {computed_origin(plan, 'shared_expert_gate')}")
     if plan.skipped_tensors:
         lines.append(
             f"skipped: {len(plan.skipped_tensors)} tensor(s) of the base model that every loader derives "
@@ -42,7 +43,7 @@ def describe_plan(prepared: PreparedMerge, detailed: bool = False) -> tuple[str,
         f"gate mode: {plan.config.gate_mode_description}; experts per token: {plan.config.experts_per_token}; "
         f"dtype: {SAFETENSORS_TO_CONFIG_DTYPE[plan.dtype]}",
         f"router prompts: {router_summary(plan.config)}",
-        f"shared weights: {plan.shared_weights_origin()}",
+        f"shared weights: {shared_weights_origin(plan)}",
         f"parameters: {plan.total_parameters:,} total, {plan.active_parameters:,} active per token",
         f"tensors: {len(plan.jobs)} in {plan.shard_count} shard(s); output {format_bytes(plan.output_bytes)}; "
         f"free on disk {format_bytes(prepared.free_bytes)}",
@@ -110,7 +111,7 @@ def _gguf_lines(prepared: PreparedMerge, detailed: bool) -> list[str]:
 
 def _job_line(plan: MergePlan, job: TensorJob) -> str:
     if job.computed is not None:
-        origin = f"computed {job.computed.kind.replace('_', ' ')}: {plan.computed_origin(job.computed.kind)}"
+        origin = f"computed {job.computed.kind.replace('_', ' ')}: {computed_origin(plan, job.computed.kind)}"
     elif job.merged is not None:
         origin = f"merged from the base and {len(job.merged.sources)} expert(s): {job.merged.describe()}"
     elif job.origin == "zeros":

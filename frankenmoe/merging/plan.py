@@ -16,7 +16,6 @@ from frankenmoe.config.schema import MergeConfig
 from frankenmoe.errors import ConfigError
 from frankenmoe.io.safetensors import TensorLocation, tensor_nbytes
 from frankenmoe.merging.laser_plan import LaserGroup, LaserResult, LaserTarget
-from frankenmoe.routers.request import NEUTRAL_GATE
 from frankenmoe.sources.lora import LoraDelta
 from frankenmoe.sources.model import SourceModel
 from frankenmoe.sources.trunk import TrunkMerge
@@ -125,33 +124,6 @@ class MergePlan:
     def trunk_merges(self) -> dict[str, TrunkMerge]:
         """The merged shared tensors by name, for forward passes that must see the merged trunk."""
         return {job.name: job.merged for job in self.jobs if job.merged is not None}
-
-    def shared_weights_origin(self) -> str:
-        """How the non-expert tensors (attention, norms, embeddings, head) were made, in one line."""
-        merges = self.trunk_merges
-        if not merges:
-            return f"copied from the base model {self.base.reference}"
-        return (
-            f"every one of {len(merges)} merged from the base and the experts, {next(iter(merges.values())).describe()}"
-        )
-
-    def computed_origin(self, kind: str) -> str:
-        """How a computed tensor's rows are made, for the dry run and the model card."""
-        mode = self.config.gate_mode
-        if kind == "router":
-            return f"gate mode {mode} from the experts' prompts" if self.config.needs_prompts else f"gate mode {mode}"
-        shared = self.config.shared_experts[0] if self.config.shared_experts else None
-        if shared is None:
-            return (
-                f"neutral ({NEUTRAL_GATE} everywhere; no shared expert: its slot is one all-zero row, adding nothing)"
-            )
-        if not self.config.needs_prompts:
-            return (
-                f"neutral ({NEUTRAL_GATE} everywhere: gate mode {mode} uses no prompts; sigmoid = 0.5 on every token)"
-            )
-        if not shared.positive_prompts:
-            return f"neutral ({NEUTRAL_GATE} everywhere: the shared expert has no positive_prompts; sigmoid = 0.5 on every token)"
-        return f"gate mode {mode} from the shared expert's prompts, as one more expert, scaled like the routers"
 
 
 def parse_size(text: str, what: str = "Shard size", minimum: int = 1) -> int:
