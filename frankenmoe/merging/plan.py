@@ -40,6 +40,10 @@ class TensorPiece:
         laser_reduces = self.laser is not None and self.laser.reduces
         return bool(self.noise_scale) or self.multiplier not in (None, 1.0) or laser_reduces or self.lora is not None
 
+    def copies_bytes(self, dtype: str) -> bool:
+        """Whether a tensor of `dtype` takes this piece's source bytes unchanged (untransformed, same dtype)."""
+        return not self.transformed and self.location.dtype == dtype
+
 
 @dataclass(frozen=True)
 class Computed:

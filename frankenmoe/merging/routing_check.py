@@ -125,7 +125,7 @@ def _copied_location(job: TensorJob) -> TensorLocation | None:
     if job.computed is not None or job.merged is not None or len(job.pieces) != 1:
         return None
     piece = job.pieces[0]
-    if piece.transformed or piece.location.dtype != job.dtype:
+    if not piece.copies_bytes(job.dtype):
         return None
     return replace(piece.location, name=job.name, shape=job.shape)
 

@@ -155,10 +155,10 @@ def write_job(
     elif job.origin == "zeros":
         sink.write_bytes(bytes(job.nbytes))
     for piece in job.pieces:
-        if piece.transformed:
-            sink.write_bytes(tensor_bytes(produce_piece(piece, job, device)))
-        elif piece.location.dtype == job.dtype:
+        if piece.copies_bytes(job.dtype):
             sink.copy_bytes(piece.location)
+        elif piece.transformed:
+            sink.write_bytes(tensor_bytes(produce_piece(piece, job, device)))
         else:
             write_converted(sink, piece, job, device)
 
